@@ -1,0 +1,41 @@
+# Targets named in the README. Every target creates (once) and reuses the local virtual environment .venv.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# torch 2.14.1 + torchvision 0.29.1 are what this project is tested with (served from local disk on the dev machines).
+TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
+PYTEST_ARGS ?=
+
+.PHONY: setup quickstart demo test lint format bench clean
+
+$(VENV)/.installed: pyproject.toml
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q $(TORCH_SPEC)
+	$(PY) -m pip install -q -e ".[test]"
+	touch $@
+
+setup: $(VENV)/.installed
+
+# The main job. Until the pipeline stages land, it runs the dit_core demo.
+quickstart: setup
+	$(VENV)/bin/ditscale demo
+
+demo: setup
+	$(PY) -m dit_core.demo
+
+test: setup
+	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+lint: setup
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+format: setup
+	$(VENV)/bin/ruff check --fix .
+	$(VENV)/bin/ruff format .
+
+bench: setup
+	$(PY) benchmarks/train_step.py
+
+clean:
+	rm -rf $(VENV) ditscale-work .pytest_cache

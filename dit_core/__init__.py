@@ -1,0 +1,45 @@
+"""dit_core: a DiT library in plain single-device PyTorch (no Ray, MLflow or pipeline code).
+
+from dit_core import DiT, GaussianDiffusion, DDPMSampler, make_denoiser
+model = DiT.from_preset("DiT-XL/2")                         # 675M params, 118.6 Gflops
+diffusion = GaussianDiffusion()                             # linear betas, eps + learned sigma, hybrid loss
+losses = diffusion.training_losses(model, x0, t, y)         # {"loss", "mse", "vb"}
+x = DDPMSampler(respacing="250").sample(make_denoiser(model.eval()), noise, y)
+"""
+
+from dit_core.checkpoint import load_checkpoint, model_config_from_checkpoint, restore, save_checkpoint
+from dit_core.diffusion import DiffusionConfig, GaussianDiffusion, sample_timesteps, space_timesteps
+from dit_core.ema import create_ema, unwrap_model, update_ema
+from dit_core.flops import forward_macs, gflops, param_count, train_mfu, training_compute
+from dit_core.model import PRESETS, SIZES, DiT, DiTConfig, dit_config, parse_preset
+from dit_core.samplers import DDIMSampler, DDPMSampler, DiffusersSampler, diffusers_scheduler, make_denoiser
+
+__all__ = [
+    "DDIMSampler",
+    "DDPMSampler",
+    "DiT",
+    "DiTConfig",
+    "DiffusersSampler",
+    "DiffusionConfig",
+    "GaussianDiffusion",
+    "PRESETS",
+    "SIZES",
+    "create_ema",
+    "diffusers_scheduler",
+    "dit_config",
+    "forward_macs",
+    "gflops",
+    "load_checkpoint",
+    "make_denoiser",
+    "model_config_from_checkpoint",
+    "param_count",
+    "parse_preset",
+    "restore",
+    "sample_timesteps",
+    "save_checkpoint",
+    "space_timesteps",
+    "train_mfu",
+    "training_compute",
+    "unwrap_model",
+    "update_ema",
+]

@@ -1,0 +1,122 @@
+"""Training checkpoints: {model, ema, opt, step, config} (plus anything in `extra`), written atomically.
+
+Files are plain torch.save dicts of tensors and Python primitives, so they load with `weights_only=True` (no pickled
+code runs). The config is stored as a dict of dicts, e.g. {"model": asdict(DiTConfig), "diffusion": ...}; loading
+with `expected_model_config` refuses a checkpoint built for another architecture and says which fields differ.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from dit_core.ema import unwrap_model
+from dit_core.model import DiTConfig
+
+# Fields that do not change the weights: a checkpoint may be loaded whatever their value.
+_RUNTIME_ONLY_FIELDS = {"grad_checkpointing"}
+
+
+def save_checkpoint(
+    path: str | os.PathLike,
+    *,
+    model: nn.Module,
+    step: int,
+    config: dict[str, Any],
+    ema: nn.Module | None = None,
+    optimizer: torch.optim.Optimizer | None = None,
+    extra: dict[str, Any] | None = None,
+) -> Path:
+    """Write the checkpoint to `path` via a temporary file and an atomic rename; returns the path."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    payload: dict[str, Any] = {
+        "model": unwrap_model(model).state_dict(),
+        "step": int(step),
+        "config": config,
+    }
+    if ema is not None:
+        payload["ema"] = ema.state_dict()
+    if optimizer is not None:
+        payload["opt"] = optimizer.state_dict()
+    payload.update(extra or {})
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    torch.save(payload, tmp)
+    os.replace(tmp, path)
+    return path
+
+
+def config_differences(saved: dict[str, Any], expected: dict[str, Any], ignore=_RUNTIME_ONLY_FIELDS) -> list[str]:
+    """'field: saved X, expected Y' for each field that differs (missing fields count as different)."""
+    diffs = []
+    for key in sorted(set(saved) | set(expected)):
+        if key in ignore:
+            continue
+        if saved.get(key, "<missing>") != expected.get(key, "<missing>"):
+            diffs.append(
+                f"{key}: checkpoint {saved.get(key, '<missing>')!r}, expected {expected.get(key, '<missing>')!r}"
+            )
+    return diffs
+
+
+def load_checkpoint(
+    path: str | os.PathLike,
+    map_location: str | torch.device = "cpu",
+    expected_model_config: DiTConfig | None = None,
+) -> dict[str, Any]:
+    """Load a checkpoint onto `map_location` (any device, whatever it was saved from).
+
+    With expected_model_config, raise ValueError listing the differing fields if the stored model config differs.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {path} does not exist (check the run folder and the step number)")
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as exc:  # a truncated or foreign file
+        raise ValueError(f"cannot read checkpoint {path}: {exc}") from exc
+    if not isinstance(ckpt, dict) or "model" not in ckpt or "config" not in ckpt:
+        raise ValueError(
+            f"{path} is not a dit_core checkpoint (expected a dict with 'model' and 'config'); "
+            f"for official DiT checkpoints use dit_core.interop.load_official_checkpoint"
+        )
+    if expected_model_config is not None:
+        saved = ckpt["config"].get("model", {})
+        diffs = config_differences(saved, asdict(expected_model_config))
+        if diffs:
+            raise ValueError(
+                f"checkpoint {path} was trained with another model config:\n  "
+                + "\n  ".join(diffs)
+                + "\nbuild the model from the checkpoint's config (model_config_from_checkpoint) or pick the "
+                "matching checkpoint"
+            )
+    return ckpt
+
+
+def model_config_from_checkpoint(ckpt: dict[str, Any]) -> DiTConfig:
+    """The DiTConfig stored in a checkpoint dict."""
+    return DiTConfig(**ckpt["config"]["model"])
+
+
+def restore(
+    ckpt: dict[str, Any],
+    model: nn.Module,
+    ema: nn.Module | None = None,
+    optimizer: torch.optim.Optimizer | None = None,
+) -> int:
+    """Load the states of a checkpoint dict into model, ema and optimizer (strictly); returns the step."""
+    unwrap_model(model).load_state_dict(ckpt["model"], strict=True)
+    if ema is not None:
+        if "ema" not in ckpt:
+            raise ValueError("checkpoint has no EMA weights")
+        ema.load_state_dict(ckpt["ema"], strict=True)
+    if optimizer is not None:
+        if "opt" not in ckpt:
+            raise ValueError("checkpoint has no optimizer state")
+        optimizer.load_state_dict(ckpt["opt"])
+    return int(ckpt["step"])

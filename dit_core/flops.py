@@ -1,0 +1,96 @@
+"""Analytic compute of a DiT in the paper's convention, parameter counts, training compute and MFU.
+
+Convention (paper section 4, dit_facts.md section 5): forward pass only, one multiply-add counted as one flop
+(MACs), attention matmuls included, VAE and elementwise ops excluded. Per block with T tokens of width D:
+    qkv 3*T*D^2 + attention (QK^T and AV) 2*T^2*D + out proj T*D^2 + MLP 8*T*D^2 + adaLN 6*D^2
+  = 12*T*D^2 + 2*T^2*D + 6*D^2
+plus the patch embedding, the timestep MLP and the final layer. Training compute in the paper = Gflops x batch x
+steps x 3 (forward + backward, still MACs); multiply by 2 for true FLOPs, the unit of 6*N*D estimates and of MFU.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from dit_core.model import DiTConfig
+
+TIMESTEP_FREQUENCY_SIZE = 256
+
+
+@dataclass(frozen=True)
+class ComputeBreakdown:
+    """Forward MACs of one image, by part."""
+
+    patch_embed: int
+    timestep_mlp: int
+    blocks_linear: int  # qkv, out proj, MLP and adaLN of all blocks
+    blocks_attention: int  # QK^T and AV matmuls of all blocks
+    final_layer: int
+
+    @property
+    def total(self) -> int:
+        return self.patch_embed + self.timestep_mlp + self.blocks_linear + self.blocks_attention + self.final_layer
+
+
+def forward_macs(config: DiTConfig) -> ComputeBreakdown:
+    """Forward MACs of one image through `config`, split by part."""
+    D, T, p, L = config.hidden_size, config.num_tokens, config.patch_size, config.depth
+    mlp_hidden = int(D * config.mlp_ratio)
+    per_block_linear = T * (3 * D * D + D * D + 2 * D * mlp_hidden) + 6 * D * D
+    per_block_attention = 2 * T * T * D
+    return ComputeBreakdown(
+        patch_embed=T * D * config.in_channels * p * p,
+        timestep_mlp=TIMESTEP_FREQUENCY_SIZE * D + D * D,
+        blocks_linear=L * per_block_linear,
+        blocks_attention=L * per_block_attention,
+        final_layer=2 * D * D + T * D * p * p * config.out_channels,
+    )
+
+
+def gflops(config: DiTConfig) -> float:
+    """Forward Gflops of one image in the paper's convention (GMACs): 118.6 for DiT-XL/2 at 32x32 latents."""
+    return forward_macs(config).total / 1e9
+
+
+def param_count(config: DiTConfig, include_pos_embed: bool = True) -> int:
+    """Parameter count without building the model (675,129,632 for DiT-XL/2 with its fixed pos_embed)."""
+    D, C, p, L = config.hidden_size, config.in_channels, config.patch_size, config.depth
+    mlp_hidden = int(D * config.mlp_ratio)
+    linear = lambda n_in, n_out: n_in * n_out + n_out  # noqa: E731
+    block = linear(D, 3 * D) + linear(D, D) + linear(D, mlp_hidden) + linear(mlp_hidden, D) + linear(D, 6 * D)
+    total = (
+        (C * p * p * D + D)  # patch embed conv
+        + linear(TIMESTEP_FREQUENCY_SIZE, D)
+        + linear(D, D)  # timestep MLP
+        + (config.num_classes + 1) * D  # label table with the null row
+        + L * block
+        + linear(D, 2 * D)
+        + linear(D, p * p * config.out_channels)  # final layer
+    )
+    if include_pos_embed:
+        total += config.num_tokens * D
+    return total
+
+
+def training_compute(config: DiTConfig, global_batch_size: int, steps: int) -> dict[str, float]:
+    """Training compute of `steps` steps at `global_batch_size` images per step.
+
+    Returns {"paper_gflops": MACs as the paper counts them (Gflops x batch x steps x 3, in Gflops),
+             "flops": true FLOPs (2x the MACs; comparable with 6*N*D)}.
+    """
+    macs = gflops(config) * 1e9 * 3 * global_batch_size * steps
+    return {"paper_gflops": macs / 1e9, "flops": 2 * macs}
+
+
+def train_mfu(config: DiTConfig, images_per_s: float, peak_flops: float) -> float:
+    """Model FLOPs utilisation of training: 6 x forward MACs x images/s over the peak FLOP/s of the hardware."""
+    return 6 * forward_macs(config).total * images_per_s / peak_flops
+
+
+def sample_mfu(config: DiTConfig, evaluations_per_s: float, peak_flops: float) -> float:
+    """MFU of sampling: 2 x forward MACs x network evaluations (one image, one step) per s over peak FLOP/s."""
+    return 2 * forward_macs(config).total * evaluations_per_s / peak_flops
+
+
+# Dense bf16 matrix rate measured on one NVIDIA H200 (dit_facts.md section 8); the reference for MFU.
+H200_BF16_PEAK_FLOPS = 790e12

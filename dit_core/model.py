@@ -1,0 +1,404 @@
+"""DiT: the Diffusion Transformer of Peebles & Xie (arXiv 2212.09748), adaLN-Zero variant.
+
+One file, top to bottom: embedders, the transformer block, the final layer, the model, presets.
+Parameter names and shapes match the official implementation, so an official checkpoint loads with
+`load_state_dict(strict=True)`; the code is our own.
+
+Shapes: N batch, C latent channels, H = W = input_size, p patch size, T = (H / p)^2 tokens, D hidden size.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+# ---------------------------------------------------------------------------------------------------------------
+# Config and presets
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class DiTConfig:
+    """Architecture of one DiT. Sizes are in tokens/channels; nothing here depends on the data pipeline."""
+
+    input_size: int = 32  # latent height = width, in latent pixels (32 for 256 px images through the SD VAE)
+    patch_size: int = 2  # p: side of a square patch, in latent pixels; tokens T = (input_size / p)^2
+    in_channels: int = 4  # C: latent channels (4 for the SD VAE, 3 for the pixel codec)
+    hidden_size: int = 1152  # D: token width
+    depth: int = 28  # number of DiT blocks
+    num_heads: int = 16  # attention heads; head dim = hidden_size / num_heads
+    mlp_ratio: float = 4.0  # MLP hidden width = mlp_ratio * D
+    num_classes: int = 1000  # class labels 0..num_classes-1; label num_classes is the null (unconditional) class
+    class_dropout_prob: float = 0.1  # probability, in training mode, that a label is replaced by the null class
+    learn_sigma: bool = True  # output 2C channels: C for the prediction, C for the variance interpolation v
+    grad_checkpointing: bool = False  # recompute each block in backward (saves activation memory, costs ~1/3 time)
+
+    @property
+    def out_channels(self) -> int:
+        return self.in_channels * 2 if self.learn_sigma else self.in_channels
+
+    @property
+    def num_tokens(self) -> int:
+        return (self.input_size // self.patch_size) ** 2
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+    def validate(self) -> None:
+        """Raise ValueError, naming the field and the fix, if this config cannot build a DiT."""
+        positive = ("input_size", "patch_size", "in_channels", "hidden_size", "depth", "num_heads", "num_classes")
+        for name in positive:
+            if getattr(self, name) <= 0:
+                raise ValueError(f"DiTConfig.{name} must be positive, got {getattr(self, name)}")
+        if self.input_size % self.patch_size:
+            raise ValueError(
+                f"patch size {self.patch_size} does not divide the latent size {self.input_size}: "
+                f"choose a patch size among {[p for p in (1, 2, 4, 8, 16) if self.input_size % p == 0]} "
+                f"or change the resolution"
+            )
+        if self.hidden_size % self.num_heads:
+            raise ValueError(f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
+        if self.hidden_size % 4:
+            raise ValueError(f"hidden_size {self.hidden_size} must be a multiple of 4 (2D sin-cos position embedding)")
+        if not 0.0 <= self.class_dropout_prob < 1.0:
+            raise ValueError(f"class_dropout_prob must be in [0, 1), got {self.class_dropout_prob}")
+
+
+# Model sizes: (depth, hidden size D, heads). The paper's four (Table 1) and tiny ones that train on a CPU.
+SIZES: dict[str, tuple[int, int, int]] = {
+    "S": (12, 384, 6),
+    "B": (12, 768, 12),
+    "L": (24, 1024, 16),
+    "XL": (28, 1152, 16),
+    # Tiny sizes for CPU studies and tests (not in the paper).
+    "Ti": (2, 64, 2),
+    "Mi": (4, 128, 4),
+}
+PAPER_SIZES = ("S", "B", "L", "XL")
+PATCH_SIZES = (2, 4, 8)
+
+# "DiT-XL/2": DiTConfig(...) for every size x patch. Data-dependent fields (input_size, in_channels,
+# num_classes) take the paper's ImageNet-256 defaults; override them with `dit_config(name, **overrides)`.
+PRESETS: dict[str, DiTConfig] = {
+    f"DiT-{size}/{p}": DiTConfig(patch_size=p, depth=depth, hidden_size=width, num_heads=heads)
+    for size, (depth, width, heads) in SIZES.items()
+    for p in PATCH_SIZES
+}
+
+
+def dit_config(name: str, **overrides) -> DiTConfig:
+    """The preset `name` (e.g. "DiT-XL/2") with fields replaced by `overrides`, validated."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown DiT preset {name!r}; known presets: {', '.join(PRESETS)}")
+    unknown = set(overrides) - set(DiTConfig.__dataclass_fields__)
+    if unknown:
+        raise ValueError(f"unknown DiTConfig fields {sorted(unknown)}; fields: {list(DiTConfig.__dataclass_fields__)}")
+    config = replace(PRESETS[name], **overrides)
+    config.validate()
+    return config
+
+
+def parse_preset(name: str) -> tuple[str, int]:
+    """'DiT-XL/2' -> ('XL', 2)."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown DiT preset {name!r}; known presets: {', '.join(PRESETS)}")
+    size, patch = name.removeprefix("DiT-").split("/")
+    return size, int(patch)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Embedders: patches, timesteps, labels, fixed 2D sin-cos positions
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """adaLN modulation: x * (1 + scale) + shift, with per-sample (N, D) shift and scale broadcast over tokens."""
+    return torch.addcmul(shift.unsqueeze(1), x, 1 + scale.unsqueeze(1))
+
+
+class PatchEmbed(nn.Module):
+    """(N, C, H, W) -> (N, T, D) with a stride-p convolution."""
+
+    def __init__(self, patch_size: int, in_channels: int, hidden_size: int):
+        super().__init__()
+        self.proj = nn.Conv2d(in_channels, hidden_size, kernel_size=patch_size, stride=patch_size, bias=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(x).flatten(2).transpose(1, 2)  # (N, D, h, w) -> (N, T, D)
+
+
+class TimestepEmbedder(nn.Module):
+    """Scalar timesteps -> (N, D): 256-dim [cos, sin] sinusoid, then Linear - SiLU - Linear."""
+
+    def __init__(self, hidden_size: int, frequency_size: int = 256):
+        super().__init__()
+        self.frequency_size = frequency_size
+        self.mlp = nn.Sequential(
+            nn.Linear(frequency_size, hidden_size, bias=True),
+            nn.SiLU(),
+            nn.Linear(hidden_size, hidden_size, bias=True),
+        )
+
+    @staticmethod
+    def sinusoid(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
+        """(N,) float timesteps -> (N, dim); frequencies exp(-ln(max_period) * i / (dim/2)), output [cos, sin]."""
+        half = dim // 2
+        freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
+        args = t.float()[:, None] * freqs[None]  # (N, half)
+        emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+        if dim % 2:
+            emb = torch.cat([emb, torch.zeros_like(emb[:, :1])], dim=-1)
+        return emb
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:
+        t_freq = self.sinusoid(t, self.frequency_size).to(self.mlp[0].weight.dtype)
+        return self.mlp(t_freq)
+
+
+class LabelEmbedder(nn.Module):
+    """Class labels -> (N, D). Row `num_classes` is the null class used for classifier-free guidance."""
+
+    def __init__(self, num_classes: int, hidden_size: int, dropout_prob: float):
+        super().__init__()
+        self.num_classes = num_classes
+        self.dropout_prob = dropout_prob
+        self.embedding_table = nn.Embedding(num_classes + 1, hidden_size)
+
+    def drop_labels(self, y: torch.Tensor, force_drop: torch.Tensor | None = None) -> torch.Tensor:
+        """Replace labels by the null class: at random with dropout_prob, or where force_drop is true."""
+        if force_drop is None:
+            drop = torch.rand(y.shape[0], device=y.device) < self.dropout_prob
+        else:
+            drop = force_drop.bool()
+        return torch.where(drop, torch.full_like(y, self.num_classes), y)
+
+    def forward(self, y: torch.Tensor, train: bool, force_drop: torch.Tensor | None = None) -> torch.Tensor:
+        if (train and self.dropout_prob > 0) or force_drop is not None:
+            y = self.drop_labels(y, force_drop)
+        return self.embedding_table(y)
+
+
+def sincos_pos_embed_2d(hidden_size: int, grid_size: int) -> torch.Tensor:
+    """Fixed 2D sin-cos position embedding (MAE convention), (grid_size^2, D), float64.
+
+    Tokens are ordered row-major (row i, column j). The first D/2 dims encode the column j, the last D/2 the row i;
+    each half is [sin(pos * omega), cos(pos * omega)] with omega_k = 1 / 10000^(k / (D/4)), k < D/4.
+    """
+    quarter = hidden_size // 4
+    omega = 1.0 / 10000 ** (torch.arange(quarter, dtype=torch.float64) / quarter)  # (D/4,)
+    rows, cols = torch.meshgrid(
+        torch.arange(grid_size, dtype=torch.float64), torch.arange(grid_size, dtype=torch.float64), indexing="ij"
+    )
+
+    def encode(pos: torch.Tensor) -> torch.Tensor:  # (T,) -> (T, D/2)
+        angles = pos.reshape(-1, 1) * omega[None]
+        return torch.cat([torch.sin(angles), torch.cos(angles)], dim=1)
+
+    return torch.cat([encode(cols), encode(rows)], dim=1)  # (T, D)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# DiT block with adaLN-Zero conditioning (paper section 3.2)
+# ---------------------------------------------------------------------------------------------------------------
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention with a fused qkv projection and torch SDPA (flash / memory-efficient kernels)."""
+
+    def __init__(self, hidden_size: int, num_heads: int):
+        super().__init__()
+        self.num_heads = num_heads
+        self.qkv = nn.Linear(hidden_size, 3 * hidden_size, bias=True)
+        self.proj = nn.Linear(hidden_size, hidden_size, bias=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        N, T, D = x.shape
+        qkv = self.qkv(x).view(N, T, 3, self.num_heads, D // self.num_heads)  # (N, T, 3, heads, hd)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (N, heads, T, hd)
+        x = F.scaled_dot_product_attention(q, k, v)  # (N, heads, T, hd)
+        return self.proj(x.transpose(1, 2).reshape(N, T, D))
+
+
+class Mlp(nn.Module):
+    """Linear(D, 4D) - GELU(tanh) - Linear(4D, D)."""
+
+    def __init__(self, hidden_size: int, mlp_hidden_size: int):
+        super().__init__()
+        self.fc1 = nn.Linear(hidden_size, mlp_hidden_size, bias=True)
+        self.fc2 = nn.Linear(mlp_hidden_size, hidden_size, bias=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
+
+
+class DiTBlock(nn.Module):
+    """x = x + gate_msa * Attn(modulate(LN(x))); x = x + gate_mlp * MLP(modulate(LN(x))); modulation from c."""
+
+    def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+        self.attn = Attention(hidden_size, num_heads)
+        self.norm2 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+        self.mlp = Mlp(hidden_size, int(hidden_size * mlp_ratio))
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 6 * hidden_size, bias=True))
+
+    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        # x: (N, T, D) tokens; c: (N, D) timestep + label conditioning
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(6, dim=1)
+        x = x + gate_msa.unsqueeze(1) * self.attn(modulate(self.norm1(x), shift_msa, scale_msa))
+        x = x + gate_mlp.unsqueeze(1) * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
+        return x
+
+
+class FinalLayer(nn.Module):
+    """adaLN (shift, scale) then Linear(D, p*p*out_channels) per token."""
+
+    def __init__(self, hidden_size: int, patch_size: int, out_channels: int):
+        super().__init__()
+        self.norm_final = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+        self.linear = nn.Linear(hidden_size, patch_size * patch_size * out_channels, bias=True)
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 2 * hidden_size, bias=True))
+
+    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        shift, scale = self.adaLN_modulation(c).chunk(2, dim=1)
+        return self.linear(modulate(self.norm_final(x), shift, scale))  # (N, T, p*p*out)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The model
+# ---------------------------------------------------------------------------------------------------------------
+
+
+class DiT(nn.Module):
+    """Class-conditional Diffusion Transformer.
+
+    `forward(x, t, y)` maps a noisy latent x (N, C, H, W), timesteps t (N,) in [0, 1000) (float or int) and labels
+    y (N,) in [0, num_classes] (num_classes = null class) to (N, out_channels, H, W): the C-channel prediction
+    (epsilon, x0 or v, as the diffusion process defines), followed by C variance channels when learn_sigma is on.
+    """
+
+    def __init__(self, config: DiTConfig):
+        super().__init__()
+        config.validate()
+        self.config = config
+        D = config.hidden_size
+        self.x_embedder = PatchEmbed(config.patch_size, config.in_channels, D)
+        self.t_embedder = TimestepEmbedder(D)
+        self.y_embedder = LabelEmbedder(config.num_classes, D, config.class_dropout_prob)
+        # Fixed, not trained, but kept in the state_dict as the official checkpoints have it.
+        pos = sincos_pos_embed_2d(D, config.input_size // config.patch_size).float().unsqueeze(0)  # (1, T, D)
+        self.pos_embed = nn.Parameter(pos, requires_grad=False)
+        self.blocks = nn.ModuleList([DiTBlock(D, config.num_heads, config.mlp_ratio) for _ in range(config.depth)])
+        self.final_layer = FinalLayer(D, config.patch_size, config.out_channels)
+        self.initialize_weights()
+
+    @classmethod
+    def from_preset(cls, name: str, **overrides) -> DiT:
+        """DiT.from_preset("DiT-XL/2", input_size=32, num_classes=1000)."""
+        return cls(dit_config(name, **overrides))
+
+    def initialize_weights(self) -> None:
+        """All weight init in one place (adaLN-Zero: the model outputs zeros at init)."""
+
+        def xavier_linear(module: nn.Module) -> None:
+            if isinstance(module, nn.Linear):
+                nn.init.xavier_uniform_(module.weight)
+                nn.init.zeros_(module.bias)
+
+        self.apply(xavier_linear)
+        with torch.no_grad():
+            pos = sincos_pos_embed_2d(self.config.hidden_size, self.config.input_size // self.config.patch_size)
+            self.pos_embed.copy_(pos.float().unsqueeze(0))
+        # Patch embedding like a Linear on its flattened (D, C*p*p) view.
+        w = self.x_embedder.proj.weight
+        nn.init.xavier_uniform_(w.view(w.shape[0], -1))
+        nn.init.zeros_(self.x_embedder.proj.bias)
+        nn.init.normal_(self.y_embedder.embedding_table.weight, std=0.02)
+        nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
+        nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
+        # Zero-init every modulation output and the output projection.
+        for block in self.blocks:
+            nn.init.zeros_(block.adaLN_modulation[-1].weight)
+            nn.init.zeros_(block.adaLN_modulation[-1].bias)
+        for layer in (self.final_layer.adaLN_modulation[-1], self.final_layer.linear):
+            nn.init.zeros_(layer.weight)
+            nn.init.zeros_(layer.bias)
+
+    def unpatchify(self, x: torch.Tensor) -> torch.Tensor:
+        """(N, T, p*p*C_out) -> (N, C_out, H, W)."""
+        c, p = self.config.out_channels, self.config.patch_size
+        h = w = self.config.input_size // p
+        x = x.reshape(x.shape[0], h, w, p, p, c)
+        x = torch.einsum("nhwpqc->nchpwq", x)
+        return x.reshape(x.shape[0], c, h * p, w * p)
+
+    def _check_inputs(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> None:
+        cfg = self.config
+        expected = (cfg.in_channels, cfg.input_size, cfg.input_size)
+        if x.ndim != 4 or tuple(x.shape[1:]) != expected:
+            raise ValueError(
+                f"DiT expects latents of shape (N, {cfg.in_channels}, {cfg.input_size}, {cfg.input_size}) "
+                f"(in_channels={cfg.in_channels}, input_size={cfg.input_size}), got {tuple(x.shape)}; "
+                f"build the model with the data's channel count and latent size"
+            )
+        if t.shape != (x.shape[0],) or y.shape != (x.shape[0],):
+            raise ValueError(
+                f"t and y must have shape ({x.shape[0]},) to match x, got t {tuple(t.shape)} and y {tuple(y.shape)}"
+            )
+        if y.dtype not in (torch.int64, torch.int32):
+            raise ValueError(f"labels y must be an integer tensor, got {y.dtype}")
+        if y.device.type == "cpu" and y.numel() and (int(y.min()) < 0 or int(y.max()) > cfg.num_classes):
+            raise ValueError(
+                f"labels must lie in [0, {cfg.num_classes}] ({cfg.num_classes} = null class), "
+                f"got min {int(y.min())} max {int(y.max())}"
+            )
+
+    def forward(
+        self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, force_drop: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """x (N, C, H, W), t (N,), y (N,) -> (N, out_channels, H, W). force_drop (N,) bool forces the null label."""
+        if not torch.compiler.is_compiling():
+            self._check_inputs(x, t, y)
+        x = self.x_embedder(x) + self.pos_embed.to(x.dtype)  # (N, T, D)
+        c = self.t_embedder(t) + self.y_embedder(y, self.training, force_drop)  # (N, D)
+        for block in self.blocks:
+            if self.config.grad_checkpointing and self.training and torch.is_grad_enabled():
+                x = checkpoint(block, x, c, use_reentrant=False)
+            else:
+                x = block(x, c)
+        x = self.final_layer(x, c)  # (N, T, p*p*out)
+        return self.unpatchify(x)  # (N, out, H, W)
+
+    def forward_with_cfg(
+        self,
+        x: torch.Tensor,
+        t: torch.Tensor,
+        y: torch.Tensor,
+        cfg_scale: float,
+        guidance_channels: int | None = None,
+    ) -> torch.Tensor:
+        """Classifier-free guidance in one batched pass: out = uncond + s * (cond - uncond).
+
+        Conditional and unconditional halves run as one batch of 2N. Guidance applies to the first
+        `guidance_channels` output channels (default: all C prediction channels; 3 reproduces the official
+        sampler exactly); the other prediction channels and the variance channels come from the conditional pass.
+        Returns (N, out_channels, H, W).
+        """
+        C = self.config.in_channels
+        g = C if guidance_channels is None else guidance_channels
+        if not 1 <= g <= C:
+            raise ValueError(f"guidance_channels must be in [1, {C}], got {guidance_channels}")
+        null = torch.full_like(y, self.config.num_classes)
+        out = self.forward(torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, null]))  # (2N, out, H, W)
+        cond, uncond = out.chunk(2, dim=0)
+        guided = uncond[:, :g] + cfg_scale * (cond[:, :g] - uncond[:, :g])
+        return torch.cat([guided, cond[:, g:]], dim=1)
+
+    def num_params(self, trainable_only: bool = False) -> int:
+        return sum(p.numel() for p in self.parameters() if p.requires_grad or not trainable_only)

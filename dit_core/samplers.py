@@ -1,0 +1,190 @@
+"""Samplers: walk the reverse process from noise to data, given a denoiser callable.
+
+A sampler never sees the model. It calls `denoise(x_t, t, y) -> model output`, where t holds original training
+timesteps (0..T-1) and the output is what the DiT returns (prediction, plus variance channels with learn_sigma).
+`make_denoiser` builds that callable from a DiT, with classifier-free guidance when cfg_scale != 1.
+
+- DDPMSampler: ancestral sampling with the learned (or fixed) variance over respaced steps: the paper's 250 steps.
+- DDIMSampler: DDIM (Song et al. 2021), deterministic at eta = 0.
+- DiffusersSampler: any diffusers scheduler (DDPMScheduler, DDIMScheduler, DPMSolverMultistepScheduler, ...) driving
+  the same denoiser, with betas and prediction type taken from our DiffusionConfig.
+
+Every sampler is deterministic given a torch.Generator on the sample's device.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable
+
+import torch
+from tqdm.auto import tqdm
+
+from dit_core.diffusion import DiffusionConfig, GaussianDiffusion, make_betas
+
+Denoiser = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def make_denoiser(model: torch.nn.Module, cfg_scale: float = 1.0, guidance_channels: int | None = None) -> Denoiser:
+    """denoise(x_t, t, y) for a DiT; with cfg_scale != 1 the conditional and unconditional passes run batched."""
+    if cfg_scale == 1.0:
+        return lambda x, t, y: model(x, t, y)
+    return lambda x, t, y: model.forward_with_cfg(x, t, y, cfg_scale, guidance_channels)
+
+
+def _randn_like(x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    return torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+
+
+class DDPMSampler:
+    """Ancestral sampling x_{t-1} ~ N(mu_theta(x_t), Sigma_theta(x_t)) over `respacing` steps ("250" = the paper)."""
+
+    def __init__(
+        self,
+        diffusion_config: DiffusionConfig = DiffusionConfig(),
+        respacing: str = "250",
+        clip_x0: float | None = None,
+    ):
+        self.diffusion = GaussianDiffusion(diffusion_config, respacing)
+        self.clip_x0 = clip_x0
+
+    @property
+    def num_steps(self) -> int:
+        return self.diffusion.num_steps
+
+    @torch.no_grad()
+    def sample(
+        self,
+        denoise: Denoiser,
+        noise: torch.Tensor,
+        y: torch.Tensor,
+        generator: torch.Generator | None = None,
+        progress: bool = False,
+    ) -> torch.Tensor:
+        """noise x_T (N, C, H, W), labels y (N,) -> x_0 (N, C, H, W)."""
+        x = noise
+        n = x.shape[0]
+        timestep_map = self.diffusion.timestep_map.to(x.device)
+        for i in tqdm(reversed(range(self.num_steps)), total=self.num_steps, disable=not progress, desc="DDPM"):
+            index = torch.full((n,), i, device=x.device, dtype=torch.long)
+            out = denoise(x, timestep_map[index], y)
+            p = self.diffusion.p_mean_variance(out, x, index, clip_x0=self.clip_x0)
+            x = p.mean
+            if i > 0:
+                x = x + torch.exp(0.5 * p.log_variance) * _randn_like(x, generator)
+        return x
+
+
+class DDIMSampler:
+    """DDIM: x_{t-1} = sqrt(a') x0 + sqrt(1 - a' - sigma^2) eps + sigma z, sigma = eta * DDPM's; eta = 0 is an ODE."""
+
+    def __init__(
+        self,
+        diffusion_config: DiffusionConfig = DiffusionConfig(),
+        respacing: str = "ddim50",
+        eta: float = 0.0,
+        clip_x0: float | None = None,
+    ):
+        self.diffusion = GaussianDiffusion(diffusion_config, respacing)
+        self.eta = eta
+        self.clip_x0 = clip_x0
+
+    @property
+    def num_steps(self) -> int:
+        return self.diffusion.num_steps
+
+    @torch.no_grad()
+    def sample(
+        self,
+        denoise: Denoiser,
+        noise: torch.Tensor,
+        y: torch.Tensor,
+        generator: torch.Generator | None = None,
+        progress: bool = False,
+    ) -> torch.Tensor:
+        """noise x_T (N, C, H, W), labels y (N,) -> x_0 (N, C, H, W)."""
+        d = self.diffusion
+        x = noise
+        n = x.shape[0]
+        timestep_map = d.timestep_map.to(x.device)
+        for i in tqdm(reversed(range(self.num_steps)), total=self.num_steps, disable=not progress, desc="DDIM"):
+            index = torch.full((n,), i, device=x.device, dtype=torch.long)
+            out = denoise(x, timestep_map[index], y)
+            p = d.p_mean_variance(out, x, index, clip_x0=self.clip_x0)
+            alpha_bar = d._at(d.alpha_bar, index, x)
+            alpha_bar_prev = d._at(d.alpha_bar_prev, index, x)
+            sigma = self.eta * torch.sqrt((1 - alpha_bar_prev) / (1 - alpha_bar) * (1 - alpha_bar / alpha_bar_prev))
+            x = (
+                alpha_bar_prev.sqrt() * p.pred_x0
+                + torch.sqrt((1 - alpha_bar_prev - sigma**2).clamp(min=0)) * p.pred_eps
+            )
+            if i > 0 and self.eta > 0:
+                x = x + sigma * _randn_like(x, generator)
+        return x
+
+
+_DIFFUSERS_PREDICTION = {"eps": "epsilon", "x0": "sample", "v": "v_prediction"}
+
+
+def diffusers_scheduler(name: str, diffusion_config: DiffusionConfig = DiffusionConfig(), **kwargs):
+    """A diffusers scheduler (class name, e.g. "DPMSolverMultistepScheduler") set up for our forward process.
+
+    Betas are passed exactly (`trained_betas`), the prediction type is mapped, x0 is not clipped, and DDPMScheduler
+    gets variance_type="learned_range" when the model learns sigma.
+    """
+    import diffusers
+
+    cls = getattr(diffusers, name, None)
+    if cls is None or not hasattr(cls, "set_timesteps"):
+        raise ValueError(
+            f"{name!r} is not a diffusers scheduler class (e.g. DDIMScheduler, DPMSolverMultistepScheduler)"
+        )
+    options = dict(
+        num_train_timesteps=diffusion_config.num_timesteps,
+        trained_betas=make_betas(diffusion_config).float().numpy(),
+        prediction_type=_DIFFUSERS_PREDICTION[diffusion_config.prediction],
+    )
+    accepted = set(inspect.signature(cls.__init__).parameters)  # follows diffusers' config-registering wrapper
+    if "clip_sample" in accepted:
+        options["clip_sample"] = False
+    if "variance_type" in accepted and name == "DDPMScheduler":
+        options["variance_type"] = "learned_range" if diffusion_config.learn_sigma else "fixed_small"
+    unknown = set(kwargs) - accepted
+    if unknown:
+        raise ValueError(f"{name} takes no options {sorted(unknown)}")
+    options.update(kwargs)
+    return cls(**{k: v for k, v in options.items() if k in accepted})
+
+
+class DiffusersSampler:
+    """Drive a dit_core denoiser with a diffusers scheduler for `num_steps` steps."""
+
+    def __init__(self, scheduler, num_steps: int):
+        self.scheduler = scheduler
+        self.num_steps = num_steps
+        variance_type = getattr(scheduler.config, "variance_type", None)
+        self.passes_variance = variance_type in ("learned", "learned_range")
+        self.step_takes_generator = "generator" in inspect.signature(scheduler.step).parameters
+
+    @torch.no_grad()
+    def sample(
+        self,
+        denoise: Denoiser,
+        noise: torch.Tensor,
+        y: torch.Tensor,
+        generator: torch.Generator | None = None,
+        progress: bool = False,
+    ) -> torch.Tensor:
+        """noise (N, C, H, W), labels y (N,) -> x_0 (N, C, H, W)."""
+        scheduler = self.scheduler
+        scheduler.set_timesteps(self.num_steps, device=noise.device)
+        channels = noise.shape[1]
+        x = noise * scheduler.init_noise_sigma
+        for t in tqdm(scheduler.timesteps, disable=not progress, desc=type(scheduler).__name__):
+            t_batch = t.to(noise.device).expand(x.shape[0])  # float for Euler-style schedulers
+            out = denoise(scheduler.scale_model_input(x, t), t_batch, y).float()
+            if not self.passes_variance:
+                out = out[:, :channels]
+            step_kwargs = {"generator": generator} if self.step_takes_generator else {}
+            x = scheduler.step(out, t, x, **step_kwargs).prev_sample
+        return x

@@ -1,0 +1,1 @@
+"""experiments: experiment definitions (quickstart, paper grid, smoke tests); configs only, no logic."""

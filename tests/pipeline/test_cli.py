@@ -1,0 +1,24 @@
+"""The ditscale console script."""
+
+import subprocess
+import sys
+
+from pipeline.cli import main
+
+
+def test_presets_lists_every_preset_with_paper_figures(capsys):
+    assert main(["presets"]) == 0
+    out = capsys.readouterr().out
+    xl2 = next(line for line in out.splitlines() if line.startswith("DiT-XL/2"))
+    assert "675,129,632" in xl2 and "118.621" in xl2
+    assert sum(line.startswith("DiT-") for line in out.splitlines()) == 18
+
+
+def test_presets_with_small_latent_and_bad_patch(capsys):
+    assert main(["presets", "--input-size", "12"]) == 2  # patch 8 does not divide 12
+    assert "patch size 8 does not divide the latent size 12" in capsys.readouterr().err
+
+
+def test_console_script_help():
+    out = subprocess.run([sys.executable, "-m", "pipeline.cli", "--help"], capture_output=True, text=True, check=True)
+    assert "presets" in out.stdout and "demo" in out.stdout
