@@ -24,6 +24,40 @@ def _cmd_presets(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_toy_data(args: argparse.Namespace) -> int:
+    from pipeline.toy import ToyDataConfig, write_toy_dataset
+
+    config = ToyDataConfig(
+        num_classes=args.classes, per_class=args.per_class, resolution=args.resolution, seed=args.seed, style=args.style
+    )
+    summary = write_toy_dataset(args.out, config)
+    print(f"toy data: {summary['num_images']} images of {summary['num_classes']} classes in {args.out}")
+    return 0
+
+
+def _cmd_prepare(args: argparse.Namespace) -> int:
+    from pipeline.codecs import CodecConfig
+    from pipeline.prepare import PrepareConfig, prepare
+
+    config = PrepareConfig(
+        resolution=args.resolution,
+        codec=CodecConfig(
+            kind=args.codec,
+            vae=args.vae,
+            vae_revision=args.vae_revision,
+            vae_subfolder=args.vae_subfolder,
+            space_to_depth=args.space_to_depth,
+        ),
+        samples_per_shard=args.samples_per_shard,
+        seed=args.seed,
+        encode_batch_size=args.batch_size,
+        num_workers=args.workers,
+        verify=args.verify,
+    )
+    manifest = prepare(args.src, args.out, config)
+    return 0 if manifest["complete"] else 1
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     from dit_core.demo import run_demo
 
@@ -34,6 +68,33 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ditscale", description="DiT scaling studies on Ray, tracked in MLflow.")
     sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("toy-data", help="write the built-in procedural toy dataset in ImageNet folder layout")
+    p.add_argument("out", help="output folder (created; must be empty or an earlier toy-data folder)")
+    p.add_argument("--classes", type=int, default=10, help="number of classes (at most 10)")
+    p.add_argument("--per-class", type=int, default=500, help="images per class")
+    p.add_argument("--resolution", type=int, default=32, help="image side in pixels")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--style", default="color", choices=["color", "simple"], help="coloured or plain grey shapes")
+    p.set_defaults(func=_cmd_toy_data)
+
+    from pipeline.codecs import DEFAULT_VAE
+
+    p = sub.add_parser("prepare", help="shard an ImageNet-layout folder into WebDataset tars of latents (Ray)")
+    p.add_argument("src", help="source folder: SRC/<class>/<image>.{jpg,png,webp,bmp}")
+    p.add_argument("out", help="output folder or URI (s3://..., gs://...) for train-*.tar and manifest.json")
+    p.add_argument("--codec", default="vae", choices=["vae", "pixel"], help="AutoencoderKL latents or raw pixels")
+    p.add_argument("--vae", default=DEFAULT_VAE, help="AutoencoderKL hub id or local folder (save_pretrained)")
+    p.add_argument("--vae-revision", default=None, help="hub revision of the VAE")
+    p.add_argument("--vae-subfolder", default=None, help="subfolder of the VAE inside a pipeline folder, e.g. vae")
+    p.add_argument("--space-to-depth", type=int, default=1, help="pixel codec: fold f x f pixels into channels")
+    p.add_argument("--resolution", type=int, default=256, help="image side after the ADM center crop")
+    p.add_argument("--samples-per-shard", type=int, default=5000)
+    p.add_argument("--seed", type=int, default=0, help="seed of the shuffle that mixes classes across shards")
+    p.add_argument("--batch-size", type=int, default=32, help="images per encoder call")
+    p.add_argument("--workers", type=int, default=0, help="encoding actors (0: one per GPU, else one per CPU)")
+    p.add_argument("--verify", default="sha256", choices=["sha256", "size"], help="how a re-run checks old shards")
+    p.set_defaults(func=_cmd_prepare)
 
     p = sub.add_parser("presets", help="list the DiT presets with parameter counts and Gflops")
     p.add_argument("--input-size", type=int, default=32, help="latent side in latent pixels (32 for 256 px + SD VAE)")

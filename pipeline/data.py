@@ -1,0 +1,195 @@
+"""The training-side reader: latent shards -> endless batches (z, y) for one rank, deterministic and resumable.
+
+Splitting: with R ranks and K DataLoader workers there are G = R * K readers. Each epoch the shards are permuted with
+(seed, epoch); reader g takes shards g, g + G, ... of that order, or, when there are fewer shards than readers, every
+G-th sample of all shards. Every rank yields exactly `batches_per_epoch = total // (batch_size * R)` batches per epoch
+(a reader whose shards run dry cycles through them again), so uneven shards can never leave one DDP rank waiting.
+
+Per sample: a random choice of the plain or the mirrored latent, then z = (mean + exp(logvar / 2) * eps) * scale with
+fresh eps (for the pixel codec z is the stored latent). Shuffling uses a buffer per reader. All randomness derives
+from (seed, epoch, reader), so the stream is a pure function of its arguments: `start_batch` skips ahead and resumes
+exactly where an interrupted run stopped.
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Iterator
+from typing import Any
+
+import fsspec
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from pipeline.codecs import latent_from_stored
+from pipeline.prepare import MANIFEST, read_manifest
+
+
+def load_manifest(root: str) -> dict[str, Any]:
+    """The manifest of a finished prepare run, or a clear error."""
+    manifest = read_manifest(root)
+    if manifest is None:
+        raise FileNotFoundError(f"no {MANIFEST} in {root}: run `ditscale prepare SRC {root}` first")
+    if not manifest.get("complete"):
+        done, planned = len(manifest["shards"]), manifest["planned_shards"]
+        raise ValueError(f"shards in {root} are incomplete ({done}/{planned}): re-run the same `ditscale prepare`")
+    return manifest
+
+
+def iter_shard(url: str) -> Iterator[dict[str, Any]]:
+    """Samples of one tar shard (local path or fsspec URI) as dicts of raw bytes, grouped by key."""
+    import webdataset as wds
+
+    with fsspec.open(url, "rb") as stream:
+        files = wds.tariterators.tar_file_expander([{"url": url, "stream": stream}])
+        yield from wds.tariterators.group_by_keys(files)
+
+
+def decode_sample(sample: dict[str, Any], flip: bool) -> tuple[np.ndarray, int]:
+    """(stored latent (C', h, w) float16, label) of a raw sample; no pickles are ever loaded."""
+    key = "latent_flip.npy" if flip else "latent.npy"
+    try:
+        latent = np.load(io.BytesIO(sample[key]), allow_pickle=False)
+        return latent, int(sample["cls"])
+    except (KeyError, ValueError) as exc:
+        raise ValueError(f"malformed sample {sample.get('__key__')} in {sample.get('__url__')}: {exc}") from exc
+
+
+class LatentShardStream(IterableDataset):
+    """Batches (z (B, C, h, w) float32, y (B,) int64) for one rank; see the module docstring."""
+
+    def __init__(
+        self,
+        root: str,
+        batch_size: int,
+        rank: int = 0,
+        world_size: int = 1,
+        seed: int = 0,
+        start_batch: int = 0,
+        epochs: int | None = None,
+        shuffle_buffer: int = 2000,
+        random_flip: bool = True,
+        manifest: dict[str, Any] | None = None,
+    ):
+        super().__init__()
+        self.root = str(root).rstrip("/")
+        self.manifest = manifest or load_manifest(self.root)
+        self.urls = [f"{self.root}/{s['name']}" for s in self.manifest["shards"]]
+        self.batch_size, self.rank, self.world_size = batch_size, rank, world_size
+        self.seed, self.start_batch, self.epochs = seed, start_batch, epochs
+        self.shuffle_buffer, self.random_flip = shuffle_buffer, random_flip
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is outside world size {world_size}")
+        total = self.manifest["total"]
+        self.batches_per_epoch = total // (batch_size * world_size)
+        if self.batches_per_epoch == 0:
+            raise ValueError(
+                f"{self.root} holds {total} samples, fewer than one global batch "
+                f"({batch_size} x {world_size} ranks): lower the batch size or prepare more data"
+            )
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        # Batch position p (counted from the start of training) is made by logical worker p % K from that worker's
+        # own stream of epoch p // B. A DataLoader hands out batches of its workers round robin from worker 0, so
+        # when resuming at `start_batch` physical worker k plays logical worker (start_batch + k) % K.
+        info = get_worker_info()
+        k, K = (info.id, info.num_workers) if info else (0, 1)
+        B = self.batches_per_epoch
+        logical = (self.start_batch + k) % K
+        reader, readers = self.rank * K + logical, self.world_size * K
+        position, epoch, batches = self.start_batch + k, None, None
+        while self.epochs is None or position < self.epochs * B:
+            if position // B != epoch:
+                epoch = position // B
+                batches = self._batches(epoch, reader, readers)
+                first = epoch * B + (logical - epoch * B) % K  # this worker's first position in the epoch
+                for _ in range((position - first) // K):  # made by an earlier run: recompute, do not yield
+                    next(batches)
+            yield next(batches)
+            position += K
+
+    def _batches(self, epoch: int, reader: int, readers: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Endless batches of one reader in one epoch; all randomness from (seed, epoch, reader)."""
+        rng = np.random.default_rng([self.seed, epoch, reader])
+        noise = torch.Generator().manual_seed(int(rng.integers(2**62)))
+        buffer = min(self.shuffle_buffer, max(1, self.manifest["total"] // readers))  # no repeats in the buffer
+        samples = self._shuffled(self._samples(epoch, reader, readers), rng, buffer)
+        while True:
+            batch = [next(samples) for _ in range(self.batch_size)]
+            flips = rng.random(self.batch_size) < 0.5 if self.random_flip else np.zeros(self.batch_size, bool)
+            decoded = [decode_sample(s, bool(f)) for s, f in zip(batch, flips)]
+            stored = torch.from_numpy(np.stack([d[0] for d in decoded]))
+            z = latent_from_stored(stored, self.manifest["codec"], generator=noise)
+            yield z, torch.tensor([d[1] for d in decoded], dtype=torch.long)
+
+    def _samples(self, epoch: int, reader: int, readers: int) -> Iterator[dict[str, Any] | None]:
+        """Endless raw samples for `reader`: its shards of this epoch's order, cycled with a new order when dry.
+        None marks the end of each pass over the reader's data."""
+        cycle = 0
+        while True:
+            order = np.random.default_rng([self.seed, epoch, cycle, 7]).permutation(len(self.urls))
+            seen = 0
+            if len(self.urls) >= readers:
+                for i in order[reader::readers]:
+                    for sample in iter_shard(self.urls[i]):
+                        seen += 1
+                        yield sample
+            else:  # fewer shards than readers: split by sample
+                n = 0
+                for i in order:
+                    for sample in iter_shard(self.urls[i]):
+                        if n % readers == reader:
+                            seen += 1
+                            yield sample
+                        n += 1
+            if seen == 0:
+                raise ValueError(
+                    f"reader {reader} of {readers} got no samples from {self.root}: "
+                    f"use fewer DataLoader workers or ranks for this small dataset"
+                )
+            yield None
+            cycle += 1
+
+    @staticmethod
+    def _shuffled(
+        samples: Iterator[dict[str, Any] | None], rng: np.random.Generator, size: int
+    ) -> Iterator[dict[str, Any]]:
+        """A shuffle buffer of `size` samples, emptied at the end of each pass (so a pass is never mixed with the
+        next: when the batches of an epoch add up to the data, every sample is seen exactly once)."""
+        buffer: list[dict[str, Any]] = []
+        for sample in samples:
+            if sample is None:
+                for j in rng.permutation(len(buffer)):
+                    yield buffer[j]
+                buffer = []
+                continue
+            if len(buffer) < size:
+                buffer.append(sample)
+                continue
+            j = int(rng.integers(len(buffer)))
+            buffer[j], sample = sample, buffer[j]
+            yield sample
+
+
+def make_loader(
+    root: str,
+    batch_size: int,
+    rank: int = 0,
+    world_size: int = 1,
+    seed: int = 0,
+    start_batch: int = 0,
+    num_workers: int = 2,
+    epochs: int | None = None,
+    **kwargs,
+) -> DataLoader:
+    """A DataLoader over `LatentShardStream` (the stream batches itself: batch_size=None)."""
+    stream = LatentShardStream(root, batch_size, rank, world_size, seed, start_batch, epochs, **kwargs)
+    return DataLoader(
+        stream,
+        batch_size=None,
+        num_workers=num_workers,
+        persistent_workers=False,
+        prefetch_factor=4 if num_workers else None,
+        pin_memory=torch.cuda.is_available(),
+    )

@@ -1,0 +1,32 @@
+"""Connecting to Ray: an existing cluster (RAY_ADDRESS, `ray job submit`) or a local instance on this machine."""
+
+from __future__ import annotations
+
+import os
+
+
+def ensure_ray(num_cpus: int | None = None) -> None:
+    """Initialise Ray once per process: join the cluster named by RAY_ADDRESS, else start a local instance
+    (dashboard on 127.0.0.1 only). Does nothing if Ray is already initialised (tests start one per session)."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    address = os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, log_to_driver=True)
+    else:
+        ray.init(num_cpus=num_cpus, include_dashboard=False, dashboard_host="127.0.0.1", log_to_driver=True)
+
+
+def cluster_gpus() -> int:
+    """GPUs in the Ray cluster (0 on a CPU-only machine)."""
+    import ray
+
+    return int(ray.cluster_resources().get("GPU", 0))
+
+
+def cluster_cpus() -> int:
+    import ray
+
+    return int(ray.cluster_resources().get("CPU", 1))
