@@ -58,6 +58,14 @@ def _cmd_prepare(args: argparse.Namespace) -> int:
     return 0 if manifest["complete"] else 1
 
 
+def _cmd_sweep(args: argparse.Namespace) -> int:
+    from pipeline.config import load_experiment, resolve_workdir
+    from pipeline.sweep import main_sweep
+
+    experiment = load_experiment(args.experiment, args.set)
+    return main_sweep(experiment, resolve_workdir(args.workdir), dry_run=args.dry_run)
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     from dit_core.demo import run_demo
 
@@ -95,6 +103,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=0, help="encoding actors (0: one per GPU, else one per CPU)")
     p.add_argument("--verify", default="sha256", choices=["sha256", "size"], help="how a re-run checks old shards")
     p.set_defaults(func=_cmd_prepare)
+
+    p = sub.add_parser("sweep", help="train a grid of DiT presets: Ray Tune x Ray Train, tracked in MLflow")
+    p.add_argument("experiment", help="an experiment name (experiments/<name>.py) or a .json/.yaml file")
+    p.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE", help="override a field")
+    p.add_argument("--dry-run", action="store_true", help="print the trials, their Gflops and training compute")
+    p.add_argument("--workdir", default=None, help="workspace (default $DITSCALE_WORKDIR or ./ditscale-work)")
+    p.set_defaults(func=_cmd_sweep)
 
     p = sub.add_parser("presets", help="list the DiT presets with parameter counts and Gflops")
     p.add_argument("--input-size", type=int, default=32, help="latent side in latent pixels (32 for 256 px + SD VAE)")

@@ -13,10 +13,13 @@ def ensure_ray(num_cpus: int | None = None) -> None:
     if ray.is_initialized():
         return
     address = os.environ.get("RAY_ADDRESS")
+    # Worker output (Ray Train's per-report lines) stays in the Ray logs unless DITSCALE_RAY_LOGS=1;
+    # progress and errors reach the console through the drivers of each stage.
+    log_to_driver = os.environ.get("DITSCALE_RAY_LOGS", "0") == "1"
     if address:
-        ray.init(address=address, log_to_driver=True)
+        ray.init(address=address, log_to_driver=log_to_driver)
     else:
-        ray.init(num_cpus=num_cpus, include_dashboard=False, dashboard_host="127.0.0.1", log_to_driver=True)
+        ray.init(num_cpus=num_cpus, include_dashboard=False, dashboard_host="127.0.0.1", log_to_driver=log_to_driver)
 
 
 def cluster_gpus() -> int:

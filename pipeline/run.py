@@ -1,0 +1,49 @@
+"""Building an experiment's data when it is missing: toy images (if asked for) and shards, each step skipped when
+its output already exists (both stages are themselves idempotent and resumable)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pipeline.codecs import CodecConfig
+from pipeline.config import ConfigError, ExperimentConfig, resolve_path
+from pipeline.prepare import PrepareConfig, prepare, read_manifest
+from pipeline.toy import ToyDataConfig, write_toy_dataset
+
+
+def _source_folder(experiment: ExperimentConfig, workdir: str, source: str | None, val: bool) -> str | None:
+    """The image folder to prepare from: the configured one, or toy data written under the workspace."""
+    d = experiment.data
+    if source != "toy":
+        return resolve_path(workdir, source) if source else None
+    per_class = d.toy_val_per_class if val else d.toy_per_class
+    seed = d.toy_seed + 1 if val else d.toy_seed
+    toy = ToyDataConfig(num_classes=d.toy_classes, per_class=per_class, resolution=d.resolution, seed=seed,
+                        style=d.toy_style)  # fmt: skip
+    folder = resolve_path(workdir, f"toy/{d.toy_style}{d.resolution}-c{d.toy_classes}-n{per_class}-s{seed}")
+    write_toy_dataset(folder, toy)
+    return folder
+
+
+def ensure_data(experiment: ExperimentConfig, workdir: str, progress: bool = True) -> dict[str, Any]:
+    """Make sure data.shards (and data.val_shards) exist and are complete; returns the training manifest."""
+    d = experiment.data
+    codec = CodecConfig(kind=d.codec, vae=d.vae, space_to_depth=d.space_to_depth)
+    built = {}
+    for shards, source, val in ((d.shards, d.source, False), (d.val_shards, d.val_source, True)):
+        if shards is None:
+            continue
+        out = resolve_path(workdir, shards)
+        manifest = read_manifest(out)
+        if manifest is not None and manifest.get("complete"):
+            built[val] = manifest
+            continue
+        folder = _source_folder(experiment, workdir, source, val)
+        if folder is None:
+            raise ConfigError(
+                f"no shards at {out} and no data.{'val_source' if val else 'source'} to make them from: "
+                f"set it to an image folder (ImageNet layout) or 'toy', or run `ditscale prepare SRC {out}`"
+            )
+        config = PrepareConfig(resolution=d.resolution, codec=codec, samples_per_shard=d.samples_per_shard)
+        built[val] = prepare(folder, out, config, progress=progress)
+    return built[False]

@@ -1,0 +1,386 @@
+"""sweep: a grid of DiT trials on Ray Tune, each trial one Ray Train TorchTrainer, tracked in MLflow.
+
+    ditscale sweep quickstart [--set train.steps=2000] [--dry-run]
+
+For each trial (one grid point) a Tune function trainable builds and fits a `TorchTrainer` named by the trial's
+stable run name under `<workdir>/runs/<experiment>/`. Ray Train V2 finds an earlier run of that name in storage and
+hands its latest checkpoint to the workers, so running the same command again resumes interrupted trials; finished
+trials (marked by `ditscale_done.json`) are not started at all. A trial that fails for good (after
+`resources.max_failures` worker-group restarts) is reported and does not stop the others.
+
+MLflow: one parent run per sweep, one child run per trial (params: flattened config, preset, params, Gflops;
+tags: sweep, git commit, dataset manifest hash), metrics logged by the trial's rank 0.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import subprocess
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from pipeline.config import (
+    ConfigError,
+    ExperimentConfig,
+    Trial,
+    config_to_dict,
+    describe_trials,
+    expand_trials,
+    flatten,
+    resolve_path,
+    validate_against_data,
+    validate_experiment,
+)
+from pipeline.train import DONE_FILE, read_json
+
+# ---------------------------------------------------------------------------------------------------------------
+# Planning (no Ray, no MLflow)
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class SweepPlan:
+    experiment: ExperimentConfig
+    workdir: str
+    shards: str
+    val_shards: str | None
+    manifest: dict[str, Any]
+    trials: list[Trial]
+    storage: str  # Ray storage of the trials: <storage>/<run_name>/
+
+    def trial_dir(self, trial: Trial) -> str:
+        return f"{self.storage}/{trial.run_name}"
+
+    def status(self, trial: Trial) -> str:
+        """ "done", "resumable" (has a checkpoint) or "new"."""
+        done = read_json(f"{self.trial_dir(trial)}/{DONE_FILE}")
+        if done is not None and done["step"] >= self.experiment.train.steps:
+            return "done"
+        import fsspec
+
+        fs, path = fsspec.core.url_to_fs(self.trial_dir(trial))
+        return "resumable" if fs.exists(f"{path}/checkpoint_manager_snapshot.json") else "new"
+
+
+def plan_sweep(experiment: ExperimentConfig, workdir: str) -> SweepPlan:
+    """Validate the experiment against its shards and expand the trials; raises ConfigError before any work."""
+    from pipeline.data import load_manifest
+
+    validate_experiment(experiment)
+    shards = resolve_path(workdir, experiment.data.shards)
+    try:
+        manifest = load_manifest(shards)
+    except FileNotFoundError:
+        raise ConfigError(
+            f"no shards at {shards} (data.shards): run `ditscale prepare SRC {shards}` first, or "
+            f"`ditscale run {experiment.name}` to build them"
+        ) from None
+    validate_against_data(experiment, manifest, shards)
+    val_shards = None
+    if experiment.data.val_shards:
+        val_shards = resolve_path(workdir, experiment.data.val_shards)
+        try:
+            val_manifest = load_manifest(val_shards)
+        except FileNotFoundError:
+            raise ConfigError(
+                f"no validation shards at {val_shards} (data.val_shards): prepare them or set data.val_shards=null"
+            ) from None
+        if (val_manifest["codec"], val_manifest["latent_shape"]) != (manifest["codec"], manifest["latent_shape"]):
+            raise ConfigError(f"validation shards {val_shards} were made with another codec or latent shape")
+    trials = expand_trials(experiment, manifest)
+    storage = f"{workdir.rstrip('/')}/runs/{experiment.name}"
+    return SweepPlan(experiment, workdir, shards, val_shards, manifest, trials, storage)
+
+
+def dry_run_report(plan: SweepPlan) -> str:
+    lines = [describe_trials(plan.experiment, plan.trials)]
+    lines.append("status: " + ", ".join(f"{t.run_name} {plan.status(t)}" for t in plan.trials))
+    lines.append(f"shards: {plan.shards} ({plan.manifest['total']} samples, latents {plan.manifest['latent_shape']})")
+    lines.append(f"storage: {plan.storage}")
+    return "\n".join(lines)
+
+
+def git_commit() -> str:
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parent, capture_output=True, text=True, timeout=5
+        )
+        return out.stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def manifest_hash(manifest: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(manifest, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def trial_params(plan: SweepPlan, trial: Trial) -> dict[str, Any]:
+    """MLflow params of a child run: the flattened experiment config plus the trial's model facts."""
+    e = plan.experiment
+    params = flatten(config_to_dict(e))
+    params.pop("grid.presets", None)
+    params.update(flatten({"model": config_to_dict(trial.model)}))
+    params.update(flatten({"diffusion": asdict(e.train.diffusion_config())}))
+    params.update(
+        {
+            "preset": trial.preset,
+            "size": trial.size,
+            "patch": trial.patch,
+            "params": trial.params,
+            "gflops": trial.gflops,
+            "run_name": trial.run_name,
+            "objective": f"{e.train.prediction}{'+learned-sigma' if e.train.learn_sigma else ''} ({e.train.loss})",
+            "data.manifest_total": plan.manifest["total"],
+        }
+    )
+    return params
+
+
+def trial_payload(plan: SweepPlan, trial: Trial, uri: str, run_id: str) -> dict[str, Any]:
+    """What the workers of one trial get (JSON-able)."""
+    e = plan.experiment
+    return {
+        "run_name": trial.run_name,
+        "preset": trial.preset,
+        "model": config_to_dict(trial.model),
+        "diffusion": asdict(e.train.diffusion_config()),
+        "train": config_to_dict(e.train),
+        "shards": plan.shards,
+        "val_shards": plan.val_shards,
+        "trial_dir": plan.trial_dir(trial),
+        "storage": plan.storage,
+        "tracking_uri": uri,
+        "mlflow_run_id": run_id,
+        "workers": e.resources.workers_per_trial,
+        "cpus_per_worker": e.resources.cpus_per_worker,
+        "gpus_per_worker": e.resources.gpus_per_worker,
+        "max_failures": e.resources.max_failures,
+        "keep_checkpoints": e.train.keep_checkpoints,
+    }
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# One trial = one TorchTrainer (runs inside a Tune trial actor)
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def run_trial(payload: dict[str, Any]) -> None:
+    """Tune function trainable: build and fit the trial's TorchTrainer (resuming from storage if it exists)."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    from pipeline.tracking import set_status
+    from pipeline.train import train_loop_per_worker
+
+    gpus = payload["gpus_per_worker"]
+    resources = {"CPU": payload["cpus_per_worker"]}
+    if gpus:
+        resources["GPU"] = gpus
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config=payload,
+        scaling_config=ScalingConfig(
+            num_workers=payload["workers"], use_gpu=bool(gpus), resources_per_worker=resources
+        ),
+        run_config=RunConfig(
+            name=payload["run_name"],
+            storage_path=payload["storage"],
+            failure_config=FailureConfig(max_failures=payload["max_failures"]),
+            checkpoint_config=CheckpointConfig(num_to_keep=payload["keep_checkpoints"]),
+            callbacks=[TuneReportCallback()],
+        ),
+    )
+    try:
+        trainer.fit()
+    except Exception:
+        set_status(payload["tracking_uri"], payload["mlflow_run_id"], "FAILED")
+        raise
+
+
+def _progress_callback(interval_s: float):
+    from ray import tune
+
+    class TrialProgress(tune.Callback):
+        """One line per trial with step, loss and img/s, at most every `interval_s` seconds per trial."""
+
+        def __init__(self):
+            self.last: dict[str, float] = {}
+
+        def on_trial_result(self, iteration, trials, trial, result, **info):
+            name = trial.config["trial"]["run_name"]
+            if "loss" not in result or time.time() - self.last.get(name, 0) < interval_s:
+                return
+            self.last[name] = time.time()
+            val = f"  val {result['val_loss']:.4f}" if "val_loss" in result else ""
+            print(
+                f"[{name}] step {result['step']:>7,}/{result['steps']:,}  loss {result['loss']:.4f}{val}  "
+                f"{result['img_per_s']:8.1f} img/s",
+                flush=True,
+            )
+
+        def on_trial_error(self, iteration, trials, trial, **info):
+            print(f"[{trial.config['trial']['run_name']}] FAILED: {trial.error_file}", flush=True)
+
+    return TrialProgress()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The sweep
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class TrialOutcome:
+    trial: Trial
+    status: str  # "done" | "failed"
+    step: int
+    final_loss: float | None
+    img_per_s: float | None
+    error: str | None
+    mlflow_run_id: str
+
+
+def max_concurrent(experiment: ExperimentConfig) -> int:
+    import ray
+
+    r = experiment.resources
+    if r.max_concurrent_trials:
+        return r.max_concurrent_trials
+    cluster = ray.cluster_resources()
+    fits = [math.floor(cluster.get("CPU", 0) / (r.workers_per_trial * r.cpus_per_worker))]
+    if r.gpus_per_worker:
+        fits.append(math.floor(cluster.get("GPU", 0) / (r.workers_per_trial * r.gpus_per_worker)))
+    return max(1, min(fits))
+
+
+def check_cluster(experiment: ExperimentConfig) -> None:
+    import ray
+
+    r = experiment.resources
+    cluster = ray.cluster_resources()
+    need_gpus = r.workers_per_trial * r.gpus_per_worker
+    if need_gpus and cluster.get("GPU", 0) < need_gpus:
+        raise ConfigError(
+            f"a trial needs {need_gpus:g} GPUs (resources.workers_per_trial x gpus_per_worker) but the Ray cluster "
+            f"has {cluster.get('GPU', 0):g}: set resources.gpus_per_worker=0 to train on CPUs, or add GPU nodes"
+        )
+    need_cpus = r.workers_per_trial * r.cpus_per_worker
+    if cluster.get("CPU", 0) < need_cpus:
+        raise ConfigError(
+            f"a trial needs {need_cpus:g} CPUs (resources.workers_per_trial x cpus_per_worker) but the Ray cluster "
+            f"has {cluster.get('CPU', 0):g}: lower resources.cpus_per_worker or workers_per_trial"
+        )
+
+
+def run_sweep(experiment: ExperimentConfig, workdir: str, progress_interval_s: float = 15.0) -> list[TrialOutcome]:
+    """Run (or resume) every unfinished trial of the experiment; returns one outcome per trial."""
+    from ray import tune
+
+    from pipeline import tracking
+    from pipeline.ray_utils import ensure_ray
+
+    plan = plan_sweep(experiment, workdir)
+    statuses = {t.run_name: plan.status(t) for t in plan.trials}
+    todo = [t for t in plan.trials if statuses[t.run_name] != "done"]
+    print(
+        f"sweep {experiment.name}: {len(plan.trials)} trials ({len(plan.trials) - len(todo)} done, "
+        f"{sum(s == 'resumable' for s in statuses.values())} to resume, {sum(s == 'new' for s in statuses.values())} "
+        f"new); storage {plan.storage}",
+        flush=True,
+    )
+    with tracking.tracking_uri(experiment.tracking.tracking_uri, workdir) as uri:
+        exp_id = tracking.experiment_id(uri, experiment.mlflow_experiment)
+        tags = {"git_commit": git_commit(), "manifest_hash": manifest_hash(plan.manifest), "workdir": workdir}
+        parent = tracking.sweep_run(uri, exp_id, experiment.name, flatten(config_to_dict(experiment)), tags)
+        run_ids = {
+            t.run_name: tracking.trial_run(
+                uri,
+                exp_id,
+                parent,
+                experiment.name,
+                t.run_name,
+                trial_params(plan, t),
+                {**tags, "preset": t.preset},
+            )  # fmt: skip
+            for t in plan.trials
+        }
+        results: dict[str, Any] = {}
+        if todo:
+            ensure_ray()
+            check_cluster(experiment)
+            os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # our one-line-per-trial progress instead of Tune's
+            payloads = [trial_payload(plan, t, uri, run_ids[t.run_name]) for t in todo]
+            tuner = tune.Tuner(
+                tune.with_resources(run_trial_from_tune, {"CPU": 0, "memory": 1}),  # the driver needs no CPU
+                param_space={"trial": tune.grid_search(payloads)},
+                tune_config=tune.TuneConfig(max_concurrent_trials=max_concurrent(experiment)),
+                run_config=tune.RunConfig(
+                    name=f"tune-{int(time.time())}",
+                    storage_path=f"{plan.storage}/_tune",
+                    verbose=0,
+                    callbacks=[_progress_callback(progress_interval_s)],
+                ),
+            )
+            for result in tuner.fit():
+                name = result.config["trial"]["run_name"]
+                results[name] = result
+        outcomes = [_outcome(plan, t, results.get(t.run_name), run_ids[t.run_name], uri) for t in plan.trials]
+        all_done = all(o.status == "done" for o in outcomes)
+        tracking.set_status(uri, parent, "FINISHED" if all_done else "FAILED")
+    print(summary_table(outcomes), flush=True)
+    return outcomes
+
+
+def run_trial_from_tune(config: dict[str, Any]) -> None:
+    run_trial(config["trial"])
+
+
+def _outcome(plan: SweepPlan, trial: Trial, result, run_id: str, uri: str) -> TrialOutcome:
+    from pipeline import tracking
+
+    done = read_json(f"{plan.trial_dir(trial)}/{DONE_FILE}")
+    finished = done is not None and done["step"] >= plan.experiment.train.steps
+    error = None
+    if result is not None and result.error is not None:
+        error = str(result.error).strip().splitlines()[-1][:300] if str(result.error).strip() else repr(result.error)
+    losses = tracking.metric_history(uri, run_id, "loss")
+    speeds = tracking.metric_history(uri, run_id, "img_per_s")
+    return TrialOutcome(
+        trial=trial,
+        status="done" if finished else "failed",
+        step=done["step"] if done else (losses[-1][0] if losses else 0),
+        final_loss=losses[-1][1] if losses else None,
+        img_per_s=speeds[-1][1] if speeds else None,
+        error=error if not finished else None,
+        mlflow_run_id=run_id,
+    )
+
+
+def summary_table(outcomes: list[TrialOutcome]) -> str:
+    lines = [f"{'run':<16} {'preset':<10} {'Gflops':>9} {'step':>9} {'loss':>8} {'img/s':>9}  status"]
+    for o in outcomes:
+        loss = f"{o.final_loss:.4f}" if o.final_loss is not None else "-"
+        speed = f"{o.img_per_s:.1f}" if o.img_per_s is not None else "-"
+        status = o.status if o.error is None else f"{o.status}: {o.error}"
+        lines.append(
+            f"{o.trial.run_name:<16} {o.trial.preset:<10} {o.trial.gflops:>9.4f} {o.step:>9,} {loss:>8} {speed:>9}  "
+            f"{status}"
+        )
+    failed = [o for o in outcomes if o.status != "done"]
+    lines.append(f"{len(outcomes) - len(failed)}/{len(outcomes)} trials done" + (
+        f"; {len(failed)} failed: re-run the same command to resume them" if failed else ""))  # fmt: skip
+    return "\n".join(lines)
+
+
+def main_sweep(experiment: ExperimentConfig, workdir: str, dry_run: bool) -> int:
+    if dry_run:
+        print(dry_run_report(plan_sweep(experiment, workdir)))
+        return 0
+    outcomes = run_sweep(experiment, workdir)
+    return 0 if all(o.status == "done" for o in outcomes) else 1

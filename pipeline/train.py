@@ -1,0 +1,288 @@
+"""The per-worker training loop of one trial, run by Ray Train (TorchTrainer, DDP over the trial's workers).
+
+Read top to bottom: set up (device, seeds, model, EMA, AdamW, restore from `ray.train.get_checkpoint()`), then the
+flat loop: batch -> hybrid loss -> backward -> clip -> AdamW -> EMA, with metrics every `log_every_steps`,
+resumable checkpoints every `ckpt_every_steps`, EMA milestones for the FID stage and a validation loss.
+
+Every step's randomness (timesteps, noise, label dropout) is seeded from (seed, rank, step) and the data stream from
+(seed, epoch, reader), so a trial restored from a checkpoint continues exactly as if it had not stopped.
+Only rank 0 writes checkpoints, milestones and MLflow metrics; every rank calls `ray.train.report` the same number
+of times. The logged loss is the mean over ranks (each rank's own mean over the logging window).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import resource
+import socket
+import tempfile
+import time
+from contextlib import nullcontext
+from typing import Any
+
+import fsspec
+import torch
+import torch.distributed as dist
+
+from dit_core.checkpoint import load_checkpoint, restore, save_checkpoint
+from dit_core.diffusion import DiffusionConfig, GaussianDiffusion
+from dit_core.ema import create_ema, unwrap_model, update_ema
+from dit_core.flops import H200_BF16_PEAK_FLOPS, forward_macs
+from dit_core.model import DiT, DiTConfig
+from pipeline.data import LatentShardStream, make_loader
+
+CHECKPOINT_FILE = "checkpoint.pt"
+DONE_FILE = "ditscale_done.json"
+MILESTONE_DIR = "milestones"
+
+
+def milestone_name(step: int) -> str:
+    return f"ema-{step:07d}.pt"
+
+
+def learning_rate(step: int, train: dict[str, Any]) -> float:
+    """Linear warm-up, then constant or cosine decay to min_lr_ratio * lr at the last step."""
+    lr, warmup = train["lr"], train["warmup_steps"]
+    if warmup and step < warmup:
+        return lr * (step + 1) / warmup
+    if train["lr_schedule"] == "constant":
+        return lr
+    progress = min(1.0, (step - warmup) / max(1, train["steps"] - warmup))
+    floor = train["min_lr_ratio"]
+    return lr * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def step_seed(seed: int, rank: int, step: int) -> int:
+    return (seed * 1_000_003 + rank * 7_919 + step) % (2**63 - 1)
+
+
+def write_json(path: str, payload: dict[str, Any]) -> None:
+    """Write JSON to a local path or URI, atomically where the file system can rename."""
+    fs, p = fsspec.core.url_to_fs(path)
+    fs.makedirs(p.rsplit("/", 1)[0], exist_ok=True)
+    tmp = f"{p}.tmp-{os.getpid()}"
+    with fs.open(tmp, "w") as f:
+        json.dump(payload, f)
+    fs.mv(tmp, p)
+
+
+def read_json(path: str) -> dict[str, Any] | None:
+    fs, p = fsspec.core.url_to_fs(path)
+    if not fs.exists(p):
+        return None
+    with fs.open(p, "r") as f:
+        return json.load(f)
+
+
+def save_milestone(trial_dir: str, step: int, ema: torch.nn.Module, config: dict[str, Any]) -> str:
+    """EMA weights at `step` for the FID stage: <trial_dir>/milestones/ema-0000100.pt (dit_core checkpoint)."""
+    path = f"{trial_dir}/{MILESTONE_DIR}/{milestone_name(step)}"
+    extra = {"weights": "ema"}
+    if "://" not in path:
+        save_checkpoint(path, model=ema, step=step, config=config, extra=extra)
+        return path
+    fs, remote = fsspec.core.url_to_fs(path)
+    with tempfile.TemporaryDirectory() as tmp:
+        local = save_checkpoint(f"{tmp}/{milestone_name(step)}", model=ema, step=step, config=config, extra=extra)
+        fs.put(str(local), remote)
+    return path
+
+
+def fixed_validation_set(root: str, batch_size: int, num_batches: int, num_timesteps: int, device: torch.device):
+    """Fixed batches (z, y, t, noise) from held-out shards: the same every evaluation, timesteps evenly spread."""
+    stream = iter(LatentShardStream(root, batch_size, seed=12345, random_flip=False, shuffle_buffer=1))
+    g = torch.Generator().manual_seed(54321)
+    batches = []
+    for i in range(num_batches):
+        z, y = next(stream)
+        n = z.shape[0]
+        t = torch.linspace(0, num_timesteps - 1, n * num_batches).round().long()[i * n : (i + 1) * n]
+        noise = torch.randn(z.shape, generator=g)
+        batches.append(tuple(x.to(device) for x in (z, y, t, noise)))
+    return batches
+
+
+@torch.no_grad()
+def validation_loss(model: torch.nn.Module, diffusion: GaussianDiffusion, batches, autocast) -> float:
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    for z, y, t, noise in batches:
+        with autocast:
+            loss = diffusion.training_losses(model, z, t, y, noise)["loss"]
+        total += loss.float().sum().item()
+        count += loss.numel()
+    model.train(was_training)
+    return total / count
+
+
+def peak_memory_gib(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+
+
+def train_loop_per_worker(cfg: dict[str, Any]) -> None:
+    """Ray Train entry point; `cfg` is the trial payload built by pipeline.sweep."""
+    import ray.train
+    import ray.train.torch
+
+    from pipeline.tracking import MetricLogger, set_status
+
+    # --- set-up -------------------------------------------------------------------------------------------------
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    train, trial_dir = cfg["train"], cfg["trial_dir"]
+    device = ray.train.torch.get_device()
+    if device.type == "cpu":
+        torch.set_num_threads(max(1, int(cfg["cpus_per_worker"])))
+    else:
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    write_json(
+        f"{trial_dir}/workers/rank{rank}.json",
+        {"pid": os.getpid(), "node_id": ray.get_runtime_context().get_node_id(), "host": socket.gethostname()},
+    )
+    use_bf16 = train["precision"] == "bf16" or (train["precision"] == "auto" and device.type == "cuda")
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if use_bf16 else nullcontext()
+
+    model_config = DiTConfig(**cfg["model"])
+    diffusion_config = DiffusionConfig(**cfg["diffusion"])
+    diffusion = GaussianDiffusion(diffusion_config)
+    torch.manual_seed(train["seed"])  # the same initial weights on every rank
+    model = DiT(model_config).to(device)
+    ema = create_ema(model)
+    opt = torch.optim.AdamW(
+        model.parameters(),
+        lr=train["lr"],
+        betas=tuple(train["adam_betas"]),
+        weight_decay=train["weight_decay"],
+        fused=device.type == "cuda",
+    )
+    saved_config = {"model": cfg["model"], "diffusion": cfg["diffusion"], "train": train, "run_name": cfg["run_name"]}
+
+    start_step = 0
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as folder:
+            state = load_checkpoint(
+                f"{folder}/{CHECKPOINT_FILE}", map_location=device, expected_model_config=model_config
+            )
+            start_step = restore(state, model, ema, opt)
+
+    ddp_model = ray.train.torch.prepare_model(model, move_to_device=False) if world > 1 else model
+    forward = torch.compile(ddp_model) if train["compile"] else ddp_model
+
+    per_rank_batch = train["global_batch_size"] // world
+    loader = make_loader(
+        cfg["shards"], per_rank_batch, rank, world, seed=train["seed"], start_batch=start_step,
+        num_workers=train["loader_workers"],
+    )  # fmt: skip
+    batches = iter(loader)
+    val_set = None
+    if rank == 0 and cfg.get("val_shards"):
+        val_set = fixed_validation_set(
+            cfg["val_shards"], per_rank_batch, train["val_batches"], diffusion_config.num_timesteps, device
+        )
+    logger = MetricLogger(cfg["tracking_uri"], cfg["mlflow_run_id"]) if rank == 0 else None
+    if logger is not None:
+        set_status(cfg["tracking_uri"], cfg["mlflow_run_id"], "RUNNING")
+    peak = train["peak_tflops"] * 1e12 or (H200_BF16_PEAK_FLOPS if device.type == "cuda" else 0.0)
+    macs_per_image = forward_macs(model_config).total
+    params = [p for p in model.parameters() if p.requires_grad]
+    milestones = set(train["milestone_steps"])
+
+    # --- the loop -----------------------------------------------------------------------------------------------
+    window = {"loss": [], "mse": [], "vb": [], "grad_norm": []}
+    window_start, window_steps = time.perf_counter(), 0
+    last_loss = float("nan")
+    for step in range(start_step, train["steps"]):
+        torch.manual_seed(step_seed(train["seed"], rank, step))
+        lr = learning_rate(step, train)
+        for group in opt.param_groups:
+            group["lr"] = lr
+
+        z, y = next(batches)  # (B, C, h, w), (B,)
+        z, y = z.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        t = torch.randint(0, diffusion_config.num_timesteps, (z.shape[0],), device=device)
+        with autocast:
+            terms = diffusion.training_losses(forward, z, t, y)
+        loss = terms["loss"].mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        max_norm = train["grad_clip"] if train["grad_clip"] > 0 else float("inf")
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+        opt.step()
+        update_ema(ema, model, train["ema_decay"])
+
+        window["loss"].append(loss.detach())
+        window["mse"].append(terms["mse"].mean().detach())
+        window["vb"].append(terms["vb"].mean().detach() if "vb" in terms else torch.zeros((), device=device))
+        window["grad_norm"].append(grad_norm.detach())
+        window_steps += 1
+        done = step + 1
+
+        if done % train["log_every_steps"] == 0 or done == train["steps"]:
+            local = torch.stack([torch.stack(window[k]).float().mean() for k in ("loss", "mse", "vb", "grad_norm")])
+            gathered = [torch.zeros_like(local) for _ in range(world)]
+            if world > 1:
+                dist.all_gather(gathered, local)
+            else:
+                gathered = [local]
+            per_rank = torch.stack(gathered).cpu()  # (world, 4)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            elapsed = time.perf_counter() - window_start
+            img_per_s = train["global_batch_size"] * window_steps / elapsed
+            last_loss = per_rank[:, 0].mean().item()
+            metrics = {
+                "loss": last_loss,
+                "mse": per_rank[:, 1].mean().item(),
+                "vb": per_rank[:, 2].mean().item(),
+                "grad_norm": per_rank[0, 3].item(),
+                "lr": lr,
+                "img_per_s": img_per_s,
+                "step_time_s": elapsed / window_steps,
+                "peak_memory_gib": peak_memory_gib(device),
+                "epoch": done // loader.dataset.batches_per_epoch,
+                "images_seen": done * train["global_batch_size"],
+            }
+            if world > 1 and world <= 8:
+                metrics.update({f"loss_rank{r}": per_rank[r, 0].item() for r in range(world)})
+            if peak:
+                metrics["mfu"] = 6 * macs_per_image * img_per_s / peak
+            if val_set is not None and (done % train["val_every_steps"] == 0 or done == train["steps"]):
+                metrics["val_loss"] = validation_loss(unwrap_model(model), diffusion, val_set, autocast)
+                metrics["val_loss_ema"] = validation_loss(ema, diffusion, val_set, autocast)
+            if logger is not None:
+                logger.log(metrics, step=done)
+            ray.train.report({**metrics, "step": done, "steps": train["steps"]})
+            window = {k: [] for k in window}
+            window_start, window_steps = time.perf_counter(), 0
+
+        if done in milestones and rank == 0:
+            save_milestone(trial_dir, done, ema, saved_config)
+        if done % train["ckpt_every_steps"] == 0 or done in milestones or done == train["steps"]:
+            rng = {"torch": torch.get_rng_state()}
+            if rank == 0:
+                with tempfile.TemporaryDirectory() as folder:
+                    save_checkpoint(
+                        f"{folder}/{CHECKPOINT_FILE}", model=model, ema=ema, optimizer=opt, step=done,
+                        config=saved_config, extra={"rng": rng},
+                    )  # fmt: skip
+                    ray.train.report(
+                        {"step": done, "steps": train["steps"], "checkpoint_step": done},
+                        checkpoint=ray.train.Checkpoint.from_directory(folder),
+                    )
+            else:
+                ray.train.report({"step": done, "steps": train["steps"], "checkpoint_step": done})
+
+    # --- the end ------------------------------------------------------------------------------------------------
+    if rank == 0:
+        write_json(
+            f"{trial_dir}/{DONE_FILE}",
+            {"step": train["steps"], "final_loss": last_loss, "finished_unix_s": time.time()},
+        )
+        set_status(cfg["tracking_uri"], cfg["mlflow_run_id"], "FINISHED")
