@@ -273,7 +273,7 @@ class ShardEncoder:
             stream = _HashingWriter(raw)
             # Images of batch b + 1 are decoded by the thread pool while batch b is encoded.
             pending = [pool.submit(self._load, item) for item in batches[0]] if batches else []
-            with wds.TarWriter(stream, encoder=False, mtime=0.0, user="ditscale", group="ditscale") as writer:
+            with wds.TarWriter(stream, encoder=False, mtime=0, user="ditscale", group="ditscale") as writer:
                 for b in range(len(batches)):
                     loaded = [f.result() for f in pending]
                     pending = [pool.submit(self._load, item) for item in batches[b + 1]] if b + 1 < len(batches) else []

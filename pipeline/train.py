@@ -141,10 +141,6 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
     else:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    write_json(
-        f"{trial_dir}/workers/rank{rank}.json",
-        {"pid": os.getpid(), "node_id": ray.get_runtime_context().get_node_id(), "host": socket.gethostname()},
-    )
     use_bf16 = train["precision"] == "bf16" or (train["precision"] == "auto" and device.type == "cuda")
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if use_bf16 else nullcontext()
 
@@ -171,6 +167,9 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
                 f"{folder}/{CHECKPOINT_FILE}", map_location=device, expected_model_config=model_config
             )
             start_step = restore(state, model, ema, opt)
+
+    worker = {"pid": os.getpid(), "node_id": ray.get_runtime_context().get_node_id(), "host": socket.gethostname()}
+    write_json(f"{trial_dir}/workers/rank{rank}.json", {**worker, "start_step": start_step})
 
     ddp_model = ray.train.torch.prepare_model(model, move_to_device=False) if world > 1 else model
     forward = torch.compile(ddp_model) if train["compile"] else ddp_model
@@ -212,19 +211,23 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
         loss = terms["loss"].mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        max_norm = train["grad_clip"] if train["grad_clip"] > 0 else float("inf")
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+        log_now = (step + 1) % train["log_every_steps"] == 0 or step + 1 == train["steps"]
+        if train["grad_clip"] > 0:
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, train["grad_clip"])
+        elif log_now:  # without clipping the norm is only measured when it is logged
+            grad_norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm([p.grad for p in params])))
         opt.step()
         update_ema(ema, model, train["ema_decay"])
 
         window["loss"].append(loss.detach())
         window["mse"].append(terms["mse"].mean().detach())
         window["vb"].append(terms["vb"].mean().detach() if "vb" in terms else torch.zeros((), device=device))
-        window["grad_norm"].append(grad_norm.detach())
+        if train["grad_clip"] > 0 or log_now:
+            window["grad_norm"].append(grad_norm.detach())
         window_steps += 1
         done = step + 1
 
-        if done % train["log_every_steps"] == 0 or done == train["steps"]:
+        if log_now:
             local = torch.stack([torch.stack(window[k]).float().mean() for k in ("loss", "mse", "vb", "grad_norm")])
             gathered = [torch.zeros_like(local) for _ in range(world)]
             if world > 1:
@@ -241,7 +244,7 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
                 "loss": last_loss,
                 "mse": per_rank[:, 1].mean().item(),
                 "vb": per_rank[:, 2].mean().item(),
-                "grad_norm": per_rank[0, 3].item(),
+                "grad_norm": per_rank[0, 3].item(),  # mean over the window when clipping, else at this step
                 "lr": lr,
                 "img_per_s": img_per_s,
                 "step_time_s": elapsed / window_steps,

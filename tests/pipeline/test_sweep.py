@@ -1,0 +1,191 @@
+"""The sweep on a real local Ray (Tune x Train V2) and a real MLflow server: results, resume, faults, scale-out."""
+
+import glob
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from pipeline import tracking
+from pipeline.config import load_experiment
+from pipeline.sweep import plan_sweep, run_sweep
+from pipeline.train import DONE_FILE, MILESTONE_DIR
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def smoke(smoke_workdir, mlflow_uri):
+    """The smoke sweep (Ti/Mi x patch 4/8, 30 steps), run once for the module."""
+    experiment = load_experiment("smoke")
+    outcomes = run_sweep(experiment, smoke_workdir)
+    return experiment, outcomes
+
+
+def test_smoke_sweep_runs_every_trial_to_the_end(smoke, smoke_workdir, mlflow_uri):
+    experiment, outcomes = smoke
+    assert [o.status for o in outcomes] == ["done"] * 4
+    assert {o.trial.preset for o in outcomes} == {"DiT-Ti/4", "DiT-Ti/8", "DiT-Mi/4", "DiT-Mi/8"}
+    plan = plan_sweep(experiment, smoke_workdir)
+    for o in outcomes:
+        trial_dir = Path(plan.trial_dir(o.trial))
+        assert json.loads((trial_dir / DONE_FILE).read_text())["step"] == 30
+        assert sorted(p.name for p in (trial_dir / MILESTONE_DIR).iterdir()) == ["ema-0000015.pt", "ema-0000030.pt"]
+        assert len(glob.glob(str(trial_dir / "checkpoint_*" / "checkpoint.pt"))) == experiment.train.keep_checkpoints
+
+
+def test_mlflow_has_one_parent_and_a_child_per_trial(smoke, mlflow_uri):
+    experiment, outcomes = smoke
+    client = tracking.client(mlflow_uri)
+    exp_id = tracking.experiment_id(mlflow_uri, experiment.mlflow_experiment)
+    parents = client.search_runs([exp_id], "tags.`ditscale.role` = 'sweep' and tags.`ditscale.sweep` = 'smoke'")
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+    assert parents[0].data.tags["git_commit"] and parents[0].data.tags["manifest_hash"]
+    children = tracking.trial_runs(mlflow_uri, exp_id, "smoke")
+    assert len(children) == 4
+    for child in children:
+        assert child.data.tags["mlflow.parentRunId"] == parents[0].info.run_id
+        assert child.info.status == "FINISHED"
+        p = child.data.params
+        assert p["train.lr"] == "0.001" and p["model.hidden_size"] in ("64", "128") and p["preset"].startswith("DiT-")
+        assert float(p["gflops"]) > 0 and int(p["params"]) > 0 and "eps" in p["objective"]
+        metrics = child.data.metrics
+        for key in ("loss", "mse", "vb", "grad_norm", "lr", "img_per_s", "step_time_s", "peak_memory_gib",
+                    "val_loss", "val_loss_ema"):  # fmt: skip
+            assert key in metrics, key
+        history = tracking.metric_history(mlflow_uri, child.info.run_id, "loss")
+        assert [s for s, _ in history] == [5, 10, 15, 20, 25, 30]
+        assert history[-1][1] < history[0][1]  # loss goes down
+        assert [s for s, _ in tracking.metric_history(mlflow_uri, child.info.run_id, "val_loss")] == [15, 30]
+
+
+def test_rerunning_a_finished_sweep_trains_nothing(smoke, smoke_workdir, monkeypatch):
+    experiment, _ = smoke
+    import ray.tune
+
+    def no_tuner(*args, **kwargs):
+        raise AssertionError("a finished sweep must not start Tune")
+
+    monkeypatch.setattr(ray.tune, "Tuner", no_tuner)
+    plan = plan_sweep(experiment, smoke_workdir)
+    before = {p: os.path.getmtime(p) for p in glob.glob(f"{plan.storage}/*/checkpoint_*/checkpoint.pt")}
+    outcomes = run_sweep(experiment, smoke_workdir)
+    assert [o.status for o in outcomes] == ["done"] * 4
+    assert {p: os.path.getmtime(p) for p in glob.glob(f"{plan.storage}/*/checkpoint_*/checkpoint.pt")} == before
+
+
+def test_killed_worker_is_replaced_and_the_trial_finishes(smoke_workdir, mlflow_uri):
+    """SIGKILL the Ray Train worker after its first checkpoint: Train restarts it from that checkpoint."""
+    experiment = load_experiment(
+        "smoke",
+        ["name=smoke-kill", "grid.presets=[DiT-Mi/4]", "train.steps=160", "train.ckpt_every_steps=20",
+         "train.log_every_steps=10", "train.milestone_steps=[160]", "train.global_batch_size=32"],
+    )  # fmt: skip
+    trial = plan_sweep(experiment, smoke_workdir).trials[0]
+    trial_dir = Path(plan_sweep(experiment, smoke_workdir).trial_dir(trial))
+    killed = {}
+
+    def killer():
+        deadline = time.time() + 240
+        while time.time() < deadline:
+            info = trial_dir / "workers" / "rank0.json"
+            snapshot = trial_dir / "checkpoint_manager_snapshot.json"  # written once Train has registered one
+            if info.exists() and snapshot.exists() and "checkpoint_" in snapshot.read_text():
+                pid = json.loads(info.read_text())["pid"]
+                os.kill(pid, signal.SIGKILL)
+                killed["pid"] = pid
+                return
+            time.sleep(0.05)
+
+    thread = threading.Thread(target=killer, daemon=True)
+    thread.start()
+    outcomes = run_sweep(experiment, smoke_workdir)
+    thread.join(timeout=5)
+    assert "pid" in killed, "the worker was never killed"
+    assert outcomes[0].status == "done" and outcomes[0].step == 160
+    restarted = json.loads((trial_dir / "workers" / "rank0.json").read_text())
+    assert restarted["pid"] != killed["pid"] and restarted["start_step"] >= 20  # resumed from a checkpoint
+    history = tracking.metric_history(mlflow_uri, outcomes[0].mlflow_run_id, "loss")
+    assert history[-1][0] == 160
+    redone = len(history) - 160 // 10
+    assert 0 <= redone <= 20 // 10, f"{redone} logging windows ran twice; at most one checkpoint interval may"
+
+
+def test_interrupted_sweep_resumes(smoke_workdir, mlflow_uri):
+    """Kill the whole `ditscale sweep` process (and its Ray) mid-trial, then run the same command again."""
+    overrides = ["name=smoke-resume", "grid.presets=[DiT-Mi/4]", "train.steps=120", "train.ckpt_every_steps=20",
+                 "train.log_every_steps=10", "train.milestone_steps=[120]", "train.global_batch_size=32"]  # fmt: skip
+    experiment = load_experiment("smoke", overrides)
+    plan = plan_sweep(experiment, smoke_workdir)
+    trial_dir = Path(plan.trial_dir(plan.trials[0]))
+    cmd = [sys.executable, "-m", "pipeline.cli", "sweep", "smoke", "--workdir", smoke_workdir]
+    for item in overrides:
+        cmd += ["--set", item]
+    env = {**os.environ, "MLFLOW_TRACKING_URI": mlflow_uri}
+    env.pop("RAY_ADDRESS", None)
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    snapshot = trial_dir / "checkpoint_manager_snapshot.json"  # written once Train has registered a checkpoint
+    deadline = time.time() + 240
+    while time.time() < deadline and not (snapshot.exists() and "checkpoint_" in snapshot.read_text()):
+        assert proc.poll() is None, "the sweep ended before it could be interrupted"
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (trial_dir / DONE_FILE).exists()
+    assert plan.status(plan.trials[0]) == "resumable"
+
+    outcomes = run_sweep(experiment, smoke_workdir)
+    assert outcomes[0].status == "done" and outcomes[0].step == 120
+    assert json.loads((trial_dir / "workers" / "rank0.json").read_text())["start_step"] >= 20
+
+
+TWO_NODE_SCRIPT = r"""
+import json, sys
+import ray
+from ray.cluster_utils import Cluster
+from pipeline.config import load_experiment
+from pipeline.sweep import plan_sweep, run_sweep
+from pipeline import tracking
+
+workdir = sys.argv[1]
+cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
+cluster.add_node(num_cpus=1)
+ray.init(address=cluster.address, log_to_driver=False)
+experiment = load_experiment("smoke", ["name=smoke-2node", "grid.presets=[DiT-Ti/4]", "resources.workers_per_trial=2",
+    "train.steps=20", "train.milestone_steps=[20]", "resources.max_concurrent_trials=1"])
+outcomes = run_sweep(experiment, workdir)
+plan = plan_sweep(experiment, workdir)
+folder = plan.trial_dir(plan.trials[0])
+nodes = [json.load(open(f"{folder}/workers/rank{r}.json"))["node_id"] for r in range(2)]
+uri = __import__("os").environ["MLFLOW_TRACKING_URI"]
+run_id = outcomes[0].mlflow_run_id
+series = {k: tracking.metric_history(uri, run_id, k) for k in ("loss", "loss_rank0", "loss_rank1")}
+print("RESULT " + json.dumps({"status": outcomes[0].status, "step": outcomes[0].step, "nodes": nodes,
+                              "series": series}))
+ray.shutdown()
+cluster.shutdown()
+"""
+
+
+def test_two_node_cluster_one_worker_per_node_and_loss_is_the_rank_mean(smoke_workdir, mlflow_uri):
+    env = {**os.environ, "MLFLOW_TRACKING_URI": mlflow_uri}
+    env.pop("RAY_ADDRESS", None)
+    out = subprocess.run([sys.executable, "-c", TWO_NODE_SCRIPT, smoke_workdir], cwd=ROOT, env=env,
+                         capture_output=True, text=True, timeout=600)  # fmt: skip
+    lines = [line for line in out.stdout.splitlines() if line.startswith("RESULT ")]
+    assert lines, out.stdout[-3000:] + out.stderr[-3000:]
+    result = json.loads(lines[0][len("RESULT ") :])
+    assert result["status"] == "done" and result["step"] == 20
+    assert len(set(result["nodes"])) == 2, "the two workers should sit on the two nodes"
+    loss, r0, r1 = (result["series"][k] for k in ("loss", "loss_rank0", "loss_rank1"))
+    assert [s for s, _ in loss] == [5, 10, 15, 20]
+    for (_, mean), (_, a), (_, b) in zip(loss, r0, r1):
+        assert mean == pytest.approx((a + b) / 2, rel=1e-6)  # the mean over ranks, not divided by the world size
+        assert a != pytest.approx(b)  # the ranks saw different data
