@@ -227,6 +227,8 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
         window_steps += 1
         done = step + 1
 
+        ckpt_now = done % train["ckpt_every_steps"] == 0 or done in milestones or done == train["steps"]
+        report = {"step": done, "steps": train["steps"]}
         if log_now:
             local = torch.stack([torch.stack(window[k]).float().mean() for k in ("loss", "mse", "vb", "grad_norm")])
             gathered = [torch.zeros_like(local) for _ in range(world)]
@@ -237,7 +239,8 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
             per_rank = torch.stack(gathered).cpu()  # (world, 4)
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
-            elapsed = time.perf_counter() - window_start
+            now = time.perf_counter()
+            elapsed, window_start = now - window_start, now  # wall time, including the previous report/checkpoint
             img_per_s = train["global_batch_size"] * window_steps / elapsed
             last_loss = per_rank[:, 0].mean().item()
             metrics = {
@@ -252,7 +255,7 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
                 "epoch": done // loader.dataset.batches_per_epoch,
                 "images_seen": done * train["global_batch_size"],
             }
-            if world > 1 and world <= 8:
+            if 1 < world <= 8:
                 metrics.update({f"loss_rank{r}": per_rank[r, 0].item() for r in range(world)})
             if peak:
                 metrics["mfu"] = 6 * macs_per_image * img_per_s / peak
@@ -261,26 +264,23 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
                 metrics["val_loss_ema"] = validation_loss(ema, diffusion, val_set, autocast)
             if logger is not None:
                 logger.log(metrics, step=done)
-            ray.train.report({**metrics, "step": done, "steps": train["steps"]})
+            report.update(metrics)
             window = {k: [] for k in window}
-            window_start, window_steps = time.perf_counter(), 0
+            window_steps = 0
 
         if done in milestones and rank == 0:
             save_milestone(trial_dir, done, ema, saved_config)
-        if done % train["ckpt_every_steps"] == 0 or done in milestones or done == train["steps"]:
-            rng = {"torch": torch.get_rng_state()}
-            if rank == 0:
-                with tempfile.TemporaryDirectory() as folder:
-                    save_checkpoint(
-                        f"{folder}/{CHECKPOINT_FILE}", model=model, ema=ema, optimizer=opt, step=done,
-                        config=saved_config, extra={"rng": rng},
-                    )  # fmt: skip
-                    ray.train.report(
-                        {"step": done, "steps": train["steps"], "checkpoint_step": done},
-                        checkpoint=ray.train.Checkpoint.from_directory(folder),
-                    )
-            else:
-                ray.train.report({"step": done, "steps": train["steps"], "checkpoint_step": done})
+        # One report per step at most: Ray Train hands reports to its controller through a queue of one, so a
+        # second report right after the first would wait for the controller's next poll (~2 s).
+        if ckpt_now and rank == 0:
+            with tempfile.TemporaryDirectory() as folder:
+                save_checkpoint(
+                    f"{folder}/{CHECKPOINT_FILE}", model=model, ema=ema, optimizer=opt, step=done,
+                    config=saved_config, extra={"rng": {"torch": torch.get_rng_state()}},
+                )  # fmt: skip
+                ray.train.report(report, checkpoint=ray.train.Checkpoint.from_directory(folder))
+        elif ckpt_now or log_now:
+            ray.train.report(report)
 
     # --- the end ------------------------------------------------------------------------------------------------
     if rank == 0:
