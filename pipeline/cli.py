@@ -66,6 +66,25 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
     return main_sweep(experiment, resolve_workdir(args.workdir), dry_run=args.dry_run)
 
 
+def _cmd_fid(args: argparse.Namespace) -> int:
+    from pipeline.config import load_experiment, resolve_workdir
+    from pipeline.data import load_manifest
+    from pipeline.fid import run_fid, score_checkpoint
+
+    experiment = load_experiment(args.experiment, args.set)
+    workdir = resolve_workdir(args.workdir)
+    if args.checkpoint:
+        from pipeline.config import resolve_path
+
+        manifest = load_manifest(resolve_path(workdir, experiment.data.shards))
+        metrics, _, facts = score_checkpoint(args.checkpoint, manifest, experiment.fid, workdir, args.workers)
+        print(f"{args.checkpoint}: " + "  ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
+        print("  " + "  ".join(f"{k}={v}" for k, v in facts.items()))
+        return 0
+    run_fid(experiment, workdir)
+    return 0
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     from dit_core.demo import run_demo
 
@@ -110,6 +129,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dry-run", action="store_true", help="print the trials, their Gflops and training compute")
     p.add_argument("--workdir", default=None, help="workspace (default $DITSCALE_WORKDIR or ./ditscale-work)")
     p.set_defaults(func=_cmd_sweep)
+
+    p = sub.add_parser("fid", help="score the EMA milestones of an experiment's trials (torch-fidelity, Ray)")
+    p.add_argument("experiment", help="an experiment name or file (its fid section says how to score)")
+    p.add_argument("--checkpoint", default=None, help="score this one checkpoint and print the result")
+    p.add_argument("--workers", type=int, default=0, help="concurrent sampling tasks (0: from the experiment)")
+    p.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE", help="override a field")
+    p.add_argument("--workdir", default=None, help="workspace (default $DITSCALE_WORKDIR or ./ditscale-work)")
+    p.set_defaults(func=_cmd_fid)
 
     p = sub.add_parser("presets", help="list the DiT presets with parameter counts and Gflops")
     p.add_argument("--input-size", type=int, default=32, help="latent side in latent pixels (32 for 256 px + SD VAE)")

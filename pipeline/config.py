@@ -121,6 +121,29 @@ class TrackingConfig:
 
 
 @dataclass(frozen=True)
+class FidConfig:
+    """How the fid stage scores EMA checkpoints (dit_facts.md section 4 for the paper's protocol)."""
+
+    num_samples: int = 50_000  # generated images per scored checkpoint (FID-50K)
+    sampler: str = "ddpm"  # "ddpm" (learned variance, the paper), "ddim", or a diffusers scheduler class name
+    sampling_steps: int = 250  # reverse steps (the paper: 250 DDPM steps)
+    cfg_scale: float = 1.0  # classifier-free guidance scale (1.0 = none, the scaling study)
+    guidance_channels: int = 0  # latent channels guided; 0 = all, 3 = the official sampler
+    labels: str = "uniform"  # "uniform" random labels (the paper) or "balanced" (equal count per class)
+    extractor: str = "inception-v3-compat"  # torch-fidelity extractor; "ditscale-classifier" needs no download
+    extractor_weights: str = ""  # local Inception weights file (air-gapped clusters); "" = torch-fidelity's URL
+    classifier_seconds: float = 30.0  # training budget of the ditscale-classifier extractor
+    metrics: tuple[str, ...] = ("fid",)  # add "isc", "kid", "prc" on request
+    reference_npz: str = ""  # ADM reference batch (.npz with mu, sigma) instead of statistics of the real images
+    reference_images: int = 0  # real images behind the reference statistics; 0 = all
+    slice_size: int = 250  # images per Ray task; each slice has its own seed, so results do not depend on workers
+    batch_size: int = 250  # images per network evaluation batch
+    workers: int = 0  # concurrent sampling tasks; 0 = one per GPU, or one per CPU
+    seed: int = 0
+    save_npz: bool = False  # also keep the samples as an ADM-evaluator .npz (arr_0, uint8 NHWC)
+
+
+@dataclass(frozen=True)
 class ExperimentConfig:
     """One scaling study."""
 
@@ -131,6 +154,7 @@ class ExperimentConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     resources: ResourcesConfig = field(default_factory=ResourcesConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    fid: FidConfig = field(default_factory=FidConfig)
 
     @property
     def mlflow_experiment(self) -> str:
@@ -416,6 +440,14 @@ def validate_experiment(config: ExperimentConfig) -> None:
         raise ConfigError(f"data.codec must be 'vae' or 'pixel', got {config.data.codec!r}")
     if r.gpus_per_worker < 0 or r.cpus_per_worker <= 0:
         raise ConfigError("resources.gpus_per_worker must be >= 0 and resources.cpus_per_worker > 0")
+    f = config.fid
+    if f.num_samples < 2 or f.slice_size < 1 or f.batch_size < 1 or f.sampling_steps < 1:
+        raise ConfigError("fid.num_samples must be >= 2 and fid.slice_size, batch_size, sampling_steps >= 1")
+    if f.labels not in ("uniform", "balanced"):
+        raise ConfigError(f"fid.labels must be 'uniform' or 'balanced', got {f.labels!r}")
+    unknown = set(f.metrics) - {"fid", "isc", "kid", "prc"}
+    if unknown or "fid" not in f.metrics:
+        raise ConfigError(f"fid.metrics must include 'fid' and only 'fid', 'isc', 'kid', 'prc'; got {f.metrics}")
 
 
 def validate_against_data(config: ExperimentConfig, manifest: dict[str, Any], shards: str) -> None:

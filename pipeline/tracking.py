@@ -127,7 +127,7 @@ def experiment_id(uri: str, name: str) -> str:
         return c.get_experiment_by_name(name).experiment_id
 
 
-def _find_run(uri: str, exp_id: str, tags: dict[str, str]):
+def find_run(uri: str, exp_id: str, tags: dict[str, str]):
     filters = " and ".join(f"tags.`{k}` = '{v}'" for k, v in tags.items())
     runs = client(uri).search_runs([exp_id], filter_string=filters, max_results=2, order_by=["attributes.start_time"])
     return runs[0] if runs else None
@@ -135,7 +135,7 @@ def _find_run(uri: str, exp_id: str, tags: dict[str, str]):
 
 def sweep_run(uri: str, exp_id: str, sweep: str, params: dict[str, Any], tags: dict[str, str]) -> str:
     """The parent run of a sweep: found by its tags, or created with `params`."""
-    found = _find_run(uri, exp_id, {TAG_ROLE: "sweep", TAG_SWEEP: sweep})
+    found = find_run(uri, exp_id, {TAG_ROLE: "sweep", TAG_SWEEP: sweep})
     c = client(uri)
     if found is not None:
         run_id = found.info.run_id
@@ -153,7 +153,7 @@ def trial_run(
     uri: str, exp_id: str, parent_id: str, sweep: str, name: str, params: dict[str, Any], tags: dict[str, str]
 ) -> str:
     """The child run of a trial: found by its run name, or created under the sweep's run with `params`."""
-    found = _find_run(uri, exp_id, {TAG_ROLE: "trial", TAG_RUN_NAME: name})
+    found = find_run(uri, exp_id, {TAG_ROLE: "trial", TAG_RUN_NAME: name})
     c = client(uri)
     if found is not None:
         return found.info.run_id

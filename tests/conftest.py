@@ -40,3 +40,13 @@ def smoke_workdir(ray_session, tmp_path_factory):
     workdir = str(tmp_path_factory.mktemp("work"))
     ensure_data(load_experiment("smoke"), workdir, progress=False)
     return workdir
+
+
+@pytest.fixture(scope="session")
+def smoke_sweep(smoke_workdir, mlflow_uri):
+    """The smoke sweep (Ti/Mi x patch 4/8, 30 steps), run once per session: (experiment, outcomes)."""
+    from pipeline.config import load_experiment
+    from pipeline.sweep import run_sweep
+
+    experiment = load_experiment("smoke")
+    return experiment, run_sweep(experiment, smoke_workdir)

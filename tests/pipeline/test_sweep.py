@@ -21,11 +21,8 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
-def smoke(smoke_workdir, mlflow_uri):
-    """The smoke sweep (Ti/Mi x patch 4/8, 30 steps), run once for the module."""
-    experiment = load_experiment("smoke")
-    outcomes = run_sweep(experiment, smoke_workdir)
-    return experiment, outcomes
+def smoke(smoke_sweep):
+    return smoke_sweep
 
 
 def test_smoke_sweep_runs_every_trial_to_the_end(smoke, smoke_workdir, mlflow_uri):

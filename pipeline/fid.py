@@ -1,0 +1,428 @@
+"""fid: score EMA checkpoints with torch-fidelity; sampling split over Ray tasks; results logged to MLflow.
+
+    ditscale fid quickstart                          # every milestone of every trial not scored yet
+    ditscale fid quickstart --checkpoint PATH        # one checkpoint, printed only
+
+Three parts, as EDM2 splits them:
+- ref: reference statistics (mu, sigma) of the real images (same ADM crop as training) per (dataset, resolution,
+  extractor), computed once and cached under <workdir>/fid/reference/; or an ADM reference batch .npz (mu, sigma)
+  so ImageNet numbers are comparable with the paper. A cache key stored beside the statistics refuses a mismatch.
+- gen: samples from the EMA weights in slices of `fid.slice_size`; slice i has its own seed (labels, noise,
+  sampler randomness), so the same request gives the same images, and the same FID, whatever the number of workers.
+- calc: torch-fidelity feature extractor and metric functions (FID; IS, KID, precision/recall on request).
+
+Results go to the trial's MLflow child run at step = training step (metric `fid`, ...), with tags naming the
+extractor (`fid.extractor`, `fid.extractor_weights`) so numbers from different extractors are never mixed, and a
+grid of samples as an artifact. A trial's run refuses scores from another extractor than the one it has.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from pipeline import fid_extractors
+from pipeline.config import ConfigError, ExperimentConfig, FidConfig
+from pipeline.train import MILESTONE_DIR
+
+FEATURE_LAYER = {"inception-v3-compat": "2048", fid_extractors.NAME: "feat"}
+FEATURE_DIM = {"inception-v3-compat": 2048, fid_extractors.NAME: fid_extractors.FEATURE_DIM}
+
+# ---------------------------------------------------------------------------------------------------------------
+# Real images and the feature extractor
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def real_images(manifest: dict[str, Any], max_images: int = 0, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """uint8 (N, R, R, 3) ADM crops of the dataset's source images (those the manifest kept) and their labels."""
+    from pipeline.prepare import list_source, load_image
+
+    listing = list_source(manifest["source"]["root"])
+    if listing.sha256() != manifest["source"]["listing_sha256"]:
+        raise ValueError(f"the source folder {listing.root} changed since the shards were made; re-run prepare")
+    skipped = {s["path"] for s in manifest["skipped"]}
+    files = [(rel, label) for rel, label in listing.files if rel not in skipped]
+    if max_images and max_images < len(files):
+        keep = np.sort(np.random.default_rng(seed).choice(len(files), max_images, replace=False))
+        files = [files[i] for i in keep]
+    root, resolution = manifest["source"]["root"].rstrip("/"), manifest["resolution"]
+
+    def load(item):
+        import fsspec
+
+        with fsspec.open(f"{root}/{item[0]}", "rb") as f:
+            return load_image(f.read(), resolution, 10**12)[0]
+
+    with ThreadPoolExecutor(8) as pool:
+        images = list(pool.map(load, files))
+    return np.stack(images), np.array([label for _, label in files])
+
+
+def extractor_weights(fid: FidConfig, manifest: dict[str, Any], workdir: str, images_labels=None) -> str:
+    """The weights file of the configured extractor ('' = torch-fidelity's download); trains the classifier once."""
+    if fid.extractor != fid_extractors.NAME:
+        return fid.extractor_weights
+    key = f"{manifest['source']['listing_sha256'][:12]}-r{manifest['resolution']}-s{int(fid.classifier_seconds)}"
+    path = Path(workdir) / "fid" / "extractors" / f"classifier-{key}.pt"
+    if not path.exists():
+        images, labels = images_labels if images_labels is not None else real_images(manifest)
+        facts = fid_extractors.train_classifier(images, labels, path, seconds=fid.classifier_seconds)
+        print(f"fid: trained the {fid_extractors.NAME} extractor ({facts['steps']} steps, held-out accuracy "
+              f"{facts['accuracy']:.1%}) -> {path}")  # fmt: skip
+    return str(path)
+
+
+def make_extractor(fid: FidConfig, weights: str, cuda: bool, layers: list[str]):
+    from torch_fidelity.utils import create_feature_extractor
+
+    fid_extractors.register()
+    kwargs = {"feature_extractor_weights_path": weights} if weights else {}
+    try:
+        return create_feature_extractor(fid.extractor, layers, cuda=cuda, verbose=False, **kwargs)
+    except Exception as exc:
+        raise ValueError(
+            f"cannot create the feature extractor {fid.extractor!r}: {exc}\n"
+            f"offline, set fid.extractor_weights to a local weights file, or fid.extractor={fid_extractors.NAME}"
+        ) from exc
+
+
+class _Images(torch.utils.data.Dataset):
+    """uint8 (N, H, W, 3) as the (3, H, W) uint8 tensors torch-fidelity expects."""
+
+    def __init__(self, images: np.ndarray):
+        self.images = images
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        return torch.from_numpy(np.ascontiguousarray(self.images[i])).permute(2, 0, 1)
+
+
+def features(images: np.ndarray, extractor, cuda: bool, batch_size: int = 250) -> dict[str, torch.Tensor]:
+    """torch-fidelity features of uint8 (N, H, W, 3) images: {layer: (N, dim)}."""
+    from torch_fidelity.utils import get_featuresdict_from_dataset
+
+    return get_featuresdict_from_dataset(_Images(images), extractor, batch_size, cuda, True, False)
+
+
+def statistics(feats: torch.Tensor) -> dict[str, np.ndarray]:
+    from torch_fidelity.metric_fid import fid_features_to_statistics
+
+    return fid_features_to_statistics(feats.double())
+
+
+def frechet_distance(stats_1: dict[str, np.ndarray], stats_2: dict[str, np.ndarray]) -> float:
+    """torch-fidelity's FID between two (mu, sigma) statistics."""
+    from torch_fidelity.metric_fid import fid_statistics_to_metric
+
+    if stats_1["mu"].shape != stats_2["mu"].shape:
+        raise ValueError(f"statistics of different dimensions: {stats_1['mu'].shape} vs {stats_2['mu'].shape}")
+    s1 = {k: np.asarray(v, dtype=np.float64) for k, v in stats_1.items()}
+    s2 = {k: np.asarray(v, dtype=np.float64) for k, v in stats_2.items()}
+    return float(fid_statistics_to_metric(s1, s2, False)["frechet_inception_distance"])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# ref: cached reference statistics
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def reference_key(fid: FidConfig, manifest: dict[str, Any], weights: str) -> dict[str, Any]:
+    return {
+        "dataset": manifest["source"]["listing_sha256"],
+        "resolution": manifest["resolution"],
+        "extractor": fid.extractor,
+        "layer": FEATURE_LAYER.get(fid.extractor, "2048"),
+        "weights": fid_extractors.weights_digest(weights) if weights and os.path.isfile(weights) else weights,
+        "images": fid.reference_images,
+    }
+
+
+def reference_statistics(
+    fid: FidConfig, manifest: dict[str, Any], workdir: str, weights: str, extractor, cuda: bool
+) -> tuple[dict[str, np.ndarray], dict[str, torch.Tensor] | None]:
+    """(mu, sigma) of the real images: from fid.reference_npz, the cache, or computed now and cached.
+
+    Returns the statistics and, when just computed, the real features (for KID / PRC).
+    """
+    if fid.reference_npz:
+        with np.load(fid.reference_npz) as npz:
+            if "mu" not in npz or "sigma" not in npz:
+                raise ValueError(f"{fid.reference_npz} holds no 'mu' and 'sigma' (an ADM reference batch has them)")
+            stats = {"mu": npz["mu"], "sigma": npz["sigma"]}
+        if stats["mu"].shape[0] != FEATURE_DIM.get(fid.extractor, stats["mu"].shape[0]):
+            raise ValueError(f"{fid.reference_npz} has {stats['mu'].shape[0]}-d statistics; {fid.extractor} "
+                             f"gives {FEATURE_DIM[fid.extractor]}-d features")  # fmt: skip
+        return stats, None
+    key = reference_key(fid, manifest, weights)
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+    path = Path(workdir) / "fid" / "reference" / f"{fid.extractor}-{digest}.npz"
+    if path.exists():
+        with np.load(path) as npz:
+            saved = json.loads(str(npz["key"]))
+            if saved != key:
+                raise ValueError(f"reference statistics {path} were made for {saved}, not {key}: delete the file")
+            return {"mu": npz["mu"], "sigma": npz["sigma"]}, None
+    images, _ = real_images(manifest, fid.reference_images, fid.seed)
+    feats = features(images, extractor, cuda)
+    stats = statistics(feats[FEATURE_LAYER.get(fid.extractor, "2048")])
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}.npz")
+    np.savez(tmp, mu=stats["mu"], sigma=stats["sigma"], key=json.dumps(key, sort_keys=True))
+    os.replace(tmp, path)
+    return stats, feats
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# gen: deterministic slices of samples (Ray tasks)
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def make_sampler(fid: FidConfig, diffusion_config):
+    from dit_core.samplers import DDIMSampler, DDPMSampler, DiffusersSampler, diffusers_scheduler
+
+    if fid.sampler == "ddpm":
+        return DDPMSampler(diffusion_config, respacing=str(fid.sampling_steps))
+    if fid.sampler == "ddim":
+        return DDIMSampler(diffusion_config, respacing=str(fid.sampling_steps))
+    return DiffusersSampler(diffusers_scheduler(fid.sampler, diffusion_config), fid.sampling_steps)
+
+
+def sample_slice(
+    checkpoint: str, codec: dict[str, Any], fid: dict[str, Any], index: int, count: int, device: str = "cpu"
+) -> np.ndarray:
+    """Slice `index` of the samples: `count` uint8 (H, W, 3) images, a pure function of (checkpoint, fid, index)."""
+    from dit_core.checkpoint import load_checkpoint, model_config_from_checkpoint
+    from dit_core.diffusion import DiffusionConfig
+    from dit_core.model import DiT
+    from dit_core.samplers import make_denoiser
+    from pipeline.codecs import codec_from_description, tensor_to_images
+
+    fid_cfg = FidConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in fid.items()})
+    ckpt = load_checkpoint(checkpoint, map_location=device)
+    model = DiT(model_config_from_checkpoint(ckpt)).to(device).eval()
+    model.load_state_dict(ckpt["model"])
+    diffusion_config = DiffusionConfig(**ckpt["config"]["diffusion"])
+    sampler = make_sampler(fid_cfg, diffusion_config)
+    denoise = make_denoiser(model, fid_cfg.cfg_scale, fid_cfg.guidance_channels or None)
+    decoder = codec_from_description(codec, device=device)
+    cfg = model.config
+    g = torch.Generator(device).manual_seed(fid_cfg.seed * 1_000_003 + index)
+    if fid_cfg.labels == "balanced":
+        y = (torch.arange(count) + index * fid_cfg.slice_size) % cfg.num_classes
+    else:
+        y = torch.randint(0, cfg.num_classes, (count,), generator=torch.Generator().manual_seed(fid_cfg.seed + index))
+    noise = torch.randn(count, cfg.in_channels, cfg.input_size, cfg.input_size, generator=g, device=device)
+    out = []
+    autocast = torch.autocast(device, dtype=torch.bfloat16, enabled=device == "cuda")
+    with torch.no_grad(), autocast:
+        for lo in range(0, count, fid_cfg.batch_size):
+            hi = min(count, lo + fid_cfg.batch_size)
+            z = sampler.sample(denoise, noise[lo:hi], y[lo:hi].to(device), generator=g)
+            out.append(tensor_to_images(decoder.decode(z.float())))
+    return np.concatenate(out)
+
+
+def generate(
+    checkpoint: str, codec: dict[str, Any], fid: FidConfig, workers: int = 0, progress: bool = True
+) -> np.ndarray:
+    """All `fid.num_samples` samples of a checkpoint, slices run as Ray tasks (one CPU, or one GPU, each)."""
+    import ray
+    from tqdm.auto import tqdm
+
+    from pipeline.ray_utils import cluster_cpus, cluster_gpus, ensure_ray
+
+    ensure_ray()
+    gpus = cluster_gpus()
+    concurrency = workers or fid.workers or (gpus or cluster_cpus())
+    options = {"num_gpus": 1, "num_cpus": 1} if gpus else {"num_cpus": 1}
+    remote = ray.remote(_sample_slice_task).options(**options)
+    fid_dict = asdict(fid)
+    slices = [(i, min(fid.slice_size, fid.num_samples - i * fid.slice_size))
+              for i in range(-(-fid.num_samples // fid.slice_size))]  # fmt: skip
+    results: dict[int, np.ndarray] = {}
+    pending: dict[Any, int] = {}
+    queue = list(slices)
+    bar = tqdm(total=fid.num_samples, desc="fid samples", unit="img", disable=not progress, leave=False)
+    while queue or pending:
+        while queue and len(pending) < concurrency:
+            i, n = queue.pop(0)
+            pending[remote.remote(checkpoint, codec, fid_dict, i, n, "cuda" if gpus else "cpu")] = i
+        done, _ = ray.wait(list(pending), num_returns=1)
+        for ref in done:
+            index = pending.pop(ref)
+            results[index] = ray.get(ref)
+            bar.update(len(results[index]))
+    bar.close()
+    return np.concatenate([results[i] for i, _ in slices])
+
+
+def _sample_slice_task(checkpoint, codec, fid, index, count, device):
+    torch.set_num_threads(1)  # one slice per CPU: parallel across slices, bitwise reproducible within one
+    return sample_slice(checkpoint, codec, fid, index, count, device)
+
+
+def sample_grid(images: np.ndarray, path: str | os.PathLike, columns: int = 10, rows: int = 10) -> str:
+    """Save the first rows x columns samples as one PNG."""
+    from PIL import Image
+
+    n = min(len(images), rows * columns)
+    rows = -(-n // columns)
+    h, w = images.shape[1:3]
+    canvas = np.full((rows * h, columns * w, 3), 255, np.uint8)
+    for i in range(n):
+        r, c = divmod(i, columns)
+        canvas[r * h : (r + 1) * h, c * w : (c + 1) * w] = images[i]
+    scale = max(1, 128 // h)
+    Image.fromarray(canvas).resize((canvas.shape[1] * scale, canvas.shape[0] * scale), Image.NEAREST).save(path)
+    return str(path)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# calc: one checkpoint
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def score_checkpoint(
+    checkpoint: str,
+    manifest: dict[str, Any],
+    fid: FidConfig,
+    workdir: str,
+    workers: int = 0,
+    progress: bool = True,
+) -> tuple[dict[str, float], np.ndarray, dict[str, str]]:
+    """(metrics, samples, extractor facts) of one EMA checkpoint against the dataset's reference statistics."""
+    from dit_core.checkpoint import load_checkpoint, model_config_from_checkpoint
+
+    ckpt = load_checkpoint(checkpoint)  # clear error if missing or not a dit_core checkpoint
+    model_config = model_config_from_checkpoint(ckpt)
+    latent = manifest["latent_shape"]
+    if [model_config.in_channels, model_config.input_size, model_config.input_size] != latent:
+        raise ValueError(
+            f"{checkpoint} is a model of {model_config.in_channels}x{model_config.input_size}x"
+            f"{model_config.input_size} latents, but the dataset's latents are {'x'.join(map(str, latent))}"
+        )
+    dim = FEATURE_DIM.get(fid.extractor)
+    if dim and fid.num_samples <= dim:
+        raise ValueError(
+            f"fid.num_samples={fid.num_samples} gives a rank-deficient covariance of the {dim}-d {fid.extractor} "
+            f"features: use more than {dim} samples (the paper uses 50,000)"
+        )
+    cuda = torch.cuda.is_available()
+    weights = extractor_weights(fid, manifest, workdir)
+    layer = FEATURE_LAYER.get(fid.extractor, "2048")
+    layers = sorted({layer} | ({"logits_unbiased"} if "isc" in fid.metrics else set()))
+    extractor = make_extractor(fid, weights, cuda, layers)
+    ref_stats, ref_feats = reference_statistics(fid, manifest, workdir, weights, extractor, cuda)
+
+    t0 = time.perf_counter()
+    samples = generate(checkpoint, manifest["codec"], fid, workers, progress)
+    t_sample = time.perf_counter() - t0
+    gen_feats = features(samples, extractor, cuda)
+    metrics = {"fid": frechet_distance(statistics(gen_feats[layer]), ref_stats)}
+    if {"kid", "prc"} & set(fid.metrics):
+        if ref_feats is None:
+            images, _ = real_images(manifest, fid.reference_images, fid.seed)
+            ref_feats = features(images, extractor, cuda)
+        if "kid" in fid.metrics:
+            from torch_fidelity.metric_kid import kid_features_to_metric
+
+            subset = min(1000, len(samples), len(ref_feats[layer]))
+            kid = kid_features_to_metric(gen_feats[layer], ref_feats[layer], kid_subset_size=subset, verbose=False)
+            metrics["kid"] = float(kid["kernel_inception_distance_mean"])
+        if "prc" in fid.metrics:
+            from torch_fidelity.metric_prc import prc_features_to_metric
+
+            prc = prc_features_to_metric(gen_feats[layer], ref_feats[layer], verbose=False)
+            metrics["precision"], metrics["recall"] = float(prc["precision"]), float(prc["recall"])
+    if "isc" in fid.metrics:
+        from torch_fidelity.metric_isc import isc_features_to_metric
+
+        metrics["isc"] = float(isc_features_to_metric(gen_feats["logits_unbiased"])["inception_score_mean"])
+    metrics["fid_sample_seconds"] = t_sample
+    facts = {
+        "fid.extractor": fid.extractor,
+        "fid.extractor_weights": reference_key(fid, manifest, weights)["weights"] or "torch-fidelity default",
+        "fid.reference": fid.reference_npz or "dataset statistics",
+        "fid.num_samples": str(fid.num_samples),
+        "fid.sampler": f"{fid.sampler}-{fid.sampling_steps}",
+        "fid.cfg_scale": str(fid.cfg_scale),
+        "fid.guidance_channels": str(fid.guidance_channels or "all"),
+        "fid.labels": fid.labels,
+    }
+    return metrics, samples, facts
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The stage: every unscored milestone of every trial
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def milestone_steps(trial_dir: str) -> dict[int, str]:
+    """{step: path} of the EMA milestones a trial has written so far."""
+    import fsspec
+
+    fs, root = fsspec.core.url_to_fs(f"{trial_dir}/{MILESTONE_DIR}")
+    if not fs.exists(root):
+        return {}
+    found = {}
+    for path in fs.ls(root, detail=False):
+        match = re.search(r"ema-(\d+)\.pt$", path)
+        if match:
+            found[int(match.group(1))] = path if "://" not in trial_dir else f"{trial_dir}/{MILESTONE_DIR}/{match[0]}"
+    return found
+
+
+def run_fid(experiment: ExperimentConfig, workdir: str, progress: bool = True) -> list[dict[str, Any]]:
+    """Score every milestone not yet scored (idempotent; safe to run while the sweep trains)."""
+    from pipeline import tracking
+    from pipeline.sweep import plan_sweep
+
+    plan = plan_sweep(experiment, workdir)
+    fid = experiment.fid
+    scored_now = []
+    with tracking.tracking_uri(experiment.tracking.tracking_uri, workdir) as uri:
+        exp_id = tracking.experiment_id(uri, experiment.mlflow_experiment)
+        for trial in plan.trials:
+            available = milestone_steps(plan.trial_dir(trial))
+            if not available:
+                continue
+            run = tracking.find_run(uri, exp_id, {tracking.TAG_ROLE: "trial", tracking.TAG_RUN_NAME: trial.run_name})
+            if run is None:
+                raise ConfigError(f"no MLflow run for trial {trial.run_name}: run `ditscale sweep {experiment.name}`")
+            previous = run.data.tags.get("fid.extractor")
+            if previous and previous != fid.extractor:
+                raise ConfigError(
+                    f"run {trial.run_name} was scored with {previous}, not {fid.extractor}: FIDs of different "
+                    f"extractors must not share a curve; set fid.extractor={previous} or use another experiment name"
+                )
+            done = {step for step, _ in tracking.metric_history(uri, run.info.run_id, "fid")}
+            for step in sorted(set(available) - done):
+                metrics, samples, facts = score_checkpoint(available[step], plan.manifest, fid, workdir, 0, progress)
+                with tempfile.TemporaryDirectory() as tmp:  # everything computed before anything is logged
+                    grid = sample_grid(samples, Path(tmp) / f"samples_step{step:07d}.png")
+                    tracking.set_tags(uri, run.info.run_id, facts)
+                    tracking.MetricLogger(uri, run.info.run_id).log(metrics, step=step)
+                    tracking.log_artifact(uri, run.info.run_id, grid, "samples")
+                    if fid.save_npz:
+                        npz = Path(tmp) / f"samples_step{step:07d}.npz"
+                        np.savez(npz, arr_0=samples)
+                        tracking.log_artifact(uri, run.info.run_id, str(npz), "samples")
+                print(f"[{trial.run_name}] step {step:,}: " + "  ".join(f"{k} {v:.4g}" for k, v in metrics.items()),
+                      flush=True)  # fmt: skip
+                scored_now.append({"run_name": trial.run_name, "step": step, **metrics})
+    if not scored_now:
+        print("fid: nothing new to score")
+    return scored_now

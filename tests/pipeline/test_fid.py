@@ -1,0 +1,165 @@
+"""The fid stage: Frechet distance against independent math, determinism across workers, cached references,
+scoring a sweep's milestones into MLflow, and clear errors."""
+
+from dataclasses import asdict, replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from scipy import linalg
+
+from pipeline import tracking
+from pipeline.config import ConfigError, FidConfig, load_experiment
+from pipeline.data import load_manifest
+from pipeline.fid import (
+    frechet_distance,
+    generate,
+    make_extractor,
+    reference_statistics,
+    run_fid,
+    score_checkpoint,
+    statistics,
+)
+
+FAST = ["fid.num_samples=200", "fid.sampler=ddim", "fid.sampling_steps=10", "fid.extractor=ditscale-classifier",
+        "fid.classifier_seconds=5", "fid.slice_size=50", "fid.batch_size=50"]  # fmt: skip
+
+
+def scipy_fid(a: np.ndarray, b: np.ndarray) -> float:
+    mu1, mu2 = a.mean(0), b.mean(0)
+    s1, s2 = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
+    covmean = linalg.sqrtm(s1 @ s2).real
+    return float(((mu1 - mu2) ** 2).sum() + np.trace(s1) + np.trace(s2) - 2 * np.trace(covmean))
+
+
+def test_frechet_distance_matches_an_independent_computation():
+    rng = np.random.default_rng(0)
+    a = rng.normal(size=(500, 16))
+    b = rng.normal(size=(400, 16)) @ rng.normal(size=(16, 16)) * 0.3 + 0.5
+    ours = frechet_distance(statistics(torch.from_numpy(a)), statistics(torch.from_numpy(b)))
+    assert ours == pytest.approx(scipy_fid(a, b), rel=1e-6)
+    assert frechet_distance(statistics(torch.from_numpy(a)), statistics(torch.from_numpy(a))) == pytest.approx(
+        0, abs=1e-6
+    )
+
+
+def test_known_gaussian_shift_gives_the_analytic_distance():
+    d = 8
+    shift = np.full(d, 0.5)
+    same_cov = frechet_distance({"mu": np.zeros(d), "sigma": np.eye(d)}, {"mu": shift, "sigma": np.eye(d)})
+    assert same_cov == pytest.approx(float(shift @ shift), rel=1e-9)  # |d|^2
+    scaled = frechet_distance({"mu": np.zeros(d), "sigma": np.eye(d)}, {"mu": shift, "sigma": 4 * np.eye(d)})
+    assert scaled == pytest.approx(float(shift @ shift) + d * (1 + 4 - 2 * 2), rel=1e-9)
+
+
+@pytest.fixture(scope="module")
+def fast_smoke(smoke_sweep, smoke_workdir):
+    experiment, outcomes = smoke_sweep
+    return load_experiment("smoke", FAST), outcomes
+
+
+def milestone(smoke_workdir, outcome, step):
+    return str(Path(smoke_workdir) / "runs" / "smoke" / outcome.trial.run_name / "milestones" / f"ema-{step:07d}.pt")
+
+
+def test_same_samples_whatever_the_number_of_workers(fast_smoke, smoke_workdir):
+    experiment, outcomes = fast_smoke
+    manifest = load_manifest(f"{smoke_workdir}/shards/smoke")
+    path = milestone(smoke_workdir, outcomes[0], 30)
+    fid = replace(experiment.fid, num_samples=120, slice_size=40)
+    one = generate(path, manifest["codec"], fid, workers=1, progress=False)
+    two = generate(path, manifest["codec"], fid, workers=2, progress=False)
+    assert one.shape == (120, 16, 16, 3) and one.dtype == np.uint8
+    np.testing.assert_array_equal(one, two)
+    m1, _, _ = score_checkpoint(path, manifest, experiment.fid, smoke_workdir, workers=1, progress=False)
+    m2, _, _ = score_checkpoint(path, manifest, experiment.fid, smoke_workdir, workers=2, progress=False)
+    assert m1["fid"] == m2["fid"] and m1["fid"] > 0
+
+
+def test_reference_statistics_are_computed_once(fast_smoke, smoke_workdir):
+    experiment, _ = fast_smoke
+    fid = replace(experiment.fid, reference_images=150)  # a key of its own
+    manifest = load_manifest(f"{smoke_workdir}/shards/smoke")
+    from pipeline.fid import extractor_weights
+
+    weights = extractor_weights(fid, manifest, smoke_workdir)
+    extractor = make_extractor(fid, weights, False, ["feat"])
+    first, feats = reference_statistics(fid, manifest, smoke_workdir, weights, extractor, False)
+    assert feats is not None  # computed now
+    cache = list((Path(smoke_workdir) / "fid" / "reference").glob("*.npz"))
+    stamps = {p: p.stat().st_mtime_ns for p in cache}
+    again, feats = reference_statistics(fid, manifest, smoke_workdir, weights, extractor, False)
+    assert feats is None  # from the cache
+    np.testing.assert_array_equal(first["mu"], again["mu"])
+    assert {p: p.stat().st_mtime_ns for p in cache} == stamps
+
+
+def test_scoring_a_sweep_logs_fid_at_the_milestones(fast_smoke, smoke_workdir, mlflow_uri):
+    experiment, outcomes = fast_smoke
+    scored = run_fid(experiment, smoke_workdir, progress=False)
+    assert sorted((s["run_name"], s["step"]) for s in scored) == sorted(
+        (o.trial.run_name, step) for o in outcomes for step in (15, 30)
+    )
+    for o in outcomes:
+        history = tracking.metric_history(mlflow_uri, o.mlflow_run_id, "fid")
+        assert [s for s, _ in history] == [15, 30] and all(v > 0 for _, v in history)
+        run = tracking.client(mlflow_uri).get_run(o.mlflow_run_id)
+        assert run.data.tags["fid.extractor"] == "ditscale-classifier" and run.data.tags["fid.num_samples"] == "200"
+        artifacts = [a.path for a in tracking.client(mlflow_uri).list_artifacts(o.mlflow_run_id, "samples")]
+        assert artifacts == ["samples/samples_step0000015.png", "samples/samples_step0000030.png"]
+    assert run_fid(experiment, smoke_workdir, progress=False) == []  # idempotent: nothing new
+    other = load_experiment("smoke", [*FAST, "fid.extractor=inception-v3-compat"])
+    with pytest.raises(ConfigError, match="scored with ditscale-classifier"):
+        run_fid(other, smoke_workdir, progress=False)
+
+
+def test_a_trained_model_scores_better_later(smoke_workdir, ray_session):
+    """Train a tiny DiT on the toy shards in-process; its 400-step EMA beats its 10-step EMA."""
+    from dit_core import DiffusionConfig, DiT, GaussianDiffusion, create_ema, save_checkpoint, update_ema
+    from pipeline.data import make_loader
+
+    manifest = load_manifest(f"{smoke_workdir}/shards/smoke")
+    torch.manual_seed(0)
+    model = DiT.from_preset("DiT-Mi/4", input_size=16, in_channels=3, num_classes=4)
+    ema, diffusion = create_ema(model), GaussianDiffusion(DiffusionConfig())
+    opt = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=0)
+    batches = iter(make_loader(f"{smoke_workdir}/shards/smoke", 32, num_workers=0))
+    config = {"model": asdict(model.config), "diffusion": asdict(diffusion.config)}
+    paths = {}
+    for step in range(1, 401):
+        z, y = next(batches)
+        loss = diffusion.training_losses(model, z, torch.randint(0, 1000, (32,)), y)["loss"].mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        update_ema(ema, model, 0.95)
+        if step in (10, 400):
+            paths[step] = save_checkpoint(Path(smoke_workdir) / "own" / f"ema-{step}.pt", model=ema, step=step,
+                                          config=config)  # fmt: skip
+    fid = load_experiment("smoke", FAST).fid
+    early, _, _ = score_checkpoint(str(paths[10]), manifest, fid, smoke_workdir, progress=False)
+    late, _, _ = score_checkpoint(str(paths[400]), manifest, fid, smoke_workdir, progress=False)
+    assert late["fid"] < early["fid"], (early, late)
+
+
+def test_bad_inputs_give_clear_errors(fast_smoke, smoke_workdir, tmp_path):
+    experiment, outcomes = fast_smoke
+    manifest = load_manifest(f"{smoke_workdir}/shards/smoke")
+    path = milestone(smoke_workdir, outcomes[0], 30)
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        score_checkpoint(str(tmp_path / "nope.pt"), manifest, experiment.fid, smoke_workdir, progress=False)
+    other = {**manifest, "latent_shape": [4, 32, 32]}
+    with pytest.raises(ValueError, match="latents are 4x32x32"):
+        score_checkpoint(path, other, experiment.fid, smoke_workdir, progress=False)
+    with pytest.raises(ValueError, match="rank-deficient covariance"):
+        score_checkpoint(path, manifest, replace(experiment.fid, num_samples=100), smoke_workdir, progress=False)
+    np.savez(tmp_path / "ref.npz", mu=np.zeros(2048), sigma=np.eye(2048))
+    with pytest.raises(ValueError, match="2048-d statistics"):
+        score_checkpoint(path, manifest, replace(experiment.fid, reference_npz=str(tmp_path / "ref.npz")),
+                         smoke_workdir, progress=False)  # fmt: skip
+    with pytest.raises(ConfigError, match="fid.labels"):
+        from pipeline.config import validate_experiment
+
+        validate_experiment(load_experiment("smoke", ["fid.labels=some"]))
+    assert isinstance(FidConfig(), FidConfig)
