@@ -85,6 +85,25 @@ def _cmd_fid(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_analyze(args: argparse.Namespace) -> int:
+    from analysis.report import analyze
+    from pipeline import tracking
+    from pipeline.config import load_experiment, resolve_workdir
+
+    experiment = load_experiment(args.experiment, args.set)
+    workdir = resolve_workdir(args.workdir)
+    out = args.out or f"{workdir}/analysis/{experiment.name}"
+    with tracking.tracking_uri(experiment.tracking.tracking_uri, workdir) as uri:
+        exp_id = tracking.experiment_id(uri, experiment.mlflow_experiment)
+        parent = tracking.find_run(uri, exp_id, {tracking.TAG_ROLE: "sweep", tracking.TAG_SWEEP: experiment.name})
+        summary = analyze(
+            uri, experiment.mlflow_experiment, out, args.step, parent.info.run_id if parent else None,
+            paper_grid=experiment.name == "paper_grid", sweep=experiment.name,
+        )  # fmt: skip
+    print(f"figures, tables and fits: {out}" + ("" if parent else " (no sweep run in MLflow to log them to)"))
+    return 0 if "skipped" not in summary["fid_vs_gflops"] else 1
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     from dit_core.demo import run_demo
 
@@ -137,6 +156,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE", help="override a field")
     p.add_argument("--workdir", default=None, help="workspace (default $DITSCALE_WORKDIR or ./ditscale-work)")
     p.set_defaults(func=_cmd_fid)
+
+    p = sub.add_parser("analyze", help="fit FID-vs-Gflops scaling laws and draw the paper's figures from MLflow")
+    p.add_argument("experiment", help="an experiment name or file")
+    p.add_argument(
+        "--step", type=int, default=None, help="training step of the FID-vs-Gflops fit (default: last common)"
+    )
+    p.add_argument("--out", default=None, help="output folder (default <workdir>/analysis/<experiment>)")
+    p.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE", help="override a field")
+    p.add_argument("--workdir", default=None, help="workspace (default $DITSCALE_WORKDIR or ./ditscale-work)")
+    p.set_defaults(func=_cmd_analyze)
 
     p = sub.add_parser("presets", help="list the DiT presets with parameter counts and Gflops")
     p.add_argument("--input-size", type=int, default=32, help="latent side in latent pixels (32 for 256 px + SD VAE)")

@@ -1,0 +1,93 @@
+"""MLflow -> pandas: one tidy row per (trial, scored checkpoint), and the loss curves.
+
+Works from the tracking store alone (any tracking URI), for a sweep's MLflow experiment: the runs tagged
+`ditscale.role = trial`. Unfinished trials are left out with a note.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+
+FID_METRICS = ("fid", "isc", "kid", "precision", "recall")
+
+
+def _history(client, run_id: str, key: str) -> list[tuple[int, float]]:
+    return sorted((m.step, m.value) for m in client.get_metric_history(run_id, key))
+
+
+def _value_at(history: list[tuple[int, float]], step: int) -> float:
+    """The last logged value at or before `step` (NaN if none)."""
+    values = [v for s, v in history if s <= step]
+    return values[-1] if values else float("nan")
+
+
+def load_runs(
+    tracking_uri: str, experiment_name: str, sweep: str | None = None
+) -> tuple[pd.DataFrame, pd.DataFrame, list[str]]:
+    """(checkpoints, curves, notes).
+
+    checkpoints: run_name, run_id, preset, size, patch, params, gflops, global_batch_size, step, compute_gmacs
+    (paper convention: Gflops x batch x steps x 3), compute_flops (true FLOPs, 2x), fid and friends, loss and
+    val_loss at that step, final_loss, extractor, status.
+    curves: run_name, preset, size, patch, gflops, step, compute_flops, loss, val_loss.
+    """
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=tracking_uri)
+    experiment = client.get_experiment_by_name(experiment_name)
+    if experiment is None:
+        raise ValueError(f"no MLflow experiment {experiment_name!r} at {tracking_uri}: run the sweep first")
+    query = "tags.`ditscale.role` = 'trial'" + (f" and tags.`ditscale.sweep` = '{sweep}'" if sweep else "")
+    runs = client.search_runs([experiment.experiment_id], query, max_results=10000)
+    rows, curves, notes = [], [], []
+    for run in runs:
+        p, name = run.data.params, run.data.tags.get("ditscale.run_name", run.info.run_name)
+        if run.info.status != "FINISHED":
+            notes.append(f"{name} ({p.get('preset')}): {run.info.status.lower()}, left out")
+            continue
+        facts = {
+            "run_name": name,
+            "run_id": run.info.run_id,
+            "preset": p["preset"],
+            "size": p["size"],
+            "patch": int(p["patch"]),
+            "params": int(p["params"]),
+            "gflops": float(p["gflops"]),
+            "global_batch_size": int(p["train.global_batch_size"]),
+        }
+        loss = _history(client, run.info.run_id, "loss")
+        val = _history(client, run.info.run_id, "val_loss")
+        for step, value in loss:
+            compute = facts["gflops"] * 1e9 * 3 * facts["global_batch_size"] * step * 2
+            curves.append({**{k: facts[k] for k in ("run_name", "preset", "size", "patch", "gflops")}, "step": step,
+                           "compute_flops": compute, "loss": value, "val_loss": _value_at(val, step)})  # fmt: skip
+        scores = {m: dict(_history(client, run.info.run_id, m)) for m in FID_METRICS}
+        if not scores["fid"]:
+            notes.append(f"{name} ({p['preset']}): no FID yet (run `ditscale fid`)")
+        for step in sorted(scores["fid"]):
+            gmacs = facts["gflops"] * 3 * facts["global_batch_size"] * step
+            rows.append(
+                {
+                    **facts,
+                    "step": step,
+                    "compute_gmacs": gmacs,
+                    "compute_flops": 2e9 * gmacs,
+                    **{m: scores[m].get(step, np.nan) for m in FID_METRICS},
+                    "loss": _value_at(loss, step),
+                    "val_loss": _value_at(val, step),
+                    "final_loss": loss[-1][1] if loss else np.nan,
+                    "extractor": run.data.tags.get("fid.extractor", ""),
+                    "status": run.info.status,
+                }
+            )
+    columns = ["run_name", "preset", "size", "patch", "params", "gflops", "global_batch_size", "step",
+               "compute_gmacs", "compute_flops", *FID_METRICS, "loss", "val_loss", "final_loss", "extractor",
+               "status", "run_id"]  # fmt: skip
+    frame = pd.DataFrame(rows, columns=columns).sort_values(["gflops", "step"], ignore_index=True)
+    curves_frame = pd.DataFrame(curves, columns=["run_name", "preset", "size", "patch", "gflops", "step",
+                                                 "compute_flops", "loss", "val_loss"])  # fmt: skip
+    extractors = set(frame["extractor"]) - {""}
+    if len(extractors) > 1:
+        raise ValueError(f"runs of {experiment_name} were scored with different extractors {sorted(extractors)}")
+    return frame, curves_frame.sort_values(["gflops", "step"], ignore_index=True), notes

@@ -1,0 +1,112 @@
+"""The paper's figures from the tidy frames: one colour per model size, one marker per patch size, log axes where
+the paper uses them. Each figure is written as PNG and SVG; functions return the PNG path."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+SIZE_ORDER = ["Ti", "Mi", "S", "B", "L", "XL"]
+MARKERS = {1: "P", 2: "o", 4: "s", 8: "^", 16: "D"}
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _colour(size: str):
+    plt = _plt()
+    cmap = plt.get_cmap("viridis")
+    return cmap(SIZE_ORDER.index(size) / (len(SIZE_ORDER) - 1) if size in SIZE_ORDER else 0.5)
+
+
+def _save(fig, out: Path, name: str) -> str:
+    out.mkdir(parents=True, exist_ok=True)
+    for ext in ("png", "svg"):
+        fig.savefig(out / f"{name}.{ext}", dpi=150, bbox_inches="tight")
+    _plt().close(fig)
+    return str(out / f"{name}.png")
+
+
+def fid_vs_steps(frame: pd.DataFrame, out: Path, metric: str = "fid") -> str:
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6, 4.2))
+    for preset, rows in frame.groupby("preset", sort=False):
+        rows = rows.sort_values("step")
+        ax.plot(rows["step"], rows[metric], marker=MARKERS.get(int(rows["patch"].iloc[0]), "o"),
+                color=_colour(rows["size"].iloc[0]), label=preset)  # fmt: skip
+    ax.set(xlabel="training steps", ylabel=metric.upper(), title=f"{metric.upper()} over training")
+    ax.set_yscale("log")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=8)
+    return _save(fig, out, f"{metric}_vs_steps")
+
+
+def fid_vs_gflops(at_step: pd.DataFrame, out: Path, step: int, fit=None, samples=None, corr=None, paper=None) -> str:
+    """The paper's Figure 8: FID against Gflops at one training step, with the fitted power law and its band."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6, 4.2))
+    for _, row in at_step.iterrows():
+        ax.scatter(row["gflops"], row["fid"], s=60, color=_colour(row["size"]), marker=MARKERS.get(row["patch"], "o"),
+                   edgecolor="black", zorder=3)  # fmt: skip
+        ax.annotate(row["preset"].removeprefix("DiT-"), (row["gflops"], row["fid"]), textcoords="offset points",
+                    xytext=(5, 4), fontsize=8)  # fmt: skip
+    if fit is not None:
+        xs = np.geomspace(at_step["gflops"].min() / 1.5, at_step["gflops"].max() * 1.5, 100)
+        ax.plot(xs, fit(xs), color="black", lw=1.2,
+                label=f"FID = {fit.a:.3g} * Gflops^{fit.b:.3f} [{fit.b_ci[0]:.3f}, {fit.b_ci[1]:.3f}]")  # fmt: skip
+        if samples is not None and len(samples):
+            lo, hi = fit.band(xs, samples)
+            ax.fill_between(xs, lo, hi, color="black", alpha=0.12, label="95% bootstrap band")
+    if paper is not None:
+        ax.scatter(paper["gflops"], paper["fid"], marker="x", color="grey", label="paper, 400K steps", zorder=2)
+    title = f"FID vs Gflops at step {step:,}"
+    if corr is not None:
+        title += f"  (r = {corr.pearson:.2f} with log Gflops)"
+    ax.set(xscale="log", yscale="log", xlabel="forward Gflops (paper convention)", ylabel="FID", title=title)
+    ax.grid(alpha=0.3, which="both")
+    if fit is not None or paper is not None:
+        ax.legend(fontsize=7)
+    return _save(fig, out, "fid_vs_gflops")
+
+
+def fid_vs_compute(frame: pd.DataFrame, out: Path, fit=None) -> str:
+    """The paper's Figure 9: FID against training compute for every scored checkpoint."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6, 4.2))
+    for preset, rows in frame.groupby("preset", sort=False):
+        rows = rows.sort_values("step")
+        ax.plot(rows["compute_flops"], rows["fid"], marker=MARKERS.get(int(rows["patch"].iloc[0]), "o"),
+                color=_colour(rows["size"].iloc[0]), label=preset)  # fmt: skip
+    if fit is not None:
+        xs = np.geomspace(frame["compute_flops"].min(), frame["compute_flops"].max(), 100)
+        ax.plot(xs, fit(xs), "k--", lw=1, label=f"frontier: FID ~ C^{fit.b:.3f}")
+    ax.set(xscale="log", yscale="log", xlabel="training compute (FLOPs, 6 x MACs x images)", ylabel="FID",
+           title="FID vs training compute")  # fmt: skip
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=8)
+    return _save(fig, out, "fid_vs_compute")
+
+
+def loss_curves(curves: pd.DataFrame, out: Path) -> str:
+    plt = _plt()
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for preset, rows in curves.groupby("preset", sort=False):
+        style = dict(color=_colour(rows["size"].iloc[0]), label=preset,
+                     marker=MARKERS.get(int(rows["patch"].iloc[0]), "o"), markersize=3)  # fmt: skip
+        axes[0].plot(rows["step"], rows["loss"], **style)
+        axes[1].plot(rows["compute_flops"], rows["loss"], **style)
+    axes[0].set(xlabel="training steps", ylabel="training loss", yscale="log", title="loss over training")
+    axes[1].set(xlabel="training compute (FLOPs)", ylabel="training loss", xscale="log", yscale="log",
+                title="loss vs training compute")  # fmt: skip
+    for ax in axes:
+        ax.grid(alpha=0.3, which="both")
+    axes[0].legend(fontsize=8)
+    return _save(fig, out, "loss_curves")

@@ -1,0 +1,176 @@
+"""analyze: MLflow -> tidy frame -> fits, figures and tables in a folder, logged to the sweep's parent run.
+
+    ditscale analyze quickstart [--step 600]
+
+Prints the fitted exponent of FID = a * Gflops^b at the chosen step with its 95% bootstrap interval and the
+Pearson correlation of FID with log Gflops (`r = -0.93` in the paper), writes figures (PNG and SVG), the Table-4
+layout (CSV and Markdown), the tidy frame and the fitted coefficients (JSON), and logs all of it to the sweep's
+parent MLflow run. Rerunnable at any time from MLflow alone.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from analysis import plots
+from analysis.fits import FitError, compute_frontier, correlation, fit_power_law
+from analysis.loader import load_runs
+
+# Table 4 of the paper (ImageNet 256, 400K steps, no guidance, FID-50K), dit_facts.md section 6.
+PAPER_TABLE4 = pd.DataFrame(
+    [("DiT-S/8", 0.36, 153.60), ("DiT-S/4", 1.41, 100.41), ("DiT-S/2", 6.06, 68.40),
+     ("DiT-B/8", 1.42, 122.74), ("DiT-B/4", 5.56, 68.38), ("DiT-B/2", 23.01, 43.47),
+     ("DiT-L/8", 5.01, 118.87), ("DiT-L/4", 19.70, 45.64), ("DiT-L/2", 80.71, 23.33),
+     ("DiT-XL/8", 7.39, 106.41), ("DiT-XL/4", 29.05, 43.01), ("DiT-XL/2", 118.64, 19.47)],
+    columns=["preset", "gflops", "fid"],
+)  # fmt: skip
+
+
+def choose_step(frame: pd.DataFrame, step: int | None) -> int:
+    """The requested step, else the last step scored for every preset (else the last step scored at all)."""
+    if frame.empty:
+        raise FitError("no scored checkpoints: run `ditscale fid` after (or during) the sweep")
+    if step is not None:
+        if step not in set(frame["step"]):
+            raise FitError(f"no checkpoint was scored at step {step}; scored steps: {sorted(set(frame['step']))}")
+        return step
+    common = set.intersection(*(set(rows["step"]) for _, rows in frame.groupby("preset")))
+    return max(common) if common else int(frame["step"].max())
+
+
+def table4(at_step: pd.DataFrame, with_paper: bool) -> pd.DataFrame:
+    table = at_step[["preset", "gflops", "params", "fid", "loss"]].copy()
+    table["params_M"] = table.pop("params") / 1e6
+    if with_paper:
+        table = table.merge(PAPER_TABLE4.rename(columns={"gflops": "paper_gflops", "fid": "paper_fid_400k"}),
+                            on="preset", how="left")  # fmt: skip
+    return table.sort_values("gflops", ignore_index=True)
+
+
+def summarize(frame: pd.DataFrame, curves: pd.DataFrame, step: int | None) -> dict[str, Any]:
+    """Fits and correlations (each one's reason instead where the data cannot support it)."""
+    chosen = choose_step(frame, step)
+    at = frame[frame["step"] == chosen]
+    summary: dict[str, Any] = {"step": chosen, "presets": int(at["preset"].nunique())}
+    try:
+        fit, samples = fit_power_law(at["gflops"], at["fid"], what=f"FID vs Gflops at step {chosen}")
+        corr = correlation(at["gflops"], at["fid"], what=f"FID vs Gflops at step {chosen}")
+        summary["fid_vs_gflops"] = {"a": fit.a, "b": fit.b, "a_ci": fit.a_ci, "b_ci": fit.b_ci, "r2": fit.r2,
+                                    "n": fit.n, "pearson_r_log_gflops": corr.pearson, "pearson_p": corr.pearson_p,
+                                    "spearman": corr.spearman}  # fmt: skip
+        summary["_fit"], summary["_samples"], summary["_corr"] = fit, samples, corr
+    except FitError as exc:
+        summary["fid_vs_gflops"] = {"skipped": str(exc)}
+    frontier = frame.iloc[compute_frontier(frame["compute_flops"], frame["fid"])] if len(frame) else frame
+    try:
+        cfit, _ = fit_power_law(frontier["compute_flops"], frontier["fid"], what="FID vs training compute frontier")
+        summary["fid_vs_compute"] = {"a": cfit.a, "b": cfit.b, "b_ci": cfit.b_ci, "n": cfit.n}
+        summary["_cfit"] = cfit
+    except FitError as exc:
+        summary["fid_vs_compute"] = {"skipped": str(exc)}
+    if len(curves):
+        final = curves.sort_values("step").groupby("preset").tail(1)
+        try:
+            corr = correlation(final["gflops"], final["loss"], what="final loss vs Gflops")
+            summary["loss_vs_gflops"] = {"spearman": corr.spearman, "pearson_r_log_gflops": corr.pearson}
+        except FitError as exc:
+            summary["loss_vs_gflops"] = {"skipped": str(exc)}
+    return summary
+
+
+def analyze(
+    tracking_uri: str, experiment_name: str, out_dir: str, step: int | None = None, log_to: str | None = None,
+    paper_grid: bool = False, sweep: str | None = None,
+) -> dict[str, Any]:  # fmt: skip
+    """Write the analysis of an experiment's runs to `out_dir` (and log it to the run `log_to`); returns the summary."""
+    frame, curves, notes = load_runs(tracking_uri, experiment_name, sweep)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    for note in notes:
+        print(f"analyze: {note}")
+    frame.to_csv(out / "checkpoints.csv", index=False)
+    curves.to_csv(out / "curves.csv", index=False)
+    summary = summarize(frame, curves, step)
+    at = frame[frame["step"] == summary["step"]]
+    figures = [
+        plots.fid_vs_steps(frame, out),
+        plots.fid_vs_gflops(
+            at,
+            out,
+            summary["step"],
+            summary.get("_fit"),
+            summary.get("_samples"),
+            summary.get("_corr"),
+            PAPER_TABLE4 if paper_grid else None,
+        ),  # fmt: skip
+        plots.fid_vs_compute(frame, out, summary.get("_cfit")),
+    ]
+    if len(curves):
+        figures.append(plots.loss_curves(curves, out))
+    table = table4(at, paper_grid)
+    table.to_csv(out / "table4.csv", index=False)
+    (out / "table4.md").write_text(table.to_markdown(index=False, floatfmt=".4g") if _has_tabulate() else
+                                   _markdown(table))  # fmt: skip
+    public = {k: v for k, v in summary.items() if not k.startswith("_")}
+    public["notes"] = notes
+    (out / "summary.json").write_text(json.dumps(public, indent=2, default=float))
+    print(describe(public))
+    if log_to:
+        _log(tracking_uri, log_to, out, public)
+    public["figures"] = figures
+    return public
+
+
+def describe(summary: dict[str, Any]) -> str:
+    lines = [f"analysis at step {summary['step']:,} over {summary['presets']} presets"]
+    f = summary["fid_vs_gflops"]
+    if "skipped" in f:
+        lines.append(f"  FID vs Gflops: no fit ({f['skipped']})")
+    else:
+        lines.append(f"  FID = {f['a']:.4g} * Gflops^{f['b']:.3f}  (95% CI of the exponent [{f['b_ci'][0]:.3f}, "
+                     f"{f['b_ci'][1]:.3f}], R^2 {f['r2']:.2f})")  # fmt: skip
+        lines.append(f"  r = {f['pearson_r_log_gflops']:.2f} (Pearson, FID vs log Gflops; Spearman "
+                     f"{f['spearman']:.2f}); the paper: r = -0.93")  # fmt: skip
+    c = summary["fid_vs_compute"]
+    frontier = f"no fit ({c['skipped']})" if "skipped" in c else f"FID ~ C^{c['b']:.3f} over {c['n']} checkpoints"
+    lines.append(f"  FID vs training compute frontier: {frontier}")
+    loss = summary.get("loss_vs_gflops", {})
+    if "spearman" in loss:
+        lines.append(f"  final loss vs Gflops: Spearman {loss['spearman']:.2f}")
+    return "\n".join(lines)
+
+
+def _has_tabulate() -> bool:
+    try:
+        import tabulate  # noqa: F401
+
+        return True
+    except ImportError:
+        return False
+
+
+def _markdown(table: pd.DataFrame) -> str:
+    head = "| " + " | ".join(table.columns) + " |"
+    rule = "|" + "|".join("---" for _ in table.columns) + "|"
+    rows = ["| " + " | ".join(f"{v:.4g}" if isinstance(v, (float, np.floating)) else str(v) for v in row) + " |"
+            for row in table.itertuples(index=False)]  # fmt: skip
+    return "\n".join([head, rule, *rows]) + "\n"
+
+
+def _log(tracking_uri: str, run_id: str, out: Path, summary: dict[str, Any]) -> None:
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=tracking_uri)
+    client.log_artifacts(run_id, str(out), "analysis")
+    f, step = summary["fid_vs_gflops"], summary["step"]
+    if "skipped" not in f:
+        metrics = {"scaling_fid_gflops_b": f["b"], "scaling_fid_gflops_b_lo": f["b_ci"][0],
+                   "scaling_fid_gflops_b_hi": f["b_ci"][1], "scaling_fid_gflops_a": f["a"],
+                   "scaling_fid_gflops_pearson_r": f["pearson_r_log_gflops"]}  # fmt: skip
+        for key, value in metrics.items():
+            client.log_metric(run_id, key, float(value), step=step)

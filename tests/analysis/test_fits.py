@@ -1,0 +1,64 @@
+"""Fits recover known laws; the paper's Table 4 gives r = -0.93; degenerate data gives reasons, not lines."""
+
+import numpy as np
+import pytest
+
+from analysis.fits import FitError, compute_frontier, correlation, fit_power_law, isoflop_optimum
+from analysis.report import PAPER_TABLE4
+
+
+@pytest.mark.parametrize("a, b", [(200.0, -0.3), (5.0, 0.7), (1e3, -1.2)])
+def test_power_law_recovers_known_exponent_and_prefactor(a, b):
+    rng = np.random.default_rng(1)
+    x = np.geomspace(0.1, 1000, 12)
+    y = a * x**b * np.exp(rng.normal(0, 0.05, x.size))  # 5% multiplicative noise
+    fit, samples = fit_power_law(x, y, bootstrap=1000)
+    assert fit.b == pytest.approx(b, abs=0.05) and fit.a == pytest.approx(a, rel=0.15)
+    assert fit.b_ci[0] <= b <= fit.b_ci[1] and fit.a_ci[0] <= a <= fit.a_ci[1]  # the intervals cover the truth
+    assert fit.r2 > 0.95 and samples.shape[1] == 2
+    lo, hi = fit.band(x, samples)
+    assert (lo <= fit(x) * 1.0001).all() and (fit(x) <= hi * 1.0001).all()
+
+
+def test_interval_coverage_over_many_noisy_datasets():
+    covered = 0
+    for seed in range(40):
+        rng = np.random.default_rng(seed)
+        x = np.geomspace(1, 100, 8)
+        y = 50 * x**-0.4 * np.exp(rng.normal(0, 0.1, x.size))
+        fit, _ = fit_power_law(x, y, bootstrap=400, seed=seed)
+        covered += fit.b_ci[0] <= -0.4 <= fit.b_ci[1]
+    assert covered >= 30  # nominal 95%; the bootstrap of 8 points is somewhat narrow
+
+
+def test_paper_table4_correlation():
+    corr = correlation(PAPER_TABLE4["gflops"], PAPER_TABLE4["fid"])
+    assert round(corr.pearson, 2) == -0.93 and corr.n == 12
+    fit, _ = fit_power_law(PAPER_TABLE4["gflops"], PAPER_TABLE4["fid"])
+    assert -0.4 < fit.b < -0.2
+
+
+def test_frontier_and_isoflop():
+    compute = np.array([1, 2, 3, 4, 5])
+    value = np.array([10, 12, 8, 9, 5])
+    assert compute_frontier(compute, value).tolist() == [0, 2, 4]
+    params = np.array([1e6, 3e6, 1e7, 3e7, 1e8])
+    loss = (np.log10(params) - 7) ** 2 + 1  # optimum at 1e7
+    optimum = isoflop_optimum(params, np.full(5, 1e15), loss)
+    assert len(optimum) == 1 and optimum[0][1] == pytest.approx(1e7, rel=0.01)
+
+
+@pytest.mark.parametrize(
+    "x, y, message",
+    [
+        ([1, 2], [3, 4], "at least 3 presets"),
+        ([5, 5, 5], [1, 2, 3], "same x"),
+        ([1, 2, 3], [1, np.nan, 3], "missing"),
+        ([1, 2, 3], [1, -2, 3], "positive"),
+    ],
+)
+def test_degenerate_inputs(x, y, message):
+    with pytest.raises(FitError, match=message):
+        fit_power_law(x, y)
+    with pytest.raises(FitError, match=message):
+        correlation(x, y)

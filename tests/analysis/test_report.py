@@ -1,0 +1,76 @@
+"""analyze from a real MLflow store written by the smoke sweep and the fid stage."""
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from analysis.fits import FitError
+from analysis.loader import load_runs
+from analysis.report import analyze, summarize
+from pipeline import tracking
+from pipeline.config import load_experiment
+from pipeline.fid import run_fid
+
+FAST = ["fid.num_samples=200", "fid.sampler=ddim", "fid.sampling_steps=10", "fid.extractor=ditscale-classifier",
+        "fid.classifier_seconds=5", "fid.slice_size=50", "fid.batch_size=50"]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def scored(smoke_sweep, smoke_workdir, mlflow_uri):
+    experiment, outcomes = smoke_sweep
+    run_fid(load_experiment("smoke", FAST), smoke_workdir, progress=False)  # idempotent
+    return experiment, outcomes
+
+
+def test_loader_builds_the_tidy_frame(scored, mlflow_uri):
+    experiment, outcomes = scored
+    frame, curves, notes = load_runs(mlflow_uri, experiment.mlflow_experiment, sweep="smoke")
+    assert len(frame) == 8  # 4 trials x milestones 15 and 30
+    assert set(frame["preset"]) == {o.trial.preset for o in outcomes} and set(frame["step"]) == {15, 30}
+    row = frame[(frame["preset"] == "DiT-Mi/4") & (frame["step"] == 30)].iloc[0]
+    trial = next(o.trial for o in outcomes if o.trial.preset == "DiT-Mi/4")
+    assert row["gflops"] == pytest.approx(trial.gflops) and row["params"] == trial.params
+    assert row["compute_gmacs"] == pytest.approx(trial.gflops * 3 * 16 * 30)
+    assert row["compute_flops"] == pytest.approx(2e9 * row["compute_gmacs"])
+    assert row["fid"] > 0 and np.isfinite(row["loss"]) and row["extractor"] == "ditscale-classifier"
+    assert len(curves) == 4 * 6 and notes == []
+
+
+def test_analyze_writes_and_logs_everything(scored, smoke_workdir, mlflow_uri, tmp_path, capsys):
+    experiment, _ = scored
+    exp_id = tracking.experiment_id(mlflow_uri, experiment.mlflow_experiment)
+    parent = tracking.find_run(mlflow_uri, exp_id, {tracking.TAG_ROLE: "sweep", tracking.TAG_SWEEP: "smoke"})
+    summary = analyze(mlflow_uri, experiment.mlflow_experiment, str(tmp_path), None, parent.info.run_id, sweep="smoke")
+    out = capsys.readouterr().out
+    assert summary["step"] == 30 and summary["presets"] == 4
+    fit = summary["fid_vs_gflops"]
+    assert "r = " in out and f"{fit['b']:.3f}" in out and fit["b_ci"][0] <= fit["b"] <= fit["b_ci"][1]
+    for name in ("fid_vs_steps", "fid_vs_gflops", "fid_vs_compute", "loss_curves"):
+        assert (tmp_path / f"{name}.png").stat().st_size > 1000 and (tmp_path / f"{name}.svg").exists()
+    table = pd.read_csv(tmp_path / "table4.csv")
+    assert list(table["preset"]) == list(table.sort_values("gflops")["preset"]) and len(table) == 4
+    assert "| preset" in (tmp_path / "table4.md").read_text()
+    assert json.loads((tmp_path / "summary.json").read_text())["step"] == 30
+    logged = {a.path for a in tracking.client(mlflow_uri).list_artifacts(parent.info.run_id, "analysis")}
+    assert {"analysis/fid_vs_gflops.png", "analysis/table4.csv", "analysis/summary.json"} <= logged
+    metrics = tracking.client(mlflow_uri).get_run(parent.info.run_id).data.metrics
+    assert metrics["scaling_fid_gflops_b"] == pytest.approx(fit["b"])
+
+
+def test_degenerate_frames_give_messages_and_no_line():
+    base = {"run_name": "r", "size": "Ti", "params": 1, "global_batch_size": 16, "compute_gmacs": 1.0,
+            "compute_flops": 2e9, "loss": 0.5, "val_loss": 0.5, "final_loss": 0.5}  # fmt: skip
+    two = pd.DataFrame([{**base, "preset": p, "patch": 4, "gflops": g, "step": 10, "fid": f}
+                        for p, g, f in (("DiT-Ti/4", 0.1, 50.0), ("DiT-Ti/8", 0.05, 80.0))])  # fmt: skip
+    summary = summarize(two, pd.DataFrame(), None)
+    assert "at least 3 presets" in summary["fid_vs_gflops"]["skipped"] and "_fit" not in summary
+    same = pd.concat([two, two.assign(preset="DiT-Mi/4", fid=60.0)]).assign(gflops=0.1)
+    assert "same x" in summarize(same, pd.DataFrame(), None)["fid_vs_gflops"]["skipped"]
+    nan = pd.concat([two, two.iloc[:1].assign(preset="DiT-Mi/4", gflops=0.3, fid=np.nan)])
+    assert "missing" in summarize(nan, pd.DataFrame(), None)["fid_vs_gflops"]["skipped"]
+    with pytest.raises(FitError, match="no scored checkpoints"):
+        summarize(two.iloc[:0], pd.DataFrame(), None)
+    with pytest.raises(FitError, match="no checkpoint was scored at step 99"):
+        summarize(two, pd.DataFrame(), 99)
