@@ -22,9 +22,9 @@ def _plt():
 
 
 def _colour(size: str):
-    plt = _plt()
-    cmap = plt.get_cmap("viridis")
-    return cmap(SIZE_ORDER.index(size) / (len(SIZE_ORDER) - 1) if size in SIZE_ORDER else 0.5)
+    """A distinct colour per model size (tab10), fixed across figures."""
+    palette = _plt().get_cmap("tab10")
+    return palette(SIZE_ORDER.index(size) if size in SIZE_ORDER else 9)
 
 
 def _save(fig, out: Path, name: str) -> str:
