@@ -76,9 +76,12 @@ SIZES: dict[str, tuple[int, int, int]] = {
     "B": (12, 768, 12),
     "L": (24, 1024, 16),
     "XL": (28, 1152, 16),
-    # Tiny sizes for CPU studies and tests (not in the paper).
+    # Tiny sizes for CPU studies and tests (not in the paper). Pico and Nano differ ~18x in compute per token, so
+    # at 16 px Pico/4 < Pico/2 < Nano/4 < Nano/2 are each >= 4x apart in Gflops (1.1, 4.5, 20, 83 MMACs).
     "Ti": (2, 64, 2),
     "Mi": (4, 128, 4),
+    "Pico": (2, 48, 2),
+    "Nano": (6, 128, 4),
 }
 PAPER_SIZES = ("S", "B", "L", "XL")
 PATCH_SIZES = (2, 4, 8)

@@ -104,6 +104,14 @@ def _cmd_analyze(args: argparse.Namespace) -> int:
     return 0 if "skipped" not in summary["fid_vs_gflops"] else 1
 
 
+def _cmd_run(args: argparse.Namespace) -> int:
+    from pipeline.config import load_experiment, resolve_workdir
+    from pipeline.run import run_all
+
+    summary = run_all(load_experiment(args.experiment, args.set), resolve_workdir(args.workdir), args.step)
+    return 1 if "error" in summary else 0
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     from dit_core.demo import run_demo
 
@@ -166,6 +174,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE", help="override a field")
     p.add_argument("--workdir", default=None, help="workspace (default $DITSCALE_WORKDIR or ./ditscale-work)")
     p.set_defaults(func=_cmd_analyze)
+
+    p = sub.add_parser("run", help="the whole study: toy data/prepare, sweep, fid, analyze (each resumes)")
+    p.add_argument("experiment", help="an experiment name (e.g. quickstart) or a .json/.yaml file")
+    p.add_argument("--step", type=int, default=None, help="step of the FID-vs-Gflops fit (default: last common)")
+    p.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE", help="override a field")
+    p.add_argument("--workdir", default=None, help="workspace (default $DITSCALE_WORKDIR or ./ditscale-work)")
+    p.set_defaults(func=_cmd_run)
 
     p = sub.add_parser("presets", help="list the DiT presets with parameter counts and Gflops")
     p.add_argument("--input-size", type=int, default=32, help="latent side in latent pixels (32 for 256 px + SD VAE)")

@@ -47,3 +47,57 @@ def ensure_data(experiment: ExperimentConfig, workdir: str, progress: bool = Tru
         config = PrepareConfig(resolution=d.resolution, codec=codec, samples_per_shard=d.samples_per_shard)
         built[val] = prepare(folder, out, config, progress=progress)
     return built[False]
+
+
+def run_all(experiment: ExperimentConfig, workdir: str, step: int | None = None) -> dict[str, Any]:
+    """toy data (if asked for) -> prepare -> sweep -> fid -> analyze, each skipping work already done.
+
+    One MLflow server (or MLFLOW_TRACKING_URI) serves every stage. Returns the analysis summary (or its error).
+    """
+    import os
+    import time
+
+    from analysis.fits import FitError
+    from analysis.report import analyze
+    from pipeline import tracking
+    from pipeline.fid import run_fid
+    from pipeline.sweep import plan_sweep, run_sweep
+
+    start = time.perf_counter()
+    ensure_data(experiment, workdir)
+    with tracking.tracking_uri(experiment.tracking.tracking_uri, workdir) as uri:
+        previous = os.environ.get("MLFLOW_TRACKING_URI")
+        os.environ["MLFLOW_TRACKING_URI"] = uri  # every stage logs through this one server
+        try:
+            outcomes = run_sweep(experiment, workdir)
+            run_fid(experiment, workdir)
+            exp_id = tracking.experiment_id(uri, experiment.mlflow_experiment)
+            parent = tracking.find_run(uri, exp_id, {tracking.TAG_ROLE: "sweep", tracking.TAG_SWEEP: experiment.name})
+            out = f"{workdir}/analysis/{experiment.name}"
+            try:
+                summary = analyze(uri, experiment.mlflow_experiment, out, step, parent.info.run_id,
+                                  paper_grid=experiment.name == "paper_grid", sweep=experiment.name)  # fmt: skip
+            except FitError as exc:
+                summary = {"error": str(exc)}
+                print(f"analyze: {exc}")
+        finally:
+            if previous is None:
+                os.environ.pop("MLFLOW_TRACKING_URI", None)
+            else:
+                os.environ["MLFLOW_TRACKING_URI"] = previous
+    plan = plan_sweep(experiment, workdir)
+    minutes = (time.perf_counter() - start) / 60
+    failed = [o.trial.run_name for o in outcomes if o.status != "done"]
+    print(
+        f"\nditscale run {experiment.name}: done in {minutes:.1f} min"
+        + (f"; failed trials: {failed}" if failed else "")
+    )
+    print(f"  figures and tables  {out}/  (fid_vs_gflops.png, fid_vs_steps.png, table4.md, summary.json)")
+    print(f"  checkpoints         {plan.storage}/<run>/checkpoint_*/, EMA milestones in <run>/milestones/")
+    if experiment.tracking.tracking_uri or previous:
+        print(f"  MLflow              {experiment.tracking.tracking_uri or previous}")
+    else:
+        print(f"  MLflow store        {workdir}/mlflow.db (artifacts: {workdir}/mlartifacts)")
+        print(f"  open the MLflow UI  {tracking.ui_command(workdir)}   then http://127.0.0.1:5000")
+    summary["minutes"] = minutes
+    return summary

@@ -92,6 +92,12 @@ def plan_sweep(experiment: ExperimentConfig, workdir: str) -> SweepPlan:
             ) from None
         if (val_manifest["codec"], val_manifest["latent_shape"]) != (manifest["codec"], manifest["latent_shape"]):
             raise ConfigError(f"validation shards {val_shards} were made with another codec or latent shape")
+        per_worker = experiment.train.global_batch_size // experiment.resources.workers_per_trial
+        if val_manifest["total"] < per_worker:
+            raise ConfigError(
+                f"validation shards {val_shards} hold {val_manifest['total']} samples, fewer than one per-worker "
+                f"batch ({per_worker}): prepare more validation images or set data.val_shards=null"
+            )
     trials = expand_trials(experiment, manifest)
     storage = f"{workdir.rstrip('/')}/runs/{experiment.name}"
     return SweepPlan(experiment, workdir, shards, val_shards, manifest, trials, storage)

@@ -11,7 +11,7 @@ def test_presets_lists_every_preset_with_paper_figures(capsys):
     out = capsys.readouterr().out
     xl2 = next(line for line in out.splitlines() if line.startswith("DiT-XL/2"))
     assert "675,129,632" in xl2 and "118.621" in xl2
-    assert sum(line.startswith("DiT-") for line in out.splitlines()) == 18
+    assert sum(line.startswith("DiT-") for line in out.splitlines()) == 24
 
 
 def test_presets_with_small_latent_and_bad_patch(capsys):

@@ -97,10 +97,9 @@ def test_reference_statistics_are_computed_once(fast_smoke, smoke_workdir):
 
 def test_scoring_a_sweep_logs_fid_at_the_milestones(fast_smoke, smoke_workdir, mlflow_uri):
     experiment, outcomes = fast_smoke
-    scored = run_fid(experiment, smoke_workdir, progress=False)
-    assert sorted((s["run_name"], s["step"]) for s in scored) == sorted(
-        (o.trial.run_name, step) for o in outcomes for step in (15, 30)
-    )
+    scored = run_fid(experiment, smoke_workdir, progress=False)  # (tests/analysis may have scored them already)
+    expected = {(o.trial.run_name, step) for o in outcomes for step in (15, 30)}
+    assert {(s["run_name"], s["step"]) for s in scored} <= expected
     for o in outcomes:
         history = tracking.metric_history(mlflow_uri, o.mlflow_run_id, "fid")
         assert [s for s, _ in history] == [15, 30] and all(v > 0 for _, v in history)
