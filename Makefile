@@ -16,9 +16,9 @@ $(VENV)/.installed: pyproject.toml
 
 setup: $(VENV)/.installed
 
-# The main job. Until the pipeline stages land, it runs the dit_core demo.
+# The main job: a small scaling study on the toy data (local Ray, local MLflow), about 8 minutes on 2 cores.
 quickstart: setup
-	$(VENV)/bin/ditscale demo
+	$(VENV)/bin/ditscale run quickstart
 
 demo: setup
 	$(PY) -m dit_core.demo

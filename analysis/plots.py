@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-SIZE_ORDER = ["Ti", "Mi", "S", "B", "L", "XL"]
+SIZE_ORDER = ["Pico", "Ti", "Nano", "Mi", "S", "B", "L", "XL"]
 MARKERS = {1: "P", 2: "o", 4: "s", 8: "^", 16: "D"}
 
 
