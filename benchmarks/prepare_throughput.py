@@ -55,12 +55,15 @@ def time_prepare(src: Path, out: Path, config: PrepareConfig) -> float:
     return manifest["total"] / (time.perf_counter() - start)
 
 
-def reader_rate(shards: Path, batch: int, num_batches: int) -> float:
-    stream = iter(LatentShardStream(str(shards), batch_size=batch))
-    next(stream)
+def reader_rate(shards: Path, batch: int, epochs: int = 3) -> float:
+    """Samples/s of the training reader over `epochs` full passes (so the shuffle buffer cannot hide the reading)."""
+    stream = LatentShardStream(str(shards), batch_size=batch)
+    batches = iter(stream)
+    next(batches)
+    num_batches = epochs * stream.batches_per_epoch
     start = time.perf_counter()
     for _ in range(num_batches):
-        next(stream)
+        next(batches)
     return batch * num_batches / (time.perf_counter() - start)
 
 
@@ -134,7 +137,7 @@ def main() -> None:
         )
         results["prepare_vae_img_s"] = time_prepare(tmp / "src", tmp / "vae-shards", vae_cfg)
         batch = 64 if gpu else 32
-        results["reader_samples_s"] = reader_rate(tmp / "vae-shards", batch, 10)
+        results["reader_samples_s"] = reader_rate(tmp / "vae-shards", batch)
         results["on_the_fly_samples_s"] = on_the_fly_rate(tmp / "src", vae, resolution, batch, 3, args.device)
         results["reader_ratio"] = results["reader_samples_s"] / results["on_the_fly_samples_s"]
         results.update(encoder_vs_bare(tmp / "src", tmp / "enc", vae, resolution, batch, args.device))
