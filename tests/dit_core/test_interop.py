@@ -12,6 +12,7 @@ from dit_core.interop import (
     to_diffusers,
 )
 from dit_core.model import DiT, dit_config
+from tests.helpers import tiny_vae
 
 from .test_model import official_xl2_shapes, randomize
 
@@ -93,23 +94,6 @@ def test_saved_diffusers_model_and_timestep_shift(tmp_path):
     assert (ours - plain).abs().max() > 1e-4  # the documented frequency-shift difference
 
 
-def make_tiny_vae():
-    from diffusers import AutoencoderKL
-
-    torch.manual_seed(0)
-    return AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        latent_channels=4,
-        block_out_channels=(8, 16),
-        layers_per_block=1,
-        down_block_types=("DownEncoderBlock2D",) * 2,
-        up_block_types=("UpDecoderBlock2D",) * 2,
-        norm_num_groups=4,
-        sample_size=16,
-    )
-
-
 def test_export_diffusers_pipeline(tmp_path):
     from diffusers import DiTPipeline
 
@@ -117,7 +101,7 @@ def test_export_diffusers_pipeline(tmp_path):
     for num_classes, guidance in ((1000, 1.5), (10, 1.0)):
         model = tiny_model(num_classes=num_classes)
         labels = {i: f"class{i}" for i in range(num_classes)}
-        export_diffusers_pipeline(model, tmp_path / f"pipe{num_classes}", vae=make_tiny_vae(), id2label=labels)
+        export_diffusers_pipeline(model, tmp_path / f"pipe{num_classes}", vae=tiny_vae(), id2label=labels)
         pipe = DiTPipeline.from_pretrained(tmp_path / f"pipe{num_classes}")
         assert pipe.get_label_ids(["class3"]) == [3]
         images = pipe(

@@ -14,8 +14,7 @@ from pipeline.codecs import (
     latent_from_stored,
     tensor_to_images,
 )
-
-from .helpers import save_tiny_vae
+from tests.helpers import save_tiny_vae
 
 
 def test_uint8_conversions_follow_the_paper():

@@ -19,8 +19,7 @@ from PIL import Image
 from pipeline.codecs import CodecConfig, VaeCodec, images_to_tensor
 from pipeline.prepare import PrepareConfig, center_crop_adm, list_source, load_image, prepare
 from pipeline.toy import ToyDataConfig, write_toy_dataset
-
-from .helpers import save_tiny_vae
+from tests.helpers import save_tiny_vae
 
 ROOT = Path(__file__).resolve().parents[2]
 
