@@ -30,7 +30,7 @@ def load_runs(
     checkpoints: run_name, run_id, preset, size, patch, params, gflops, global_batch_size, step, compute_gmacs
     (paper convention: Gflops x batch x steps x 3), compute_flops (true FLOPs, 2x), fid and friends, loss and
     val_loss at that step, final_loss, extractor, status.
-    curves: run_name, preset, size, patch, gflops, step, compute_flops, loss, val_loss.
+    curves: run_name, preset, size, patch, params, gflops, step, compute_flops, loss, val_loss.
     """
     from mlflow.tracking import MlflowClient
 
@@ -60,7 +60,8 @@ def load_runs(
         val = _history(client, run.info.run_id, "val_loss")
         for step, value in loss:
             compute = facts["gflops"] * 1e9 * 3 * facts["global_batch_size"] * step * 2
-            curves.append({**{k: facts[k] for k in ("run_name", "preset", "size", "patch", "gflops")}, "step": step,
+            curves.append({**{k: facts[k] for k in ("run_name", "preset", "size", "patch", "params", "gflops")},
+                           "step": step,
                            "compute_flops": compute, "loss": value, "val_loss": _value_at(val, step)})  # fmt: skip
         scores = {m: dict(_history(client, run.info.run_id, m)) for m in FID_METRICS}
         if not scores["fid"]:
@@ -85,7 +86,7 @@ def load_runs(
                "compute_gmacs", "compute_flops", *FID_METRICS, "loss", "val_loss", "final_loss", "extractor",
                "status", "run_id"]  # fmt: skip
     frame = pd.DataFrame(rows, columns=columns).sort_values(["gflops", "step"], ignore_index=True)
-    curves_frame = pd.DataFrame(curves, columns=["run_name", "preset", "size", "patch", "gflops", "step",
+    curves_frame = pd.DataFrame(curves, columns=["run_name", "preset", "size", "patch", "params", "gflops", "step",
                                                  "compute_flops", "loss", "val_loss"])  # fmt: skip
     extractors = set(frame["extractor"]) - {""}
     if len(extractors) > 1:

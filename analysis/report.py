@@ -18,7 +18,7 @@ import numpy as np
 import pandas as pd
 
 from analysis import plots
-from analysis.fits import FitError, compute_frontier, correlation, fit_power_law
+from analysis.fits import FitError, compute_frontier, correlation, fit_power_law, isoflop_optimum
 from analysis.loader import load_runs
 
 # Table 4 of the paper (ImageNet 256, 400K steps, no guidance, FID-50K), dit_facts.md section 6.
@@ -80,7 +80,26 @@ def summarize(frame: pd.DataFrame, curves: pd.DataFrame, step: int | None) -> di
             summary["loss_vs_gflops"] = {"spearman": corr.spearman, "pearson_r_log_gflops": corr.pearson}
         except FitError as exc:
             summary["loss_vs_gflops"] = {"skipped": str(exc)}
+        summary["isoflop"] = isoflop_from_curves(curves)
     return summary
+
+
+def isoflop_from_curves(curves: pd.DataFrame, num_budgets: int = 8) -> dict[str, Any]:
+    """Compute-optimal model size per budget (Liang et al.'s isoFLOP profiles): each model's training loss is read
+    off its curve at shared compute budgets; budgets reached by at least 3 model sizes get a parabola fit."""
+    budgets = np.geomspace(curves["compute_flops"].min(), curves["compute_flops"].max(), num_budgets)
+    points = []
+    for _, rows in curves.groupby("preset"):
+        rows = rows.sort_values("compute_flops")
+        logc = np.log10(rows["compute_flops"].to_numpy())
+        for budget in budgets:
+            if logc[0] <= np.log10(budget) <= logc[-1]:
+                loss = np.interp(np.log10(budget), logc, rows["loss"].to_numpy())
+                points.append((rows["params"].iloc[0], budget, loss))
+    optima = isoflop_optimum(*zip(*points)) if points else []
+    if not optima:
+        return {"skipped": "no compute budget is reached by 3 or more model sizes with a minimum inside their range"}
+    return {"optima": [{"compute_flops": c, "optimal_params": n} for c, n in optima]}
 
 
 def analyze(
@@ -142,6 +161,12 @@ def describe(summary: dict[str, Any]) -> str:
     loss = summary.get("loss_vs_gflops", {})
     if "spearman" in loss:
         lines.append(f"  final loss vs Gflops: Spearman {loss['spearman']:.2f}")
+    iso = summary.get("isoflop", {})
+    if "optima" in iso:
+        optima = [f"{o['optimal_params'] / 1e6:.3g}M params at {o['compute_flops']:.2g} FLOPs" for o in iso["optima"]]
+        lines.append("  isoFLOP optimum: " + ", ".join(optima))
+    elif iso:
+        lines.append(f"  isoFLOP optimum: none ({iso['skipped']})")
     return "\n".join(lines)
 
 

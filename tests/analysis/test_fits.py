@@ -62,3 +62,21 @@ def test_degenerate_inputs(x, y, message):
         fit_power_law(x, y)
     with pytest.raises(FitError, match=message):
         correlation(x, y)
+
+
+def test_isoflop_profiles_from_loss_curves():
+    """Three model sizes whose curves cross a budget: the optimum lies where the parabola in log params bottoms out."""
+    import pandas as pd
+
+    from analysis.report import isoflop_from_curves
+
+    rows = []
+    for params in (1e6, 1e7, 1e8):
+        for compute in np.geomspace(1e12, 1e16, 9):
+            loss = 1 + (np.log10(params) - 7) ** 2 * 0.1 + (16 - np.log10(compute)) * 0.01
+            rows.append({"preset": f"p{params:g}", "params": params, "compute_flops": compute, "loss": loss})
+    result = isoflop_from_curves(pd.DataFrame(rows), num_budgets=3)
+    assert len(result["optima"]) == 3
+    assert all(o["optimal_params"] == pytest.approx(1e7, rel=0.01) for o in result["optima"])
+    two = pd.DataFrame([r for r in rows if r["params"] != 1e8])
+    assert "skipped" in isoflop_from_curves(two)
