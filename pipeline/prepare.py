@@ -35,6 +35,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from pipeline.codecs import CodecConfig, build_codec, images_to_tensor
+from pipeline.storage import read_json, write_json
 
 FORMAT_VERSION = 1
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
@@ -315,25 +316,14 @@ class ShardEncoder:
 
 
 def read_manifest(out: str) -> dict[str, Any] | None:
-    fs, root = fsspec.core.url_to_fs(out)
-    path = f"{root.rstrip('/')}/{MANIFEST}"
-    if not fs.exists(path):
-        return None
-    with fs.open(path, "r") as f:
-        try:
-            return json.load(f)
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"{out}/{MANIFEST} is not valid JSON ({exc}); delete it to rebuild the shards") from exc
+    try:
+        return read_json(f"{out.rstrip('/')}/{MANIFEST}")
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{out}/{MANIFEST} is not valid JSON ({exc}); delete it to rebuild the shards") from exc
 
 
 def write_manifest(out: str, manifest: dict[str, Any]) -> None:
-    """Write manifest.json atomically (temporary name, then rename)."""
-    fs, root = fsspec.core.url_to_fs(out)
-    root = root.rstrip("/")
-    tmp = f"{root}/.{MANIFEST}.tmp-{uuid.uuid4().hex[:8]}"
-    with fs.open(tmp, "w") as f:
-        json.dump(manifest, f, indent=1)
-    fs.mv(tmp, f"{root}/{MANIFEST}")
+    write_json(f"{out.rstrip('/')}/{MANIFEST}", manifest, indent=1)
 
 
 def _shard_intact(fs, path: str, entry: dict[str, Any], verify: str) -> bool:

@@ -36,7 +36,8 @@ from pipeline.config import (
     validate_against_data,
     validate_experiment,
 )
-from pipeline.train import DONE_FILE, read_json
+from pipeline.storage import read_json
+from pipeline.train import DONE_FILE
 
 # ---------------------------------------------------------------------------------------------------------------
 # Planning (no Ray, no MLflow)

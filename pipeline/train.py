@@ -12,7 +12,6 @@ of times. The logged loss is the mean over ranks (each rank's own mean over the 
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import resource
@@ -32,6 +31,7 @@ from dit_core.ema import create_ema, unwrap_model, update_ema
 from dit_core.flops import H200_BF16_PEAK_FLOPS, forward_macs
 from dit_core.model import DiT, DiTConfig
 from pipeline.data import LatentShardStream, make_loader
+from pipeline.storage import write_json
 
 CHECKPOINT_FILE = "checkpoint.pt"
 DONE_FILE = "ditscale_done.json"
@@ -56,24 +56,6 @@ def learning_rate(step: int, train: dict[str, Any]) -> float:
 
 def step_seed(seed: int, rank: int, step: int) -> int:
     return (seed * 1_000_003 + rank * 7_919 + step) % (2**63 - 1)
-
-
-def write_json(path: str, payload: dict[str, Any]) -> None:
-    """Write JSON to a local path or URI, atomically where the file system can rename."""
-    fs, p = fsspec.core.url_to_fs(path)
-    fs.makedirs(p.rsplit("/", 1)[0], exist_ok=True)
-    tmp = f"{p}.tmp-{os.getpid()}"
-    with fs.open(tmp, "w") as f:
-        json.dump(payload, f)
-    fs.mv(tmp, p)
-
-
-def read_json(path: str) -> dict[str, Any] | None:
-    fs, p = fsspec.core.url_to_fs(path)
-    if not fs.exists(p):
-        return None
-    with fs.open(p, "r") as f:
-        return json.load(f)
 
 
 def save_milestone(trial_dir: str, step: int, ema: torch.nn.Module, config: dict[str, Any]) -> str:
