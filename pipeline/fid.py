@@ -200,6 +200,20 @@ def make_sampler(fid: FidConfig, diffusion_config):
     return DiffusersSampler(diffusers_scheduler(fid.sampler, diffusion_config), fid.sampling_steps)
 
 
+def slice_labels(fid: FidConfig, index: int, count: int, num_classes: int) -> torch.Tensor:
+    """The class labels of slice `index`: balanced (cycling through the classes) or uniform random."""
+    if fid.labels == "balanced":
+        return (torch.arange(count) + index * fid.slice_size) % num_classes
+    return torch.randint(0, num_classes, (count,), generator=torch.Generator().manual_seed(fid.seed + index))
+
+
+def sample_labels(fid: FidConfig, num_classes: int) -> np.ndarray:
+    """The labels of all `fid.num_samples` samples, in the order `generate` returns them."""
+    slices = [(i, min(fid.slice_size, fid.num_samples - i * fid.slice_size))
+              for i in range(-(-fid.num_samples // fid.slice_size))]  # fmt: skip
+    return torch.cat([slice_labels(fid, i, n, num_classes) for i, n in slices]).numpy()
+
+
 def sample_slice(
     checkpoint: str, codec: dict[str, Any], fid: dict[str, Any], index: int, count: int, device: str = "cpu"
 ) -> np.ndarray:
@@ -220,10 +234,7 @@ def sample_slice(
     decoder = codec_from_description(codec, device=device)
     cfg = model.config
     g = torch.Generator(device).manual_seed(fid_cfg.seed * 1_000_003 + index)
-    if fid_cfg.labels == "balanced":
-        y = (torch.arange(count) + index * fid_cfg.slice_size) % cfg.num_classes
-    else:
-        y = torch.randint(0, cfg.num_classes, (count,), generator=torch.Generator().manual_seed(fid_cfg.seed + index))
+    y = slice_labels(fid_cfg, index, count, cfg.num_classes)
     noise = torch.randn(count, cfg.in_channels, cfg.input_size, cfg.input_size, generator=g, device=device)
     out = []
     autocast = torch.autocast(device, dtype=torch.bfloat16, enabled=device == "cuda")
@@ -323,7 +334,9 @@ def score_checkpoint(
     cuda = torch.cuda.is_available()
     weights = extractor_weights(fid, manifest, workdir)
     layer = FEATURE_LAYER.get(fid.extractor, "2048")
-    layers = sorted({layer} | ({"logits_unbiased"} if "isc" in fid.metrics else set()))
+    # the classifier extractor is also the judge of class fidelity: its logits score the samples' labels
+    classify = fid.extractor == fid_extractors.NAME
+    layers = sorted({layer} | ({"logits_unbiased"} if "isc" in fid.metrics or classify else set()))
     extractor = make_extractor(fid, weights, cuda, layers)
     ref_stats, ref_feats = reference_statistics(fid, manifest, workdir, weights, extractor, cuda)
 
@@ -347,6 +360,9 @@ def score_checkpoint(
 
             prc = prc_features_to_metric(gen_feats[layer], ref_feats[layer], verbose=False)
             metrics["precision"], metrics["recall"] = float(prc["precision"]), float(prc["recall"])
+    if classify:
+        labels = torch.from_numpy(sample_labels(fid, model_config.num_classes))
+        metrics["class_accuracy"] = float((gen_feats["logits_unbiased"].argmax(1).cpu() == labels).float().mean())
     if "isc" in fid.metrics:
         from torch_fidelity.metric_isc import isc_features_to_metric
 
@@ -362,6 +378,8 @@ def score_checkpoint(
         "fid.guidance_channels": str(fid.guidance_channels or "all"),
         "fid.labels": fid.labels,
     }
+    if classify:
+        facts["fid.classifier_real_accuracy"] = f"{fid_extractors.held_out_accuracy(weights):.4f}"
     return metrics, samples, facts
 
 

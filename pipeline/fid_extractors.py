@@ -96,6 +96,11 @@ def train_classifier(
     return {k: v for k, v in payload.items() if k != "state_dict"}
 
 
+def held_out_accuracy(path: str | os.PathLike) -> float:
+    """The classifier's accuracy on the real images it held out (the ceiling for samples' class accuracy)."""
+    return float(torch.load(path, map_location="cpu", weights_only=True)["accuracy"])
+
+
 def weights_digest(path: str | os.PathLike) -> str:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
 

@@ -16,8 +16,10 @@ from pipeline.fid import (
     frechet_distance,
     generate,
     make_extractor,
+    real_images,
     reference_statistics,
     run_fid,
+    sample_labels,
     score_checkpoint,
     statistics,
 )
@@ -140,6 +142,31 @@ def test_a_trained_model_scores_better_later(smoke_workdir, ray_session):
     early, _, _ = score_checkpoint(str(paths[10]), manifest, fid, smoke_workdir, progress=False)
     late, _, _ = score_checkpoint(str(paths[400]), manifest, fid, smoke_workdir, progress=False)
     assert late["fid"] < early["fid"], (early, late)
+
+
+@pytest.mark.parametrize("labels", ["balanced", "uniform"])
+def test_class_accuracy_judges_each_sample_by_its_own_label(fast_smoke, smoke_workdir, monkeypatch, labels):
+    """Stand real images in for the samples, in the order of the labels the sampler conditions on: the classifier
+    must find them right about as often as on its held-out images; with every label off by one, rarely."""
+    import pipeline.fid as fid_module
+    from pipeline.fid import extractor_weights
+    from pipeline.fid_extractors import held_out_accuracy
+
+    experiment, outcomes = fast_smoke
+    manifest = load_manifest(f"{smoke_workdir}/shards/smoke")
+    fid = replace(experiment.fid, labels=labels, num_samples=240, slice_size=70)  # a ragged last slice
+    images, real_labels = real_images(manifest)
+    wanted = sample_labels(fid, 4)
+    assert len(wanted) == 240 and set(wanted) == {0, 1, 2, 3}
+    rng = np.random.default_rng(0)
+    for shift, check in ((0, lambda acc, ceiling: acc >= ceiling - 0.15), (1, lambda acc, _: acc < 0.4)):
+        picks = [rng.choice(np.flatnonzero(real_labels == (label + shift) % 4)) for label in wanted]
+        monkeypatch.setattr(fid_module, "generate", lambda *args, chosen=images[picks], **kw: chosen)
+        path = milestone(smoke_workdir, outcomes[0], 30)
+        metrics, _, facts = score_checkpoint(path, manifest, fid, smoke_workdir, progress=False)
+        ceiling = float(facts["fid.classifier_real_accuracy"])
+        assert ceiling == pytest.approx(held_out_accuracy(extractor_weights(fid, manifest, smoke_workdir)), abs=1e-4)
+        assert check(metrics["class_accuracy"], ceiling), (shift, metrics["class_accuracy"], ceiling)
 
 
 def test_bad_inputs_give_clear_errors(fast_smoke, smoke_workdir, tmp_path):
