@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-FID_METRICS = ("fid", "isc", "kid", "precision", "recall")
+FID_METRICS = ("fid", "isc", "kid", "precision", "recall", "class_accuracy")  # class_accuracy: classifier extractor
 
 
 def _history(client, run_id: str, key: str) -> list[tuple[int, float]]:

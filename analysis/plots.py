@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-SIZE_ORDER = ["Pico", "Ti", "Nano", "Mi", "S", "B", "L", "XL"]
+SIZE_ORDER = ["Femto", "Pico", "Ti", "Mini", "Mi", "Nano", "S", "B", "L", "XL"]  # by compute per token
 MARKERS = {1: "P", 2: "o", 4: "s", 8: "^", 16: "D"}
 
 
@@ -24,7 +24,7 @@ def _plt():
 def _colour(size: str):
     """A distinct colour per model size (tab10), fixed across figures."""
     palette = _plt().get_cmap("tab10")
-    return palette(SIZE_ORDER.index(size) if size in SIZE_ORDER else 9)
+    return palette(SIZE_ORDER.index(size)) if size in SIZE_ORDER else (0.5, 0.5, 0.5, 1.0)
 
 
 def _save(fig, out: Path, name: str) -> str:

@@ -44,7 +44,10 @@ def choose_step(frame: pd.DataFrame, step: int | None) -> int:
 
 
 def table4(at_step: pd.DataFrame, with_paper: bool) -> pd.DataFrame:
-    table = at_step[["preset", "gflops", "params", "fid", "loss"]].copy()
+    columns = ["preset", "gflops", "params", "fid", "loss"]
+    if "class_accuracy" in at_step and at_step["class_accuracy"].notna().any():
+        columns.append("class_accuracy")
+    table = at_step[columns].copy()
     table["params_M"] = table.pop("params") / 1e6
     if with_paper:
         table = table.merge(PAPER_TABLE4.rename(columns={"gflops": "paper_gflops", "fid": "paper_fid_400k"}),
@@ -66,6 +69,17 @@ def summarize(frame: pd.DataFrame, curves: pd.DataFrame, step: int | None) -> di
         summary["_fit"], summary["_samples"], summary["_corr"] = fit, samples, corr
     except FitError as exc:
         summary["fid_vs_gflops"] = {"skipped": str(exc)}
+    progress = {}
+    for preset, rows in frame.sort_values("step").groupby("preset"):
+        if rows["step"].nunique() >= 2:
+            first, last = rows.iloc[0], rows.iloc[-1]
+            progress[preset] = {"first_step": int(first["step"]), "first_fid": float(first["fid"]),
+                                "last_step": int(last["step"]), "last_fid": float(last["fid"])}  # fmt: skip
+    if progress:
+        worse = sorted(p for p, v in progress.items() if not v["last_fid"] < v["first_fid"])
+        summary["fid_first_to_last"] = {"presets": progress, "improved": len(progress) - len(worse), "not": worse}
+    if "class_accuracy" in at and at["class_accuracy"].notna().any():
+        summary["class_accuracy"] = {row.preset: float(row.class_accuracy) for row in at.itertuples()}
     frontier = frame.iloc[compute_frontier(frame["compute_flops"], frame["fid"])] if len(frame) else frame
     try:
         cfit, _ = fit_power_law(frontier["compute_flops"], frontier["fid"], what="FID vs training compute frontier")
@@ -131,6 +145,7 @@ def analyze(
     ]
     if len(curves):
         figures.append(plots.loss_curves(curves, out))
+    figures += _sample_grids(tracking_uri, at, out, summary["step"], notes)
     table = table4(at, paper_grid)
     table.to_csv(out / "table4.csv", index=False)
     (out / "table4.md").write_text(table.to_markdown(index=False, floatfmt=".4g") if _has_tabulate() else
@@ -145,6 +160,26 @@ def analyze(
     return public
 
 
+def _sample_grids(tracking_uri: str, at_step: pd.DataFrame, out: Path, step: int, notes: list[str]) -> list[str]:
+    """Copy each preset's grid of samples at `step` (logged by the fid stage) to <out>/samples/<preset>.png."""
+    from mlflow.tracking import MlflowClient
+
+    client, found = MlflowClient(tracking_uri=tracking_uri), []
+    (out / "samples").mkdir(parents=True, exist_ok=True)
+    for row in at_step.sort_values("gflops").itertuples():
+        name = f"samples_step{step:07d}.png"
+        try:
+            local = client.download_artifacts(row.run_id, f"samples/{name}", str(out / "samples"))
+        except Exception as exc:  # an artifact store that is gone must not stop the analysis
+            notes.append(f"{row.run_name} ({row.preset}): no sample grid at step {step} ({type(exc).__name__})")
+            print(f"analyze: {notes[-1]}")
+            continue
+        target = out / "samples" / f"{row.preset.replace('/', '_')}.png"
+        Path(local).replace(target)
+        found.append(str(target))
+    return found
+
+
 def describe(summary: dict[str, Any]) -> str:
     lines = [f"analysis at step {summary['step']:,} over {summary['presets']} presets"]
     f = summary["fid_vs_gflops"]
@@ -155,6 +190,15 @@ def describe(summary: dict[str, Any]) -> str:
                      f"{f['b_ci'][1]:.3f}], R^2 {f['r2']:.2f})")  # fmt: skip
         lines.append(f"  r = {f['pearson_r_log_gflops']:.2f} (Pearson, FID vs log Gflops; Spearman "
                      f"{f['spearman']:.2f}); the paper: r = -0.93")  # fmt: skip
+    progress = summary.get("fid_first_to_last")
+    if progress:
+        worse = f" (not: {', '.join(progress['not'])})" if progress["not"] else ""
+        lines.append(f"  FID improved from the first to the last scored checkpoint in {progress['improved']} of "
+                     f"{len(progress['presets'])} trials{worse}")  # fmt: skip
+    accuracy = summary.get("class_accuracy")
+    if accuracy:
+        lines.append("  class accuracy of the samples (classifier trained on the real images): "
+                     + ", ".join(f"{preset} {acc:.0%}" for preset, acc in accuracy.items()))  # fmt: skip
     c = summary["fid_vs_compute"]
     frontier = f"no fit ({c['skipped']})" if "skipped" in c else f"FID ~ C^{c['b']:.3f} over {c['n']} checkpoints"
     lines.append(f"  FID vs training compute frontier: {frontier}")

@@ -52,6 +52,13 @@ def test_analyze_writes_and_logs_everything(scored, smoke_workdir, mlflow_uri, t
     table = pd.read_csv(tmp_path / "table4.csv")
     assert list(table["preset"]) == list(table.sort_values("gflops")["preset"]) and len(table) == 4
     assert "| preset" in (tmp_path / "table4.md").read_text()
+    assert table["class_accuracy"].between(0, 1).all()  # the classifier extractor judged every sample's label
+    progress = summary["fid_first_to_last"]
+    assert set(progress["presets"]) == set(table["preset"]) and "FID improved from the first" in out
+    assert progress["improved"] + len(progress["not"]) == 4
+    assert all((v["first_step"], v["last_step"]) == (15, 30) for v in progress["presets"].values())
+    grids = sorted(p.name for p in (tmp_path / "samples").glob("*.png"))  # the fid stage's sample grids, copied
+    assert grids == sorted(f"{p.replace('/', '_')}.png" for p in table["preset"])
     assert json.loads((tmp_path / "summary.json").read_text())["step"] == 30
     logged = {a.path for a in tracking.client(mlflow_uri).list_artifacts(parent.info.run_id, "analysis")}
     assert {"analysis/fid_vs_gflops.png", "analysis/table4.csv", "analysis/summary.json"} <= logged
