@@ -82,6 +82,10 @@ SIZES: dict[str, tuple[int, int, int]] = {
     "Mi": (4, 128, 4),
     "Pico": (2, 48, 2),
     "Nano": (6, 128, 4),
+    # The toy_scaling grid: Femto, Mini and Nano are each >= 4x apart in compute per token, so at 16 px the six
+    # presets rank by Gflops size-major (Femto/4 < Femto/2 < Mini/4 < Mini/2 < Nano/4 < Nano/2; 0.57 ... 83 MMACs).
+    "Femto": (1, 48, 2),
+    "Mini": (3, 64, 2),
 }
 PAPER_SIZES = ("S", "B", "L", "XL")
 PATCH_SIZES = (2, 4, 8)

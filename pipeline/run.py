@@ -92,7 +92,7 @@ def run_all(experiment: ExperimentConfig, workdir: str, step: int | None = None)
         f"\nditscale run {experiment.name}: done in {minutes:.1f} min"
         + (f"; failed trials: {failed}" if failed else "")
     )
-    print(f"  figures and tables  {out}/  (fid_vs_gflops.png, fid_vs_steps.png, table4.md, summary.json)")
+    print(f"  figures and tables  {out}/  (fid_vs_gflops.png, fid_vs_steps.png, samples/, table4.md, summary.json)")
     print(f"  checkpoints         {plan.storage}/<run>/checkpoint_*/, EMA milestones in <run>/milestones/")
     if experiment.tracking.tracking_uri or previous:
         print(f"  MLflow              {experiment.tracking.tracking_uri or previous}")

@@ -3,6 +3,8 @@
 import subprocess
 import sys
 
+import pytest
+
 from pipeline.cli import main
 
 
@@ -11,12 +13,26 @@ def test_presets_lists_every_preset_with_paper_figures(capsys):
     out = capsys.readouterr().out
     xl2 = next(line for line in out.splitlines() if line.startswith("DiT-XL/2"))
     assert "675,129,632" in xl2 and "118.621" in xl2
-    assert sum(line.startswith("DiT-") for line in out.splitlines()) == 24
+    assert sum(line.startswith("DiT-") for line in out.splitlines()) == 30  # 10 sizes x 3 patch sizes
 
 
 def test_presets_with_small_latent_and_bad_patch(capsys):
     assert main(["presets", "--input-size", "12"]) == 2  # patch 8 does not divide 12
     assert "patch size 8 does not divide the latent size 12" in capsys.readouterr().err
+
+
+def test_dry_run_plans_the_paper_grid_before_any_data_exists(tmp_path, capsys):
+    """The cost of a study is known before ImageNet is sharded: 12 trials, Gflops of Table 4, GPU-hours."""
+    assert main(["sweep", "paper_grid", "--dry-run", "--workdir", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    rows = [line.split() for line in out.splitlines() if " DiT-" in line]
+    assert len(rows) == 12
+    xl2 = next(row for row in rows if row[1] == "DiT-XL/2")
+    assert xl2[2] == "674,834,720" and xl2[3] == "118.6"
+    # train GPU-hours = 6 x MACs x batch x steps / (40% of 790 TFLOP/s), as the table's columns say
+    assert float(xl2[-2]) == pytest.approx(6 * 118.62e9 * 256 * 400_000 / (0.4 * 790e12) / 3600, rel=1e-3)
+    assert "GPU-hours of training" in out and "latents assumed 4x32x32" in out
+    assert not (tmp_path / "runs").exists()  # planning writes nothing
 
 
 def test_console_script_help():
