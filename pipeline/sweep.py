@@ -388,9 +388,30 @@ def summary_table(outcomes: list[TrialOutcome]) -> str:
     return "\n".join(lines)
 
 
+def assumed_manifest(experiment: ExperimentConfig, num_classes: int = 1000) -> dict[str, Any]:
+    """What the shards of `experiment` will look like (latent shape from the codec and resolution), for planning a
+    study before its data exists."""
+    d = experiment.data
+    if d.codec == "vae":
+        shape = [4, d.resolution // 8, d.resolution // 8]
+    else:
+        shape = [3 * d.space_to_depth**2, d.resolution // d.space_to_depth, d.resolution // d.space_to_depth]
+    return {"latent_shape": shape, "num_classes": num_classes, "resolution": d.resolution, "total": 0,
+            "codec": {"kind": d.codec}, "source": {"listing_sha256": "not prepared yet"}}  # fmt: skip
+
+
 def main_sweep(experiment: ExperimentConfig, workdir: str, dry_run: bool) -> int:
     if dry_run:
-        print(dry_run_report(plan_sweep(experiment, workdir)))
+        try:
+            print(dry_run_report(plan_sweep(experiment, workdir)))
+        except ConfigError as exc:
+            if "no shards at" not in str(exc):
+                raise
+            validate_experiment(experiment)
+            manifest = assumed_manifest(experiment)
+            print(describe_trials(experiment, expand_trials(experiment, manifest)))
+            print(f"(no shards yet: latents assumed {'x'.join(map(str, manifest['latent_shape']))} from data.codec "
+                  f"and data.resolution, 1000 classes; run names are provisional)")  # fmt: skip
         return 0
     outcomes = run_sweep(experiment, workdir)
     return 0 if all(o.status == "done" for o in outcomes) else 1
