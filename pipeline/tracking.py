@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -43,8 +44,10 @@ def store_paths(workdir: str) -> tuple[Path, Path]:
 def ui_command(workdir: str) -> str:
     """The command that opens the MLflow UI over the embedded store of `workdir`."""
     db, artifacts = store_paths(workdir)
+    beside = Path(sys.executable).parent / "mlflow"  # this environment's mlflow, even when it is not on PATH
+    mlflow = str(beside) if beside.exists() and shutil.which("mlflow") != str(beside) else "mlflow"
     return (
-        f"mlflow server --backend-store-uri sqlite:///{db} --artifacts-destination {artifacts} "
+        f"{mlflow} server --backend-store-uri sqlite:///{db} --artifacts-destination {artifacts} "
         f"--host 127.0.0.1 --port 5000"
     )
 
