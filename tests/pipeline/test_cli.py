@@ -51,3 +51,10 @@ def test_toy_data_then_prepare_from_the_command_line(ray_session, tmp_path, caps
     assert "different configuration" in capsys.readouterr().err
     assert main(["prepare", str(tmp_path / "missing"), str(tmp_path / "x"), "--codec", "pixel"]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_set_takes_several_overrides_at_once():
+    from pipeline.cli import build_parser
+
+    args = build_parser().parse_args(["run", "toy_scaling", "--set", "name=b", "train.seed=1", "--set", "fid.seed=2"])
+    assert args.experiment == "toy_scaling" and args.set == ["name=b", "train.seed=1", "fid.seed=2"]
