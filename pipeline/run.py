@@ -98,6 +98,7 @@ def run_all(experiment: ExperimentConfig, workdir: str, step: int | None = None)
         print(f"  MLflow              {experiment.tracking.tracking_uri or previous}")
     else:
         print(f"  MLflow store        {workdir}/mlflow.db (artifacts: {workdir}/mlartifacts)")
-        print(f"  open the MLflow UI  {tracking.ui_command(workdir)}   then http://127.0.0.1:5000")
+        print(f"  open the MLflow UI  {tracking.ui_command(workdir)}")
+        print(f"                      then http://127.0.0.1:5000/#/experiments/{exp_id}/runs (the sweep's runs)")
     summary["minutes"] = minutes
     return summary

@@ -117,17 +117,26 @@ def client(uri: str):
     return MlflowClient(tracking_uri=uri)
 
 
+# Marks the experiment as model training (not GenAI traces) for MLflow 3's UI, which picks its pages by this tag.
+EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
+
+
 def experiment_id(uri: str, name: str) -> str:
+    """The id of the MLflow experiment `name`, created (or restored) if needed, marked as model training."""
     c = client(uri)
     experiment = c.get_experiment_by_name(name)
-    if experiment is not None:
-        if experiment.lifecycle_stage == "deleted":
-            c.restore_experiment(experiment.experiment_id)
-        return experiment.experiment_id
-    try:
-        return c.create_experiment(name)
-    except Exception:  # created concurrently
-        return c.get_experiment_by_name(name).experiment_id
+    if experiment is None:
+        try:
+            c.create_experiment(name, tags=EXPERIMENT_KIND)
+        except Exception:  # created concurrently
+            pass
+        experiment = c.get_experiment_by_name(name)
+    if experiment.lifecycle_stage == "deleted":
+        c.restore_experiment(experiment.experiment_id)
+    for key, value in EXPERIMENT_KIND.items():
+        if experiment.tags.get(key) is None:  # a kind the user chose in the UI is kept
+            c.set_experiment_tag(experiment.experiment_id, key, value)
+    return experiment.experiment_id
 
 
 def find_run(uri: str, exp_id: str, tags: dict[str, str]):
