@@ -11,6 +11,7 @@ parent MLflow run. Rerunnable at any time from MLflow alone.
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -164,6 +165,7 @@ def _sample_grids(tracking_uri: str, at_step: pd.DataFrame, out: Path, step: int
     """Copy each preset's grid of samples at `step` (logged by the fid stage) to <out>/samples/<preset>.png."""
     from mlflow.tracking import MlflowClient
 
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # one bar per grid is noise here
     client, found = MlflowClient(tracking_uri=tracking_uri), []
     (out / "samples").mkdir(parents=True, exist_ok=True)
     for row in at_step.sort_values("gflops").itertuples():
