@@ -42,6 +42,17 @@ def test_paper_grid_is_the_papers_recipe():
     assert round(trials[-3].gflops, 2) == 118.62 and trials[-3].params == 674_834_720
 
 
+def test_toy_scaling_is_a_six_point_study_with_the_x0_objective():
+    e = load_experiment("toy_scaling")
+    assert (e.train.prediction, e.train.learn_sigma, e.train.loss) == ("x0", False, "mse")
+    assert (e.data.toy_style, e.data.toy_classes) == ("simple", 5) and len(e.train.milestone_steps) >= 2
+    trials = sorted(expand_trials(e, {**MANIFEST, "num_classes": 5}), key=lambda t: t.gflops)
+    assert len(trials) == 6 and len({t.size for t in trials}) == 3 and len({t.patch for t in trials}) == 2
+    # size-major order: every preset of a larger size costs more than every preset of a smaller one
+    assert [t.preset for t in trials] == [f"DiT-{s}/{p}" for s in ("Femto", "Mini", "Nano") for p in (4, 2)]
+    assert trials[-1].gflops / trials[0].gflops > 100
+
+
 def test_overrides():
     e = load_experiment("smoke", ["train.lr=3e-4", "grid.presets=[DiT-Ti/4]", "train.adam_betas=[0.9, 0.95]"])
     assert e.train.lr == 3e-4 and e.grid.presets == ("DiT-Ti/4",) and e.train.adam_betas == (0.9, 0.95)
