@@ -1,20 +1,26 @@
-"""Training-step throughput: dit_core's DiT against diffusers' DiTTransformer2DModel, side by side in one run.
+"""Speed of dit_core's training step and sampling forward against diffusers' DiTTransformer2DModel, eager and
+compiled, side by side in one run.
 
-One step = forward, the paper's hybrid loss (same GaussianDiffusion code for both), backward, AdamW. Both models
-hold the same weights (diffusers' is exported from ours). Measurements alternate A, B, A, B ... in rounds so that
-drift of a shared machine hits both; the ratio is taken per round and its median printed.
+Training step = forward, the paper's hybrid loss (the same GaussianDiffusion code for both), backward, AdamW (fused
+on GPU) and the EMA update (one foreach lerp), with no host synchronisation inside the step. Sampling forward = one
+network evaluation at the FID batch, no gradient, no guidance. Both implementations hold the same weights (diffusers'
+is exported from ours). Measurements alternate dit_core, diffusers, dit_core, ... in rounds so that drift of a
+shared machine hits both; each ratio is taken per round and its median printed. Results are written to the JSON
+file after every measurement, so a run cut short keeps what it measured.
 
-    python benchmarks/train_step.py                          # CPU: tiny presets of the quickstart
-    python benchmarks/train_step.py --device cuda            # GPU: DiT-XL/2, batch 64, bf16 autocast, MFU
-    python benchmarks/train_step.py --device cuda --presets DiT-S/2 DiT-B/2 DiT-L/2 DiT-XL/2 --compile
+    python benchmarks/train_step.py                    # CPU: the quickstart presets at 16 px, fp32, eager
+    python benchmarks/train_step.py --device cuda      # GPU: S/2 B/2 L/2 XL/2 at 256 px (32x32x4), batch 64, bf16,
+                                                       # eager and compiled; XL/2 against diffusers; sampling at 256
+    python benchmarks/train_step.py --modes eager compiled --presets DiT-Ti/2   # CPU, compiled too
 
-Prints img/s for each implementation, the ratio dit_core / diffusers, and on GPU the MFU against 790 TFLOP/s
-(6 x paper Gflops x img/s); writes everything to a JSON file.
+MFU = 6 x paper Gflops x img/s / peak for training, 2 x paper Gflops x evaluations/s / peak for sampling (peak: the
+H200's 790 TFLOP/s bf16 unless --peak-flops).
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import statistics
 import sys
@@ -26,9 +32,13 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from dit_core.diffusion import GaussianDiffusion, sample_timesteps  # noqa: E402
+from dit_core.ema import update_ema  # noqa: E402
 from dit_core.flops import H200_BF16_PEAK_FLOPS, gflops, train_mfu  # noqa: E402
 from dit_core.interop import to_diffusers  # noqa: E402
 from dit_core.model import DiT, dit_config  # noqa: E402
+
+QUICKSTART = ["DiT-Pico/4", "DiT-Pico/2", "DiT-Nano/4", "DiT-Nano/2"]
+GRID = ["DiT-S/2", "DiT-B/2", "DiT-L/2", "DiT-XL/2"]
 
 
 class DiffusersAdapter(torch.nn.Module):
@@ -42,14 +52,20 @@ class DiffusersAdapter(torch.nn.Module):
         return self.transformer(x, t, y).sample
 
 
-def make_step(model, device: torch.device, batch: int, config, precision: str, compile_model: bool):
-    diffusion = GaussianDiffusion()
-    fused = device.type == "cuda"
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.0, fused=fused)
-    forward = torch.compile(model) if compile_model else model
-    g = torch.Generator(device=device).manual_seed(0)
-    x0 = torch.randn(batch, config.in_channels, config.input_size, config.input_size, device=device, generator=g)
+def _inputs(config, batch: int, device: torch.device, seed: int = 0):
+    g = torch.Generator(device=device).manual_seed(seed)
+    x = torch.randn(batch, config.in_channels, config.input_size, config.input_size, device=device, generator=g)
     y = torch.randint(0, config.num_classes, (batch,), device=device, generator=g)
+    return x, y, g
+
+
+def make_train_step(model, device: torch.device, batch: int, config, precision: str, compiled: bool):
+    """One training step of `model` (fresh AdamW and EMA), as pipeline/train.py runs it."""
+    diffusion = GaussianDiffusion()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.0, fused=device.type == "cuda")
+    ema = copy.deepcopy(model).requires_grad_(False)
+    forward = torch.compile(model) if compiled else model
+    x0, y, g = _inputs(config, batch, device)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
 
     def step():
@@ -59,6 +75,21 @@ def make_step(model, device: torch.device, batch: int, config, precision: str, c
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
+        update_ema(ema, model, 0.9999)
+
+    return step
+
+
+def make_sample_step(model, device: torch.device, batch: int, config, precision: str, compiled: bool):
+    """One network evaluation at the sampling batch (no gradient, no guidance)."""
+    forward = torch.compile(model) if compiled else model
+    x, y, g = _inputs(config, batch, device, seed=1)
+    t = torch.randint(0, 1000, (batch,), device=device, generator=g)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
+
+    def step():
+        with torch.no_grad(), autocast:
+            forward(x, t, y)
 
     return step
 
@@ -75,52 +106,88 @@ def timed(step, n: int, device: torch.device) -> float:
     return (time.perf_counter() - start) / n
 
 
-def bench_preset(args, preset: str, device: torch.device) -> dict:
-    config = dit_config(preset, input_size=args.input_size, in_channels=args.in_channels, num_classes=1000)
-    torch.manual_seed(0)
-    ours = DiT(config).to(device).train()
-    theirs = DiffusersAdapter(to_diffusers(ours)).to(device).train()
-    steps = {
-        "dit_core": make_step(ours, device, args.batch, config, args.precision, args.compile),
-        "diffusers": make_step(theirs, device, args.batch, config, args.precision, args.compile),
-    }
-    for step in steps.values():  # warm-up (and compilation)
+def measure(steps: dict, args, device: torch.device) -> dict[str, list[float]]:
+    """Warm up (and compile) every step, then time them in alternating rounds: {name: [s per step per round]}."""
+    for step in steps.values():
         timed(step, args.warmup, device)
     per_round = {name: [] for name in steps}
     for _ in range(args.rounds):
         for name, step in steps.items():
             per_round[name].append(timed(step, args.steps, device))
-    result = {
-        "preset": preset,
-        "batch": args.batch,
-        "gflops": gflops(config),
-        "precision": args.precision,
-        "compile": args.compile,
-        "device": str(device),
-    }
+    return per_round
+
+
+def bench(args, preset: str, kind: str, mode: str, with_peer: bool, device: torch.device) -> dict:
+    config = dit_config(preset, input_size=args.input_size, in_channels=args.in_channels, num_classes=1000)
+    torch.manual_seed(0)
+    ours = DiT(config).to(device)
+    models = {"dit_core": ours}
+    if with_peer:
+        models["diffusers"] = DiffusersAdapter(to_diffusers(ours)).to(device)
+    batch = args.batch if kind == "train" else args.sample_batch
+    make = make_train_step if kind == "train" else make_sample_step
+    for model in models.values():
+        model.train(kind == "train")
+    steps = {name: make(m, device, batch, config, args.precision, mode == "compiled") for name, m in models.items()}
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    start = time.perf_counter()
+    per_round = measure(steps, args, device)
+    result = {"preset": preset, "kind": kind, "mode": mode, "batch": batch, "gflops": gflops(config),
+              "precision": args.precision, "device": str(device),
+              "seconds_incl_warmup": time.perf_counter() - start}  # fmt: skip
     for name, times in per_round.items():
-        img_s = args.batch / statistics.median(times)
-        result[f"{name}_img_s"] = img_s
+        rate = batch / statistics.median(times)  # img/s (train) or network evaluations/s (sample)
+        result[f"{name}_per_s"] = rate
         if device.type == "cuda":
-            result[f"{name}_mfu"] = train_mfu(config, img_s, args.peak_flops)
-    ratios = [b / a for a, b in zip(per_round["dit_core"], per_round["diffusers"])]  # time ratio = speed ratio
-    result["ratio"] = statistics.median(ratios)
-    result["ratio_min_max"] = [min(ratios), max(ratios)]
+            if kind == "train":
+                result[f"{name}_mfu"] = train_mfu(config, rate, args.peak_flops)
+            else:
+                result[f"{name}_mfu"] = 2 * gflops(config) * 1e9 * rate / args.peak_flops
+    if with_peer:
+        ratios = [b / a for a, b in zip(per_round["dit_core"], per_round["diffusers"])]  # time ratio = speed ratio
+        result["ratio"] = statistics.median(ratios)
+        result["ratio_min_max"] = [min(ratios), max(ratios)]
     if device.type == "cuda":
         result["peak_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
+    del steps, models, ours
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
     return result
+
+
+def row(r: dict, gpu: bool) -> str:
+    unit = "img/s" if r["kind"] == "train" else "eval/s"
+    peer = f"{r['diffusers_per_s']:>12.1f}" if "diffusers_per_s" in r else f"{'-':>12}"
+    ratio = f"{r['ratio']:>6.3f}" if "ratio" in r else f"{'-':>6}"
+    line = (f"{r['kind']:<6} {r['mode']:<9} {r['preset']:<11} {r['batch']:>5} {r['gflops']:>8.3f} "
+            f"{r['dit_core_per_s']:>12.1f} {peer} {ratio} {unit}")  # fmt: skip
+    if gpu:
+        peer_mfu = f"{r['diffusers_mfu']:>8.1%}" if "diffusers_mfu" in r else f"{'-':>8}"
+        line += f"   MFU {r['dit_core_mfu']:>6.1%} {peer_mfu}   {r['peak_memory_gib']:.1f} GiB"
+    return line
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    parser.add_argument("--presets", nargs="+", default=None, help="default: DiT-Ti/2 DiT-Mi/4 (CPU), DiT-XL/2 (GPU)")
-    parser.add_argument("--batch", type=int, default=None, help="per-device batch (default 32 CPU, 64 GPU)")
+    parser.add_argument("--presets", nargs="+", default=None, help="default: the quickstart's (CPU), S/B/L/XL-2 (GPU)")
+    parser.add_argument("--peer-presets", nargs="+", default=None,
+                        help="presets also run with diffusers (default: all on CPU, DiT-XL/2 on GPU)")  # fmt: skip
+    parser.add_argument(
+        "--sample-presets",
+        nargs="*",
+        default=None,
+        help="presets whose sampling forward is measured (default: none on CPU, DiT-XL/2 on GPU)",
+    )
+    parser.add_argument("--modes", nargs="+", default=None, choices=["eager", "compiled"],
+                        help="default: eager (CPU), eager and compiled (GPU)")  # fmt: skip
+    parser.add_argument("--batch", type=int, default=64, help="training batch per device")
+    parser.add_argument("--sample-batch", type=int, default=256, help="sampling batch")
     parser.add_argument("--input-size", type=int, default=None, help="latent side (default 16 CPU, 32 GPU)")
-    parser.add_argument("--in-channels", type=int, default=4)
+    parser.add_argument("--in-channels", type=int, default=None, help="latent channels (default 3 CPU, 4 GPU)")
     parser.add_argument("--precision", default=None, choices=["fp32", "bf16"], help="default fp32 CPU, bf16 GPU")
-    parser.add_argument("--compile", action="store_true", help="torch.compile both models")
-    parser.add_argument("--steps", type=int, default=None, help="steps per timed round")
+    parser.add_argument("--steps", type=int, default=None, help="steps per timed round (default 5 CPU, 10 GPU)")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--peak-flops", type=float, default=H200_BF16_PEAK_FLOPS)
@@ -129,35 +196,35 @@ def main() -> None:
     gpu = args.device == "cuda"
     if gpu and not torch.cuda.is_available():
         raise SystemExit("--device cuda given but no CUDA device is visible")
-    args.presets = args.presets or (["DiT-XL/2"] if gpu else ["DiT-Ti/2", "DiT-Mi/4"])
-    args.batch = args.batch or (64 if gpu else 32)
+    args.presets = args.presets or (GRID if gpu else QUICKSTART)
+    peers = set(args.peer_presets or (["DiT-XL/2"] if gpu else args.presets))
+    sample_presets = args.sample_presets if args.sample_presets is not None else (["DiT-XL/2"] if gpu else [])
+    args.modes = args.modes or (["eager", "compiled"] if gpu else ["eager"])
     args.input_size = args.input_size or (32 if gpu else 16)
+    args.in_channels = args.in_channels or (4 if gpu else 3)
     args.precision = args.precision or ("bf16" if gpu else "fp32")
     args.steps = args.steps or (10 if gpu else 5)
     if gpu:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     device = torch.device(args.device)
-
-    results = []
-    print(
-        f"{'preset':<10} {'batch':>5} {'Gflops':>8} {'dit_core img/s':>15} {'diffusers img/s':>16} {'ratio':>6}"
-        + (f" {'MFU ours':>9} {'MFU diffusers':>14}" if gpu else "")
-    )
-    for preset in args.presets:
-        r = bench_preset(args, preset, device)
-        results.append(r)
-        line = (
-            f"{preset:<10} {r['batch']:>5} {r['gflops']:>8.3f} {r['dit_core_img_s']:>15.1f} "
-            f"{r['diffusers_img_s']:>16.1f} {r['ratio']:>6.3f}"
-        )
-        if gpu:
-            line += f" {r['dit_core_mfu']:>9.1%} {r['diffusers_mfu']:>14.1%}"
-        print(line, flush=True)
     out = Path(args.json)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"torch": torch.__version__, "results": results}, indent=2))
-    print(f"ratio = dit_core img/s / diffusers img/s (median over {args.rounds} alternating rounds); wrote {out}")
+
+    name = torch.cuda.get_device_name() if gpu else "cpu"
+    print(f"{name}, torch {torch.__version__}, {args.precision}, latents {args.in_channels}x{args.input_size}^2")
+    print(f"{'kind':<6} {'mode':<9} {'preset':<11} {'batch':>5} {'Gflops':>8} {'dit_core':>12} {'diffusers':>12} "
+          f"{'ratio':>6}" + ("   MFU ours / diffusers" if gpu else ""))  # fmt: skip
+    plan = [("train", mode, p) for mode in args.modes for p in args.presets]
+    plan += [("sample", mode, p) for mode in args.modes for p in sample_presets]
+    results, start = [], time.perf_counter()
+    for kind, mode, preset in plan:
+        r = bench(args, preset, kind, mode, preset in peers, device)
+        results.append(r)
+        print(row(r, gpu), flush=True)
+        out.write_text(json.dumps({"device": name, "torch": torch.__version__, "results": results}, indent=2))
+    print(f"ratio = dit_core / diffusers speed (median over {args.rounds} alternating rounds); "
+          f"{time.perf_counter() - start:.0f} s in all; wrote {out}")  # fmt: skip
 
 
 if __name__ == "__main__":
