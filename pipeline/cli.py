@@ -119,6 +119,11 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return 0 if result["passed"] else 1
 
 
+def _add_overrides(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--set", action="extend", nargs="+", default=[], metavar="SECTION.FIELD=VALUE",
+                   help="override fields (several after one --set, or --set repeated)")  # fmt: skip
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ditscale", description="DiT scaling studies on Ray, tracked in MLflow.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -152,14 +157,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("sweep", help="train a grid of DiT presets: Ray Tune x Ray Train, tracked in MLflow")
     p.add_argument("experiment", help="an experiment name (experiments/<name>.py) or a .json/.yaml file")
-    p.add_argument(
-        "--set",
-        action="extend",
-        nargs="+",
-        default=[],
-        metavar="SECTION.FIELD=VALUE",
-        help="override fields (several after one --set, or --set repeated)",
-    )
+    _add_overrides(p)
     p.add_argument("--dry-run", action="store_true", help="print the trials, their Gflops and training compute")
     p.add_argument("--workdir", default=None, help="workspace (default $DITSCALE_WORKDIR or ./ditscale-work)")
     p.set_defaults(func=_cmd_sweep)
@@ -168,14 +166,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("experiment", help="an experiment name or file (its fid section says how to score)")
     p.add_argument("--checkpoint", default=None, help="score this one checkpoint and print the result")
     p.add_argument("--workers", type=int, default=0, help="concurrent sampling tasks (0: from the experiment)")
-    p.add_argument(
-        "--set",
-        action="extend",
-        nargs="+",
-        default=[],
-        metavar="SECTION.FIELD=VALUE",
-        help="override fields (several after one --set, or --set repeated)",
-    )
+    _add_overrides(p)
     p.add_argument("--workdir", default=None, help="workspace (default $DITSCALE_WORKDIR or ./ditscale-work)")
     p.set_defaults(func=_cmd_fid)
 
@@ -185,28 +176,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--step", type=int, default=None, help="training step of the FID-vs-Gflops fit (default: last common)"
     )
     p.add_argument("--out", default=None, help="output folder (default <workdir>/analysis/<experiment>)")
-    p.add_argument(
-        "--set",
-        action="extend",
-        nargs="+",
-        default=[],
-        metavar="SECTION.FIELD=VALUE",
-        help="override fields (several after one --set, or --set repeated)",
-    )
+    _add_overrides(p)
     p.add_argument("--workdir", default=None, help="workspace (default $DITSCALE_WORKDIR or ./ditscale-work)")
     p.set_defaults(func=_cmd_analyze)
 
     p = sub.add_parser("run", help="the whole study: toy data/prepare, sweep, fid, analyze (each resumes)")
     p.add_argument("experiment", help="an experiment name (e.g. quickstart) or a .json/.yaml file")
     p.add_argument("--step", type=int, default=None, help="step of the FID-vs-Gflops fit (default: last common)")
-    p.add_argument(
-        "--set",
-        action="extend",
-        nargs="+",
-        default=[],
-        metavar="SECTION.FIELD=VALUE",
-        help="override fields (several after one --set, or --set repeated)",
-    )
+    _add_overrides(p)
     p.add_argument("--workdir", default=None, help="workspace (default $DITSCALE_WORKDIR or ./ditscale-work)")
     p.set_defaults(func=_cmd_run)
 
