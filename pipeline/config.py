@@ -132,7 +132,8 @@ class FidConfig:
     labels: str = "uniform"  # "uniform" random labels (the paper) or "balanced" (equal count per class)
     extractor: str = "inception-v3-compat"  # torch-fidelity extractor; "ditscale-classifier" needs no download
     extractor_weights: str = ""  # local Inception weights file (air-gapped clusters); "" = torch-fidelity's URL
-    classifier_seconds: float = 30.0  # training budget of the ditscale-classifier extractor
+    classifier_seconds: float = 30.0  # training budget of the ditscale-classifier extractor (machine-dependent)
+    classifier_steps: int = 0  # > 0: train it for exactly this many steps instead (the same extractor everywhere)
     metrics: tuple[str, ...] = ("fid",)  # add "isc", "kid", "prc" on request
     reference_npz: str = ""  # ADM reference batch (.npz with mu, sigma) instead of statistics of the real images
     reference_images: int = 0  # real images behind the reference statistics; 0 = all
@@ -445,6 +446,8 @@ def validate_experiment(config: ExperimentConfig) -> None:
         raise ConfigError("fid.num_samples must be >= 2 and fid.slice_size, batch_size, sampling_steps >= 1")
     if f.labels not in ("uniform", "balanced"):
         raise ConfigError(f"fid.labels must be 'uniform' or 'balanced', got {f.labels!r}")
+    if f.classifier_steps < 0 or (f.classifier_steps == 0 and f.classifier_seconds <= 0):
+        raise ConfigError("the classifier extractor needs fid.classifier_steps > 0 or fid.classifier_seconds > 0")
     unknown = set(f.metrics) - {"fid", "isc", "kid", "prc"}
     if unknown or "fid" not in f.metrics:
         raise ConfigError(f"fid.metrics must include 'fid' and only 'fid', 'isc', 'kid', 'prc'; got {f.metrics}")

@@ -73,11 +73,13 @@ def extractor_weights(fid: FidConfig, manifest: dict[str, Any], workdir: str, im
     """The weights file of the configured extractor ('' = torch-fidelity's download); trains the classifier once."""
     if fid.extractor != fid_extractors.NAME:
         return fid.extractor_weights
-    key = f"{manifest['source']['listing_sha256'][:12]}-r{manifest['resolution']}-s{int(fid.classifier_seconds)}"
+    budget = f"n{fid.classifier_steps}" if fid.classifier_steps > 0 else f"s{int(fid.classifier_seconds)}"
+    key = f"{manifest['source']['listing_sha256'][:12]}-r{manifest['resolution']}-{budget}"
     path = Path(workdir) / "fid" / "extractors" / f"classifier-{key}.pt"
     if not path.exists():
         images, labels = images_labels if images_labels is not None else real_images(manifest)
-        facts = fid_extractors.train_classifier(images, labels, path, seconds=fid.classifier_seconds)
+        facts = fid_extractors.train_classifier(images, labels, path, seconds=fid.classifier_seconds,
+                                                steps=fid.classifier_steps)  # fmt: skip
         print(f"fid: trained the {fid_extractors.NAME} extractor ({facts['steps']} steps, held-out accuracy "
               f"{facts['accuracy']:.1%}) -> {path}")  # fmt: skip
     return str(path)

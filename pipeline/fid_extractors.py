@@ -53,9 +53,11 @@ def train_classifier(
     seconds: float = 30.0,
     seed: int = 0,
     noise_std: float = 0.15,
+    steps: int = 0,
 ) -> dict:
-    """Train on uint8 (N, H, W, 3) images for about `seconds` (Gaussian-noise and flip augmentation); save
-    {"state_dict", "num_classes", "resolution", "accuracy"} to out_path atomically. Returns that dict's facts."""
+    """Train on uint8 (N, H, W, 3) images for about `seconds`, or for exactly `steps` steps if > 0 (the same
+    weights on every machine); Gaussian-noise and flip augmentation. Save {"state_dict", "num_classes",
+    "resolution", "accuracy"} to out_path atomically. Returns that dict's facts."""
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     num_classes = int(labels.max()) + 1
@@ -68,7 +70,7 @@ def train_classifier(
     opt = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=1e-4)
     start, step = time.perf_counter(), 0
     model.train()
-    while time.perf_counter() - start < seconds:
+    while (step < steps) if steps > 0 else (time.perf_counter() - start < seconds):
         idx = torch.from_numpy(rng.choice(train, size=min(128, len(train)), replace=False))
         x = x_all[idx]
         x = torch.where(torch.rand(len(x), 1, 1, 1) < 0.5, x.flip(3), x)

@@ -169,6 +169,25 @@ def test_class_accuracy_judges_each_sample_by_its_own_label(fast_smoke, smoke_wo
         assert check(metrics["class_accuracy"], ceiling), (shift, metrics["class_accuracy"], ceiling)
 
 
+def test_a_step_budget_gives_the_same_extractor_on_every_run(smoke_workdir, tmp_path):
+    """A time budget trains as many steps as the machine manages; `classifier_steps` makes the extractor (and so
+    every FID) reproducible across machines, under a cache key of its own."""
+    from pipeline.fid import extractor_weights
+    from pipeline.fid_extractors import train_classifier
+
+    manifest = load_manifest(f"{smoke_workdir}/shards/smoke")
+    images, labels = real_images(manifest)
+    facts = [train_classifier(images, labels, tmp_path / f"c{i}.pt", steps=12) for i in range(2)]
+    assert facts[0]["steps"] == facts[1]["steps"] == 12
+    a, b = (torch.load(tmp_path / f"c{i}.pt", weights_only=True)["state_dict"] for i in range(2))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    fid = FidConfig(extractor="ditscale-classifier", classifier_steps=12)
+    path = extractor_weights(fid, manifest, str(tmp_path / "work"), (images, labels))
+    assert path.endswith("-n12.pt")
+    c = torch.load(path, weights_only=True)["state_dict"]
+    assert all(torch.equal(a[k], c[k]) for k in a)
+
+
 def test_bad_inputs_give_clear_errors(fast_smoke, smoke_workdir, tmp_path):
     experiment, outcomes = fast_smoke
     manifest = load_manifest(f"{smoke_workdir}/shards/smoke")
@@ -184,6 +203,10 @@ def test_bad_inputs_give_clear_errors(fast_smoke, smoke_workdir, tmp_path):
     with pytest.raises(ValueError, match="2048-d statistics"):
         score_checkpoint(path, manifest, replace(experiment.fid, reference_npz=str(tmp_path / "ref.npz")),
                          smoke_workdir, progress=False)  # fmt: skip
+    with pytest.raises(ConfigError, match="classifier_steps"):
+        from pipeline.config import validate_experiment
+
+        validate_experiment(load_experiment("smoke", ["fid.classifier_steps=-1"]))
     with pytest.raises(ConfigError, match="fid.labels"):
         from pipeline.config import validate_experiment
 
