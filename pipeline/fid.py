@@ -209,11 +209,15 @@ def slice_labels(fid: FidConfig, index: int, count: int, num_classes: int) -> to
     return torch.randint(0, num_classes, (count,), generator=torch.Generator().manual_seed(fid.seed + index))
 
 
+def slices(fid: FidConfig) -> list[tuple[int, int]]:
+    """(index, count) of every slice of the `fid.num_samples` samples, in order; the last may be short."""
+    return [(i, min(fid.slice_size, fid.num_samples - i * fid.slice_size))
+            for i in range(-(-fid.num_samples // fid.slice_size))]  # fmt: skip
+
+
 def sample_labels(fid: FidConfig, num_classes: int) -> np.ndarray:
     """The labels of all `fid.num_samples` samples, in the order `generate` returns them."""
-    slices = [(i, min(fid.slice_size, fid.num_samples - i * fid.slice_size))
-              for i in range(-(-fid.num_samples // fid.slice_size))]  # fmt: skip
-    return torch.cat([slice_labels(fid, i, n, num_classes) for i, n in slices]).numpy()
+    return torch.cat([slice_labels(fid, i, n, num_classes) for i, n in slices(fid)]).numpy()
 
 
 def sample_slice(
@@ -263,11 +267,9 @@ def generate(
     options = {"num_gpus": 1, "num_cpus": 1} if gpus else {"num_cpus": 1}
     remote = ray.remote(_sample_slice_task).options(**options)
     fid_dict = asdict(fid)
-    slices = [(i, min(fid.slice_size, fid.num_samples - i * fid.slice_size))
-              for i in range(-(-fid.num_samples // fid.slice_size))]  # fmt: skip
     results: dict[int, np.ndarray] = {}
     pending: dict[Any, int] = {}
-    queue = list(slices)
+    queue = slices(fid)
     bar = tqdm(total=fid.num_samples, desc="fid samples", unit="img", disable=not progress, leave=False)
     while queue or pending:
         while queue and len(pending) < concurrency:
@@ -279,7 +281,7 @@ def generate(
             results[index] = ray.get(ref)
             bar.update(len(results[index]))
     bar.close()
-    return np.concatenate([results[i] for i, _ in slices])
+    return np.concatenate([results[i] for i in sorted(results)])
 
 
 def _sample_slice_task(checkpoint, codec, fid, index, count, device):

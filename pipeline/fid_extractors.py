@@ -12,6 +12,7 @@ Registered with torch-fidelity as `ditscale-classifier`; features: "feat" (128-d
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import time
@@ -104,6 +105,13 @@ def held_out_accuracy(path: str | os.PathLike) -> float:
 
 
 def weights_digest(path: str | os.PathLike) -> str:
+    """A short sha256 of a weights file, hashed once per file version (Inception weights are ~100 MB)."""
+    stat = os.stat(path)
+    return _digest(str(Path(path).resolve()), stat.st_size, stat.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=16)
+def _digest(path: str, size: int, mtime_ns: int) -> str:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
 
 
