@@ -61,7 +61,7 @@ def run_all(experiment: ExperimentConfig, workdir: str, step: int | None = None)
     from analysis.report import analyze
     from pipeline import tracking
     from pipeline.fid import run_fid
-    from pipeline.sweep import plan_sweep, run_sweep
+    from pipeline.sweep import run_sweep, storage_path
 
     start = time.perf_counter()
     ensure_data(experiment, workdir)
@@ -85,7 +85,6 @@ def run_all(experiment: ExperimentConfig, workdir: str, step: int | None = None)
                 os.environ.pop("MLFLOW_TRACKING_URI", None)
             else:
                 os.environ["MLFLOW_TRACKING_URI"] = previous
-    plan = plan_sweep(experiment, workdir)
     minutes = (time.perf_counter() - start) / 60
     failed = [o.trial.run_name for o in outcomes if o.status != "done"]
     print(
@@ -93,7 +92,8 @@ def run_all(experiment: ExperimentConfig, workdir: str, step: int | None = None)
         + (f"; failed trials: {failed}" if failed else "")
     )
     print(f"  figures and tables  {out}/  (fid_vs_gflops.png, fid_vs_steps.png, samples/, table4.md, summary.json)")
-    print(f"  checkpoints         {plan.storage}/<run>/checkpoint_*/, EMA milestones in <run>/milestones/")
+    storage = storage_path(experiment, workdir)
+    print(f"  checkpoints         {storage}/<run>/checkpoint_*/, EMA milestones in <run>/milestones/")
     if experiment.tracking.tracking_uri or previous:
         print(f"  MLflow              {experiment.tracking.tracking_uri or previous}")
     else:

@@ -68,6 +68,15 @@ class SweepPlan:
         return "resumable" if fs.exists(f"{path}/checkpoint_manager_snapshot.json") else "new"
 
 
+class MissingShardsError(ConfigError):
+    """data.shards does not exist yet (a dry run can still plan the study from the config)."""
+
+
+def storage_path(experiment: ExperimentConfig, workdir: str) -> str:
+    """Ray storage of an experiment's trials: <storage>/<run_name>/."""
+    return f"{workdir.rstrip('/')}/runs/{experiment.name}"
+
+
 def plan_sweep(experiment: ExperimentConfig, workdir: str) -> SweepPlan:
     """Validate the experiment against its shards and expand the trials; raises ConfigError before any work."""
     from pipeline.data import load_manifest
@@ -77,7 +86,7 @@ def plan_sweep(experiment: ExperimentConfig, workdir: str) -> SweepPlan:
     try:
         manifest = load_manifest(shards)
     except FileNotFoundError:
-        raise ConfigError(
+        raise MissingShardsError(
             f"no shards at {shards} (data.shards): run `ditscale prepare SRC {shards}` first, or "
             f"`ditscale run {experiment.name}` to build them"
         ) from None
@@ -100,8 +109,7 @@ def plan_sweep(experiment: ExperimentConfig, workdir: str) -> SweepPlan:
                 f"batch ({per_worker}): prepare more validation images or set data.val_shards=null"
             )
     trials = expand_trials(experiment, manifest)
-    storage = f"{workdir.rstrip('/')}/runs/{experiment.name}"
-    return SweepPlan(experiment, workdir, shards, val_shards, manifest, trials, storage)
+    return SweepPlan(experiment, workdir, shards, val_shards, manifest, trials, storage_path(experiment, workdir))
 
 
 def dry_run_report(plan: SweepPlan) -> str:
@@ -391,11 +399,14 @@ def summary_table(outcomes: list[TrialOutcome]) -> str:
 def assumed_manifest(experiment: ExperimentConfig, num_classes: int = 1000) -> dict[str, Any]:
     """What the shards of `experiment` will look like (latent shape from the codec and resolution), for planning a
     study before its data exists."""
+    from pipeline.codecs import PixelCodec
+
     d = experiment.data
-    if d.codec == "vae":
+    if d.codec == "vae":  # the weights may not be reachable yet: the SD VAE's 4 channels at 1/8 of the side
         shape = [4, d.resolution // 8, d.resolution // 8]
     else:
-        shape = [3 * d.space_to_depth**2, d.resolution // d.space_to_depth, d.resolution // d.space_to_depth]
+        codec = PixelCodec(d.space_to_depth)
+        shape = [codec.latent_channels, *[codec.latent_size(d.resolution)] * 2]
     return {"latent_shape": shape, "num_classes": num_classes, "resolution": d.resolution, "total": 0,
             "codec": {"kind": d.codec}, "source": {"listing_sha256": "not prepared yet"}}  # fmt: skip
 
@@ -404,10 +415,7 @@ def main_sweep(experiment: ExperimentConfig, workdir: str, dry_run: bool) -> int
     if dry_run:
         try:
             print(dry_run_report(plan_sweep(experiment, workdir)))
-        except ConfigError as exc:
-            if "no shards at" not in str(exc):
-                raise
-            validate_experiment(experiment)
+        except MissingShardsError:
             manifest = assumed_manifest(experiment)
             print(describe_trials(experiment, expand_trials(experiment, manifest)))
             print(f"(no shards yet: latents assumed {'x'.join(map(str, manifest['latent_shape']))} from data.codec "
