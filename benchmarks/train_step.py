@@ -1,12 +1,16 @@
 """Speed of dit_core's training step and sampling forward against diffusers' DiTTransformer2DModel, eager and
 compiled, side by side in one run.
 
-Training step = forward, the paper's hybrid loss (the same GaussianDiffusion code for both), backward, AdamW (fused
-on GPU) and the EMA update (one foreach lerp), with no host synchronisation inside the step. Sampling forward = one
-network evaluation at the FID batch, no gradient, no guidance. Both implementations hold the same weights (diffusers'
-is exported from ours). Measurements alternate dit_core, diffusers, dit_core, ... in rounds so that drift of a
-shared machine hits both; each ratio is taken per round and its median printed. Results are written to the JSON
-file after every measurement, so a run cut short keeps what it measured.
+Training step = dit_core's TrainStep, the one pipeline/train.py runs: forward, the paper's hybrid loss (the same
+GaussianDiffusion code for both models), backward, AdamW (fused on GPU) and the EMA update (one foreach lerp), with no
+host synchronisation inside the step (on a GPU the script checks this with torch.cuda.set_sync_debug_mode). It
+reports which SDPA attention implementation runs. Sampling forward = one network evaluation at the FID batch, no
+gradient, no guidance. Both implementations hold the same weights (diffusers' is exported from ours).
+Measurements alternate dit_core, diffusers, dit_core, ... in rounds so that drift of a shared machine hits both;
+each ratio is taken per round and its median printed. Results are written to the JSON file after every measurement,
+so a run cut short keeps what it measured. On a GPU the most important measurements come first (XL/2 against
+diffusers, compiled, then its sampling forward), and those that would end after --budget-s (270 s) are skipped, so
+one call fits a 5-minute slot.
 
     python benchmarks/train_step.py                    # CPU: the quickstart presets at 16 px, fp32, eager
     python benchmarks/train_step.py --device cuda      # GPU: S/2 B/2 L/2 XL/2 at 256 px (32x32x4), batch 64, bf16,
@@ -20,7 +24,6 @@ H200's 790 TFLOP/s bf16 unless --peak-flops).
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import statistics
 import sys
@@ -31,11 +34,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from dit_core.diffusion import GaussianDiffusion, sample_timesteps  # noqa: E402
-from dit_core.ema import update_ema  # noqa: E402
+from dit_core.diffusion import GaussianDiffusion  # noqa: E402
+from dit_core.ema import create_ema  # noqa: E402
 from dit_core.flops import H200_BF16_PEAK_FLOPS, gflops, train_mfu  # noqa: E402
 from dit_core.interop import to_diffusers  # noqa: E402
 from dit_core.model import DiT, dit_config  # noqa: E402
+from dit_core.training import COMPILE_MODES, TrainStep, adamw  # noqa: E402
 
 QUICKSTART = ["DiT-Pico/4", "DiT-Pico/2", "DiT-Nano/4", "DiT-Nano/2"]
 GRID = ["DiT-S/2", "DiT-B/2", "DiT-L/2", "DiT-XL/2"]
@@ -59,33 +63,25 @@ def _inputs(config, batch: int, device: torch.device, seed: int = 0):
     return x, y, g
 
 
-def make_train_step(model, device: torch.device, batch: int, config, precision: str, compiled: bool):
-    """One training step of `model` (fresh AdamW and EMA), as pipeline/train.py runs it."""
-    diffusion = GaussianDiffusion()
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.0, fused=device.type == "cuda")
-    ema = copy.deepcopy(model).requires_grad_(False)
-    forward = torch.compile(model) if compiled else model
-    x0, y, g = _inputs(config, batch, device)
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
-
-    def step():
-        t = sample_timesteps(batch, 1000, device=device, generator=g)
-        with autocast:
-            loss = diffusion.training_losses(forward, x0, t, y)["loss"].mean()
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        update_ema(ema, model, 0.9999)
-
-    return step
+def make_train_step(model, device: torch.device, batch: int, config, args, compiled: bool):
+    """One training step of `model` (fresh AdamW and EMA): dit_core's TrainStep, the one pipeline/train.py runs."""
+    ema = create_ema(model)
+    step = TrainStep(
+        model, GaussianDiffusion(), adamw(model), ema, ema_decay=0.9999,
+        autocast_dtype=torch.bfloat16 if args.precision == "bf16" else None,
+        compile=compiled, compile_mode=args.compile_mode,
+    )  # fmt: skip
+    x0, y, _ = _inputs(config, batch, device)
+    return lambda: step(x0, y)
 
 
-def make_sample_step(model, device: torch.device, batch: int, config, precision: str, compiled: bool):
+def make_sample_step(model, device: torch.device, batch: int, config, args, compiled: bool):
     """One network evaluation at the sampling batch (no gradient, no guidance)."""
-    forward = torch.compile(model) if compiled else model
+    mode = None if args.compile_mode == "default" else args.compile_mode
+    forward = torch.compile(model, mode=mode) if compiled else model
     x, y, g = _inputs(config, batch, device, seed=1)
     t = torch.randint(0, 1000, (batch,), device=device, generator=g)
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.precision == "bf16")
 
     def step():
         with torch.no_grad(), autocast:
@@ -117,6 +113,31 @@ def measure(steps: dict, args, device: torch.device) -> dict[str, list[float]]:
     return per_round
 
 
+def attention_ops(step) -> list[str]:
+    """The SDPA implementations one call of `step` runs (flash, memory-efficient, cuDNN or math), by aten op name."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+    with profile(activities=activities) as prof:
+        step()
+    names = {e.key for e in prof.key_averages()}
+    return sorted(n for n in names if n.startswith("aten::_scaled_dot_product") or n.startswith("aten::_flash"))
+
+
+def host_syncs(step) -> str:
+    """'none' if one call of `step` makes no host-device synchronisation, else the first one's error (CUDA only)."""
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        step()
+        return "none"
+    except RuntimeError as error:
+        return str(error).splitlines()[0]
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+        torch.cuda.synchronize()
+
+
 def bench(args, preset: str, kind: str, mode: str, with_peer: bool, device: torch.device) -> dict:
     config = dit_config(preset, input_size=args.input_size, in_channels=args.in_channels, num_classes=1000)
     torch.manual_seed(0)
@@ -128,7 +149,7 @@ def bench(args, preset: str, kind: str, mode: str, with_peer: bool, device: torc
     make = make_train_step if kind == "train" else make_sample_step
     for model in models.values():
         model.train(kind == "train")
-    steps = {name: make(m, device, batch, config, args.precision, mode == "compiled") for name, m in models.items()}
+    steps = {name: make(m, device, batch, config, args, mode == "compiled") for name, m in models.items()}
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     start = time.perf_counter()
@@ -144,6 +165,9 @@ def bench(args, preset: str, kind: str, mode: str, with_peer: bool, device: torc
                 result[f"{name}_mfu"] = train_mfu(config, rate, args.peak_flops)
             else:
                 result[f"{name}_mfu"] = 2 * gflops(config) * 1e9 * rate / args.peak_flops
+    result["attention_ops"] = attention_ops(steps["dit_core"])
+    if device.type == "cuda":
+        result["host_syncs"] = host_syncs(steps["dit_core"])
     if with_peer:
         ratios = [b / a for a, b in zip(per_round["dit_core"], per_round["diffusers"])]  # time ratio = speed ratio
         result["ratio"] = statistics.median(ratios)
@@ -154,6 +178,15 @@ def bench(args, preset: str, kind: str, mode: str, with_peer: bool, device: torc
     if device.type == "cuda":
         torch.cuda.empty_cache()
     return result
+
+
+def plan_measurements(presets, peers, sample_presets, modes) -> list[tuple[str, str, str]]:
+    """(kind, mode, preset) in order of importance, so that a run cut short by the budget keeps what matters most:
+    the presets compared with diffusers and the sampling forward first (compiled before eager), then the rest."""
+    modes = sorted(modes, key=lambda m: m != "compiled")
+    first = [("train", m, p) for m in modes for p in presets if p in peers]
+    first += [("sample", m, p) for m in modes for p in sample_presets]
+    return first + [("train", m, p) for m in modes for p in presets if p not in peers]
 
 
 def row(r: dict, gpu: bool) -> str:
@@ -191,6 +224,9 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--peak-flops", type=float, default=H200_BF16_PEAK_FLOPS)
+    parser.add_argument("--compile-mode", default="default", choices=COMPILE_MODES, help="torch.compile mode")
+    parser.add_argument("--budget-s", type=float, default=None,
+                        help="skip what would end after this many s (default 270 GPU, none CPU)")  # fmt: skip
     parser.add_argument("--json", default="benchmarks/results/train_step.json")
     args = parser.parse_args()
     gpu = args.device == "cuda"
@@ -204,6 +240,7 @@ def main() -> None:
     args.in_channels = args.in_channels or (4 if gpu else 3)
     args.precision = args.precision or ("bf16" if gpu else "fp32")
     args.steps = args.steps or (10 if gpu else 5)
+    args.budget_s = args.budget_s if args.budget_s is not None else (270.0 if gpu else 0.0)
     if gpu:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
@@ -215,14 +252,26 @@ def main() -> None:
     print(f"{name}, torch {torch.__version__}, {args.precision}, latents {args.in_channels}x{args.input_size}^2")
     print(f"{'kind':<6} {'mode':<9} {'preset':<11} {'batch':>5} {'Gflops':>8} {'dit_core':>12} {'diffusers':>12} "
           f"{'ratio':>6}" + ("   MFU ours / diffusers" if gpu else ""))  # fmt: skip
-    plan = [("train", mode, p) for mode in args.modes for p in args.presets]
-    plan += [("sample", mode, p) for mode in args.modes for p in sample_presets]
-    results, start = [], time.perf_counter()
-    for kind, mode, preset in plan:
+    results, skipped, took, start = [], [], {}, time.perf_counter()
+    for kind, mode, preset in plan_measurements(args.presets, peers, sample_presets, args.modes):
+        # a measurement of this kind and mode is expected to take as long as the longest one so far
+        expected = max(took.get((kind, mode), [0.0]))
+        if args.budget_s and time.perf_counter() - start + expected > args.budget_s:
+            skipped.append(f"{kind} {mode} {preset}")
+            continue
         r = bench(args, preset, kind, mode, preset in peers, device)
+        took.setdefault((kind, mode), []).append(r["seconds_incl_warmup"])
         results.append(r)
         print(row(r, gpu), flush=True)
-        out.write_text(json.dumps({"device": name, "torch": torch.__version__, "results": results}, indent=2))
+        record = {"device": name, "torch": torch.__version__, "results": results, "skipped": skipped}
+        out.write_text(json.dumps(record, indent=2))
+    for r in results:
+        syncs = f", host syncs in the step: {r['host_syncs']}" if "host_syncs" in r else ""
+        print(f"{r['kind']} {r['mode']} {r['preset']}: attention runs {', '.join(r['attention_ops'])}{syncs}")
+    if skipped:
+        print(f"skipped to stay within --budget-s {args.budget_s:.0f}: {'; '.join(skipped)}")
+    out.write_text(json.dumps({"device": name, "torch": torch.__version__, "results": results, "skipped": skipped},
+                              indent=2))  # fmt: skip
     print(f"ratio = dit_core / diffusers speed (median over {args.rounds} alternating rounds); "
           f"{time.perf_counter() - start:.0f} s in all; wrote {out}")  # fmt: skip
 

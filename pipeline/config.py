@@ -27,6 +27,7 @@ from typing import Any
 from dit_core.diffusion import DiffusionConfig
 from dit_core.flops import H200_BF16_PEAK_FLOPS, gflops, param_count, training_compute
 from dit_core.model import PRESETS, DiTConfig, dit_config, parse_preset
+from dit_core.training import COMPILE_MODES
 
 # ---------------------------------------------------------------------------------------------------------------
 # The configuration
@@ -81,6 +82,7 @@ class TrainConfig:
     grad_clip: float = 0.0  # max global grad norm; 0 = no clipping (the paper)
     precision: str = "auto"  # "auto" (bf16 autocast on GPU, fp32 on CPU), "bf16" or "fp32"
     compile: bool = False  # torch.compile the model
+    compile_mode: str = "default"  # torch.compile mode: "default", "reduce-overhead" (CUDA graphs), "max-autotune", ...
     prediction: str = "eps"  # what the model predicts: "eps", "x0" or "v"
     learn_sigma: bool = True  # learned variance (needs loss "hybrid")
     loss: str = "hybrid"  # "hybrid" (MSE + L_vlb) or "mse"
@@ -356,7 +358,7 @@ def trajectory_identity(config: ExperimentConfig, model: DiTConfig, data_identit
     """Everything that shapes a trial's training trajectory (hashed into its run name)."""
     train = config_to_dict(config.train)
     for runtime in ("ckpt_every_steps", "milestone_steps", "keep_checkpoints", "log_every_steps", "val_every_steps",
-                    "val_batches", "loader_workers", "peak_tflops", "compile"):  # fmt: skip
+                    "val_batches", "loader_workers", "peak_tflops", "compile", "compile_mode"):  # fmt: skip
         train.pop(runtime)
     if config.train.lr_schedule == "constant":
         train.pop("steps")  # more steps continue the same run
@@ -426,6 +428,8 @@ def validate_experiment(config: ExperimentConfig) -> None:
         raise ConfigError(f"train.lr must be positive, got {t.lr}")
     if t.lr_schedule not in ("constant", "cosine"):
         raise ConfigError(f"train.lr_schedule must be 'constant' or 'cosine', got {t.lr_schedule!r}")
+    if t.compile_mode not in COMPILE_MODES:
+        raise ConfigError(f"train.compile_mode must be one of {', '.join(COMPILE_MODES)}, got {t.compile_mode!r}")
     if t.precision not in ("auto", "bf16", "fp32"):
         raise ConfigError(f"train.precision must be 'auto', 'bf16' or 'fp32', got {t.precision!r}")
     if not 0 <= t.ema_decay <= 1:

@@ -27,9 +27,10 @@ import torch.distributed as dist
 
 from dit_core.checkpoint import load_checkpoint, restore, save_checkpoint
 from dit_core.diffusion import DiffusionConfig, GaussianDiffusion
-from dit_core.ema import create_ema, unwrap_model, update_ema
+from dit_core.ema import create_ema, unwrap_model
 from dit_core.flops import H200_BF16_PEAK_FLOPS, forward_macs
 from dit_core.model import DiT, DiTConfig
+from dit_core.training import TrainStep, adamw
 from pipeline.data import LatentShardStream, make_loader
 from pipeline.storage import write_json
 
@@ -132,13 +133,7 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
     torch.manual_seed(train["seed"])  # the same initial weights on every rank
     model = DiT(model_config).to(device)
     ema = create_ema(model)
-    opt = torch.optim.AdamW(
-        model.parameters(),
-        lr=train["lr"],
-        betas=tuple(train["adam_betas"]),
-        weight_decay=train["weight_decay"],
-        fused=device.type == "cuda",
-    )
+    opt = adamw(model, lr=train["lr"], betas=tuple(train["adam_betas"]), weight_decay=train["weight_decay"])
     saved_config = {"model": cfg["model"], "diffusion": cfg["diffusion"], "train": train, "run_name": cfg["run_name"]}
 
     start_step = 0
@@ -154,7 +149,11 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
     write_json(f"{trial_dir}/workers/rank{rank}.json", {**worker, "start_step": start_step})
 
     ddp_model = ray.train.torch.prepare_model(model, move_to_device=False) if world > 1 else model
-    forward = torch.compile(ddp_model) if train["compile"] else ddp_model
+    train_step = TrainStep(
+        model, diffusion, opt, ema, ema_decay=train["ema_decay"], grad_clip=train["grad_clip"],
+        autocast_dtype=torch.bfloat16 if use_bf16 else None, forward=ddp_model, compile=train["compile"],
+        compile_mode=train["compile_mode"],
+    )  # fmt: skip
 
     per_rank_batch = train["global_batch_size"] // world
     loader = make_loader(
@@ -172,7 +171,6 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
         set_status(cfg["tracking_uri"], cfg["mlflow_run_id"], "RUNNING")
     peak = train["peak_tflops"] * 1e12 or (H200_BF16_PEAK_FLOPS if device.type == "cuda" else 0.0)
     macs_per_image = forward_macs(model_config).total
-    params = [p for p in model.parameters() if p.requires_grad]
     milestones = set(train["milestone_steps"])
 
     # --- the loop -----------------------------------------------------------------------------------------------
@@ -187,25 +185,10 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
 
         z, y = next(batches)  # (B, C, h, w), (B,)
         z, y = z.to(device, non_blocking=True), y.to(device, non_blocking=True)
-        t = torch.randint(0, diffusion_config.num_timesteps, (z.shape[0],), device=device)
-        with autocast:
-            terms = diffusion.training_losses(forward, z, t, y)
-        loss = terms["loss"].mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
         log_now = (step + 1) % train["log_every_steps"] == 0 or step + 1 == train["steps"]
-        if train["grad_clip"] > 0:
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, train["grad_clip"])
-        elif log_now:  # without clipping the norm is only measured when it is logged
-            grad_norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm([p.grad for p in params])))
-        opt.step()
-        update_ema(ema, model, train["ema_decay"])
-
-        window["loss"].append(loss.detach())
-        window["mse"].append(terms["mse"].mean().detach())
-        window["vb"].append(terms["vb"].mean().detach() if "vb" in terms else torch.zeros((), device=device))
-        if train["grad_clip"] > 0 or log_now:
-            window["grad_norm"].append(grad_norm.detach())
+        out = train_step(z, y, measure_grad_norm=log_now)  # without clipping the norm is measured only to log it
+        for key, value in out.items():
+            window[key].append(value)
         window_steps += 1
         done = step + 1
 

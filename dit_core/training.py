@@ -1,0 +1,116 @@
+"""One DiT training step: forward, diffusion loss, backward, gradient clipping, AdamW and the EMA update.
+
+The pipeline's training loop and benchmarks/train_step.py both run `TrainStep`, so the benchmark times exactly what a
+sweep runs. Nothing in a step reads a value back to the host: the losses and the gradient norm come back as device
+tensors, for the caller to average and log once per logging window (one synchronisation per window, not per step).
+
+    step = TrainStep(model, GaussianDiffusion(), adamw(model), ema=create_ema(model), autocast_dtype=torch.bfloat16)
+    out = step(x0, y)  # {"loss", "mse", "vb"} (+ "grad_norm"), detached 0-d device tensors
+"""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+
+import torch
+from torch import nn
+
+from dit_core.diffusion import GaussianDiffusion, sample_timesteps
+from dit_core.ema import update_ema
+
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+
+
+def adamw(
+    model: nn.Module,
+    lr: float = 1e-4,
+    betas: tuple[float, float] = (0.9, 0.999),
+    weight_decay: float = 0.0,
+) -> torch.optim.AdamW:
+    """AdamW over `model`'s parameters (the paper: lr 1e-4, no weight decay); one fused kernel on CUDA.
+
+    Every parameter is registered, the frozen position embedding too (it never has a gradient, so it never moves):
+    the optimizer state then indexes parameters as `model.parameters()` does, which checkpoints rely on.
+    """
+    fused = next(model.parameters()).device.type == "cuda"
+    return torch.optim.AdamW(model.parameters(), lr=lr, betas=betas, weight_decay=weight_decay, fused=fused)
+
+
+class TrainStep:
+    """forward -> loss -> backward -> clip -> AdamW -> EMA, with no host synchronisation.
+
+    Args:
+        model: the DiT whose parameters the optimizer holds (unwrapped).
+        diffusion: the process that defines the loss (`training_losses`).
+        optimizer: built over `model`'s parameters, e.g. by `adamw`.
+        ema: EMA copy of `model` updated after every step, or None.
+        ema_decay: EMA decay per step (the paper: 0.9999).
+        grad_clip: clip the global gradient L2 norm to this value; 0 = no clipping.
+        autocast_dtype: torch.bfloat16 for mixed precision; None = the parameters' dtype (fp32).
+        forward: the callable that runs the model (a DistributedDataParallel wrapper of it); default `model`.
+        compile: torch.compile the forward (inductor fuses the LayerNorm, modulation, GELU and residual kernels).
+        compile_mode: torch.compile mode, one of COMPILE_MODES ("reduce-overhead" adds CUDA graphs).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        diffusion: GaussianDiffusion,
+        optimizer: torch.optim.Optimizer,
+        ema: nn.Module | None = None,
+        *,
+        ema_decay: float = 0.9999,
+        grad_clip: float = 0.0,
+        autocast_dtype: torch.dtype | None = None,
+        forward: nn.Module | None = None,
+        compile: bool = False,
+        compile_mode: str = "default",
+    ):
+        if compile_mode not in COMPILE_MODES:
+            raise ValueError(f"unknown compile mode {compile_mode!r}; choose one of {', '.join(COMPILE_MODES)}")
+        if grad_clip < 0:
+            raise ValueError(f"grad_clip must be >= 0 (0 = no clipping), got {grad_clip}")
+        self.model, self.diffusion, self.optimizer, self.ema = model, diffusion, optimizer, ema
+        self.ema_decay, self.grad_clip = ema_decay, grad_clip
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.device = self.params[0].device
+        forward = forward if forward is not None else model
+        if compile:
+            forward = torch.compile(forward, mode=None if compile_mode == "default" else compile_mode)
+        self.forward = forward
+        self.autocast = (
+            torch.autocast(self.device.type, dtype=autocast_dtype) if autocast_dtype is not None else nullcontext()
+        )
+
+    def __call__(
+        self,
+        x0: torch.Tensor,
+        y: torch.Tensor,
+        t: torch.Tensor | None = None,
+        noise: torch.Tensor | None = None,
+        measure_grad_norm: bool = False,
+    ) -> dict[str, torch.Tensor]:
+        """One step on clean latents x0 (N, C, H, W) with labels y (N,).
+
+        t (N,) and noise default to fresh draws from torch's global generator (t first, then the noise, then label
+        dropout inside the model). Returns detached 0-d tensors on the device: "loss", "mse", "vb" (zero without the
+        hybrid loss) and "grad_norm" (the norm before clipping) when clipping or `measure_grad_norm`.
+        """
+        if t is None:
+            t = sample_timesteps(x0.shape[0], self.diffusion.config.num_timesteps, device=x0.device)
+        with self.autocast:
+            terms = self.diffusion.training_losses(self.forward, x0, t, y, noise)
+        loss = terms["loss"].mean()
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        out = {"loss": loss.detach(), "mse": terms["mse"].detach().mean()}
+        out["vb"] = terms["vb"].detach().mean() if "vb" in terms else torch.zeros((), device=x0.device)
+        if self.grad_clip > 0:
+            out["grad_norm"] = torch.nn.utils.clip_grad_norm_(self.params, self.grad_clip, foreach=True).detach()
+        elif measure_grad_norm:
+            grads = [p.grad for p in self.params if p.grad is not None]
+            out["grad_norm"] = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
+        self.optimizer.step()
+        if self.ema is not None:
+            update_ema(self.ema, self.model, self.ema_decay)
+        return out
