@@ -402,7 +402,7 @@ class DiT(nn.Module):
         if not 1 <= g <= C:
             raise ValueError(f"guidance_channels must be in [1, {C}], got {guidance_channels}")
         null = torch.full_like(y, self.config.num_classes)
-        out = self.forward(torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, null]))  # (2N, out, H, W)
+        out = self(torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, null]))  # (2N, out, H, W); compiled if self is
         cond, uncond = out.chunk(2, dim=0)
         guided = uncond[:, :g] + cfg_scale * (cond[:, :g] - uncond[:, :g])
         return torch.cat([guided, cond[:, g:]], dim=1)

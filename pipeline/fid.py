@@ -1,4 +1,4 @@
-"""fid: score EMA checkpoints with torch-fidelity; sampling split over Ray tasks; results logged to MLflow.
+"""fid: score EMA checkpoints with torch-fidelity; sampling split over Ray actors; results logged to MLflow.
 
     ditscale fid quickstart                          # every milestone of every trial not scored yet
     ditscale fid quickstart --checkpoint PATH        # one checkpoint, printed only
@@ -9,6 +9,8 @@ Three parts, as EDM2 splits them:
   so ImageNet numbers are comparable with the paper. A cache key stored beside the statistics refuses a mismatch.
 - gen: samples from the EMA weights in slices of `fid.slice_size`; slice i has its own seed (labels, noise,
   sampler randomness), so the same request gives the same images, and the same FID, whatever the number of workers.
+  Ray actors (one per GPU, or per CPU) draw the slices and keep the VAE and the DiT loaded (and, on a GPU,
+  compiled) for the whole stage.
 - calc: torch-fidelity feature extractor and metric functions (FID; IS, KID, precision/recall on request).
 
 Results go to the trial's MLflow child run at step = training step (metric `fid`, ...), with tags naming the
@@ -18,6 +20,7 @@ grid of samples as an artifact. A trial's run refuses scores from another extrac
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -188,7 +191,7 @@ def reference_statistics(
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# gen: deterministic slices of samples (Ray tasks)
+# gen: deterministic slices of samples (Ray actors)
 # ---------------------------------------------------------------------------------------------------------------
 
 
@@ -220,73 +223,167 @@ def sample_labels(fid: FidConfig, num_classes: int) -> np.ndarray:
     return torch.cat([slice_labels(fid, i, n, num_classes) for i, n in slices(fid)]).numpy()
 
 
+class SliceSampler:
+    """Draws slices of samples, keeping the decoder and the model in memory between slices and checkpoints.
+
+    A slice is a pure function of (checkpoint, fid settings, slice index): the same images whichever sampler draws it.
+    One SliceSampler lives in each Ray actor of the stage (one per GPU, or one per CPU), so the VAE and the DiT are
+    loaded, and compiled, once per actor rather than once per slice. A new checkpoint of the same architecture is
+    copied into the loaded model, which keeps the compiled graph.
+    """
+
+    def __init__(self, codec: dict[str, Any], device: str = "cpu", compile: bool = False):
+        from pipeline.codecs import codec_from_description
+
+        self.device, self.compile = device, compile
+        self.decoder = codec_from_description(codec, device=device)
+        self.model = None
+        self.checkpoint = None  # path of the weights in self.model
+        self.diffusion_config = None
+        self.loads = 0  # checkpoints read so far
+
+    def load(self, checkpoint: str):
+        """The model holding `checkpoint`'s EMA weights (read only when it differs from the last one)."""
+        from dit_core.checkpoint import load_checkpoint, model_config_from_checkpoint
+        from dit_core.diffusion import DiffusionConfig
+        from dit_core.model import DiT
+
+        if checkpoint != self.checkpoint:
+            ckpt = load_checkpoint(checkpoint, map_location=self.device)
+            config = model_config_from_checkpoint(ckpt)
+            if self.model is None or self.model.config != config:
+                self.model = DiT(config).to(self.device).eval().requires_grad_(False)
+                if self.compile:
+                    self.model.compile()  # compiles __call__: forward and the batched guidance pass
+            self.model.load_state_dict(ckpt["model"])
+            self.diffusion_config = DiffusionConfig(**ckpt["config"]["diffusion"])
+            self.checkpoint, self.loads = checkpoint, self.loads + 1
+        return self.model
+
+    def sample(self, checkpoint: str, fid: dict[str, Any], index: int, count: int) -> np.ndarray:
+        """Slice `index` of the samples: `count` uint8 (H, W, 3) images."""
+        from dit_core.samplers import make_denoiser
+        from pipeline.codecs import tensor_to_images
+
+        fid_cfg = FidConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in fid.items()})
+        model = self.load(checkpoint)
+        sampler = make_sampler(fid_cfg, self.diffusion_config)
+        denoise = make_denoiser(model, fid_cfg.cfg_scale, fid_cfg.guidance_channels or None)
+        cfg = model.config
+        g = torch.Generator(self.device).manual_seed(fid_cfg.seed * 1_000_003 + index)
+        y = slice_labels(fid_cfg, index, count, cfg.num_classes)
+        noise = torch.randn(count, cfg.in_channels, cfg.input_size, cfg.input_size, generator=g, device=self.device)
+        out = []
+        autocast = torch.autocast(self.device, dtype=torch.bfloat16, enabled=self.device == "cuda")
+        with torch.no_grad(), autocast:
+            for lo in range(0, count, fid_cfg.batch_size):
+                hi = min(count, lo + fid_cfg.batch_size)
+                z = sampler.sample(denoise, noise[lo:hi], y[lo:hi].to(self.device), generator=g)
+                out.append(tensor_to_images(self.decoder.decode(z.float())))
+        return np.concatenate(out)
+
+
 def sample_slice(
     checkpoint: str, codec: dict[str, Any], fid: dict[str, Any], index: int, count: int, device: str = "cpu"
 ) -> np.ndarray:
     """Slice `index` of the samples: `count` uint8 (H, W, 3) images, a pure function of (checkpoint, fid, index)."""
-    from dit_core.checkpoint import load_checkpoint, model_config_from_checkpoint
-    from dit_core.diffusion import DiffusionConfig
-    from dit_core.model import DiT
-    from dit_core.samplers import make_denoiser
-    from pipeline.codecs import codec_from_description, tensor_to_images
+    return SliceSampler(codec, device).sample(checkpoint, fid, index, count)
 
-    fid_cfg = FidConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in fid.items()})
-    ckpt = load_checkpoint(checkpoint, map_location=device)
-    model = DiT(model_config_from_checkpoint(ckpt)).to(device).eval()
-    model.load_state_dict(ckpt["model"])
-    diffusion_config = DiffusionConfig(**ckpt["config"]["diffusion"])
-    sampler = make_sampler(fid_cfg, diffusion_config)
-    denoise = make_denoiser(model, fid_cfg.cfg_scale, fid_cfg.guidance_channels or None)
-    decoder = codec_from_description(codec, device=device)
-    cfg = model.config
-    g = torch.Generator(device).manual_seed(fid_cfg.seed * 1_000_003 + index)
-    y = slice_labels(fid_cfg, index, count, cfg.num_classes)
-    noise = torch.randn(count, cfg.in_channels, cfg.input_size, cfg.input_size, generator=g, device=device)
-    out = []
-    autocast = torch.autocast(device, dtype=torch.bfloat16, enabled=device == "cuda")
-    with torch.no_grad(), autocast:
-        for lo in range(0, count, fid_cfg.batch_size):
-            hi = min(count, lo + fid_cfg.batch_size)
-            z = sampler.sample(denoise, noise[lo:hi], y[lo:hi].to(device), generator=g)
-            out.append(tensor_to_images(decoder.decode(z.float())))
-    return np.concatenate(out)
+
+def compile_sampling(fid: FidConfig, device: str) -> bool:
+    return fid.compile == "on" or (fid.compile == "auto" and device == "cuda")
+
+
+class _SamplerActor:
+    """Ray actor around a SliceSampler; one CPU thread on CPU, so that every slice is bitwise reproducible."""
+
+    def __init__(self, codec: dict[str, Any], device: str, compile: bool):
+        if device == "cpu":
+            torch.set_num_threads(1)
+        self.sampler = SliceSampler(codec, device, compile)
+
+    def sample(self, checkpoint: str, fid: dict[str, Any], index: int, count: int) -> np.ndarray:
+        return self.sampler.sample(checkpoint, fid, index, count)
+
+    def loads(self) -> int:
+        return self.sampler.loads
+
+
+class SamplerPool:
+    """Ray actors that draw the FID samples: one per GPU (or per CPU), alive for the whole stage.
+
+    with SamplerPool(codec, fid) as pool:
+        samples = generate(checkpoint, codec, fid, pool=pool)
+    """
+
+    def __init__(self, codec: dict[str, Any], fid: FidConfig, workers: int = 0):
+        import ray
+
+        from pipeline.ray_utils import cluster_cpus, cluster_gpus, ensure_ray
+
+        ensure_ray()
+        gpus = cluster_gpus()
+        self.device = "cuda" if gpus else "cpu"
+        self.size = workers or fid.workers or (gpus or cluster_cpus())
+        options = {"num_gpus": 1, "num_cpus": 1} if gpus else {"num_cpus": 1}
+        actor = ray.remote(_SamplerActor).options(**options)
+        self.actors = [actor.remote(codec, self.device, compile_sampling(fid, self.device)) for _ in range(self.size)]
+
+    def __enter__(self) -> SamplerPool:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Stop the actors (they hold CPUs or GPUs that a sweep may need)."""
+        import ray
+
+        for actor in self.actors:
+            ray.kill(actor)
+        self.actors = []
+
+    def loads(self) -> list[int]:
+        """Checkpoints each actor has read so far."""
+        import ray
+
+        return ray.get([a.loads.remote() for a in self.actors])
 
 
 def generate(
-    checkpoint: str, codec: dict[str, Any], fid: FidConfig, workers: int = 0, progress: bool = True
+    checkpoint: str,
+    codec: dict[str, Any],
+    fid: FidConfig,
+    workers: int = 0,
+    progress: bool = True,
+    pool: SamplerPool | None = None,
 ) -> np.ndarray:
-    """All `fid.num_samples` samples of a checkpoint, slices run as Ray tasks (one CPU, or one GPU, each)."""
+    """All `fid.num_samples` samples of a checkpoint, slices drawn by the actors of `pool` (a new pool if None)."""
     import ray
     from tqdm.auto import tqdm
 
-    from pipeline.ray_utils import cluster_cpus, cluster_gpus, ensure_ray
-
-    ensure_ray()
-    gpus = cluster_gpus()
-    concurrency = workers or fid.workers or (gpus or cluster_cpus())
-    options = {"num_gpus": 1, "num_cpus": 1} if gpus else {"num_cpus": 1}
-    remote = ray.remote(_sample_slice_task).options(**options)
+    if pool is None:
+        with SamplerPool(codec, fid, workers) as own:
+            return generate(checkpoint, codec, fid, progress=progress, pool=own)
     fid_dict = asdict(fid)
     results: dict[int, np.ndarray] = {}
-    pending: dict[Any, int] = {}
+    pending: dict[Any, tuple[int, Any]] = {}
+    idle = list(pool.actors)
     queue = slices(fid)
     bar = tqdm(total=fid.num_samples, desc="fid samples", unit="img", disable=not progress, leave=False)
     while queue or pending:
-        while queue and len(pending) < concurrency:
+        while queue and idle:
             i, n = queue.pop(0)
-            pending[remote.remote(checkpoint, codec, fid_dict, i, n, "cuda" if gpus else "cpu")] = i
+            actor = idle.pop()
+            pending[actor.sample.remote(checkpoint, fid_dict, i, n)] = (i, actor)
         done, _ = ray.wait(list(pending), num_returns=1)
         for ref in done:
-            index = pending.pop(ref)
+            index, actor = pending.pop(ref)
             results[index] = ray.get(ref)
+            idle.append(actor)
             bar.update(len(results[index]))
     bar.close()
     return np.concatenate([results[i] for i in sorted(results)])
-
-
-def _sample_slice_task(checkpoint, codec, fid, index, count, device):
-    torch.set_num_threads(1)  # one slice per CPU: parallel across slices, bitwise reproducible within one
-    return sample_slice(checkpoint, codec, fid, index, count, device)
 
 
 def sample_grid(images: np.ndarray, path: str | os.PathLike, columns: int = 10, rows: int = 10) -> str:
@@ -317,8 +414,12 @@ def score_checkpoint(
     workdir: str,
     workers: int = 0,
     progress: bool = True,
+    pool: SamplerPool | None = None,
 ) -> tuple[dict[str, float], np.ndarray, dict[str, str]]:
-    """(metrics, samples, extractor facts) of one EMA checkpoint against the dataset's reference statistics."""
+    """(metrics, samples, extractor facts) of one EMA checkpoint against the dataset's reference statistics.
+
+    `pool` draws the samples (a stage scoring many checkpoints passes one); None starts one for this checkpoint.
+    """
     from dit_core.checkpoint import load_checkpoint, model_config_from_checkpoint
 
     ckpt = load_checkpoint(checkpoint)  # clear error if missing or not a dit_core checkpoint
@@ -345,7 +446,7 @@ def score_checkpoint(
     ref_stats, ref_feats = reference_statistics(fid, manifest, workdir, weights, extractor, cuda)
 
     t0 = time.perf_counter()
-    samples = generate(checkpoint, manifest["codec"], fid, workers, progress)
+    samples = generate(checkpoint, manifest["codec"], fid, workers, progress, pool)
     t_sample = time.perf_counter() - t0
     gen_feats = features(samples, extractor, cuda)
     metrics = {"fid": frechet_distance(statistics(gen_feats[layer]), ref_stats)}
@@ -415,7 +516,8 @@ def run_fid(experiment: ExperimentConfig, workdir: str, progress: bool = True) -
     plan = plan_sweep(experiment, workdir)
     fid = experiment.fid
     scored_now = []
-    with tracking.tracking_uri(experiment.tracking.tracking_uri, workdir) as uri:
+    pool = None  # started at the first checkpoint to score, stopped at the end
+    with contextlib.ExitStack() as stack, tracking.tracking_uri(experiment.tracking.tracking_uri, workdir) as uri:
         exp_id = tracking.experiment_id(uri, experiment.mlflow_experiment)
         for trial in plan.trials:
             available = milestone_steps(plan.trial_dir(trial))
@@ -432,7 +534,11 @@ def run_fid(experiment: ExperimentConfig, workdir: str, progress: bool = True) -
                 )
             done = {step for step, _ in tracking.metric_history(uri, run.info.run_id, "fid")}
             for step in sorted(set(available) - done):
-                metrics, samples, facts = score_checkpoint(available[step], plan.manifest, fid, workdir, 0, progress)
+                if pool is None:
+                    pool = stack.enter_context(SamplerPool(plan.manifest["codec"], fid))
+                metrics, samples, facts = score_checkpoint(
+                    available[step], plan.manifest, fid, workdir, progress=progress, pool=pool
+                )
                 with tempfile.TemporaryDirectory() as tmp:  # everything computed before anything is logged
                     grid = sample_grid(samples, Path(tmp) / f"samples_step{step:07d}.png")
                     tracking.set_tags(uri, run.info.run_id, facts)

@@ -13,6 +13,8 @@ from pipeline import tracking
 from pipeline.config import ConfigError, FidConfig, load_experiment
 from pipeline.data import load_manifest
 from pipeline.fid import (
+    SamplerPool,
+    SliceSampler,
     frechet_distance,
     generate,
     make_extractor,
@@ -20,6 +22,7 @@ from pipeline.fid import (
     reference_statistics,
     run_fid,
     sample_labels,
+    sample_slice,
     score_checkpoint,
     statistics,
 )
@@ -74,9 +77,41 @@ def test_same_samples_whatever_the_number_of_workers(fast_smoke, smoke_workdir):
     two = generate(path, manifest["codec"], fid, workers=2, progress=False)
     assert one.shape == (120, 16, 16, 3) and one.dtype == np.uint8
     np.testing.assert_array_equal(one, two)
+    # slice 1 drawn on its own, in this process, is the same as in the pool
+    alone = sample_slice(path, manifest["codec"], asdict(fid), 1, 40)
+    np.testing.assert_array_equal(alone, one[40:80])
     m1, _, _ = score_checkpoint(path, manifest, experiment.fid, smoke_workdir, workers=1, progress=False)
     m2, _, _ = score_checkpoint(path, manifest, experiment.fid, smoke_workdir, workers=2, progress=False)
     assert m1["fid"] == m2["fid"] and m1["fid"] > 0
+
+
+def test_the_pool_reads_each_checkpoint_once_per_actor(fast_smoke, smoke_workdir):
+    experiment, outcomes = fast_smoke
+    manifest = load_manifest(f"{smoke_workdir}/shards/smoke")
+    fid = replace(experiment.fid, num_samples=60, slice_size=10)  # 6 slices per checkpoint
+    paths = [milestone(smoke_workdir, outcomes[0], 15), milestone(smoke_workdir, outcomes[0], 30)]
+    with SamplerPool(manifest["codec"], fid, workers=2) as pool:
+        first = [generate(p, manifest["codec"], fid, progress=False, pool=pool) for p in paths]
+        assert sum(pool.loads()) <= 2 * len(paths)  # not once per slice (that would be 12)
+        again = generate(paths[0], manifest["codec"], fid, progress=False, pool=pool)
+    np.testing.assert_array_equal(again, first[0])  # a model reloaded into the same actor gives the same images
+    assert not np.array_equal(first[0], first[1])  # the second checkpoint's weights were really loaded
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_compiled_sampling_matches_eager(fast_smoke, smoke_workdir):
+    """fid.compile (the default on a GPU) gives the eager images up to rounding of a few pixel levels."""
+    experiment, outcomes = fast_smoke
+    manifest = load_manifest(f"{smoke_workdir}/shards/smoke")
+    fid = asdict(replace(experiment.fid, sampling_steps=3))
+    path = milestone(smoke_workdir, outcomes[0], 30)
+    eager = SliceSampler(manifest["codec"]).sample(path, fid, 0, 16)
+    compiled_sampler = SliceSampler(manifest["codec"], compile=True)
+    with torch._inductor.config.patch(fallback_random=True):
+        compiled = compiled_sampler.sample(path, fid, 0, 16)
+    assert hasattr(compiled_sampler.model, "_compiled_call_impl") and compiled_sampler.model._compiled_call_impl
+    difference = np.abs(compiled.astype(int) - eager.astype(int))
+    assert difference.max() <= 2 and difference.mean() < 0.05
 
 
 def test_reference_statistics_are_computed_once(fast_smoke, smoke_workdir):
