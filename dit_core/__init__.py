@@ -4,6 +4,7 @@ from dit_core import DiT, GaussianDiffusion, DDPMSampler, make_denoiser
 model = DiT.from_preset("DiT-XL/2")                         # 675M params, 118.6 Gflops
 diffusion = GaussianDiffusion()                             # linear betas, eps + learned sigma, hybrid loss
 losses = diffusion.training_losses(model, x0, t, y)         # {"loss", "mse", "vb"}
+step = TrainStep(model, diffusion, adamw(model))            # forward, loss, backward, AdamW (+ clip, EMA, bf16)
 x = DDPMSampler(respacing="250").sample(make_denoiser(model.eval()), noise, y)
 """
 
@@ -13,6 +14,7 @@ from dit_core.ema import create_ema, unwrap_model, update_ema
 from dit_core.flops import forward_macs, gflops, param_count, train_mfu, training_compute
 from dit_core.model import PRESETS, SIZES, DiT, DiTConfig, dit_config, parse_preset
 from dit_core.samplers import DDIMSampler, DDPMSampler, DiffusersSampler, diffusers_scheduler, make_denoiser
+from dit_core.training import TrainStep, adamw
 
 __all__ = [
     "DDIMSampler",
@@ -24,6 +26,8 @@ __all__ = [
     "GaussianDiffusion",
     "PRESETS",
     "SIZES",
+    "TrainStep",
+    "adamw",
     "create_ema",
     "diffusers_scheduler",
     "dit_config",
