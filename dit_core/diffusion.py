@@ -150,6 +150,19 @@ class GaussianDiffusion:
         )
         self.posterior_mean_coef1 = betas * self.alpha_bar_prev.sqrt() / (1 - self.alpha_bar)
         self.posterior_mean_coef2 = (1 - self.alpha_bar_prev) * alphas.sqrt() / (1 - self.alpha_bar)
+        self.log_betas = torch.log(betas)
+
+    def to(self, device: torch.device | str) -> GaussianDiffusion:
+        """Keep the coefficient tables (float64) on `device`, so that no step copies them from the host; returns self.
+
+        On a GPU, `coef.to("cuda")` from host memory waits for the device: call this once (TrainStep and the samplers
+        do) rather than once per gather.
+        """
+        device = torch.device(device)
+        for name, value in list(vars(self).items()):
+            if isinstance(value, torch.Tensor) and value.device != device:
+                setattr(self, name, value.to(device))
+        return self
 
     def respaced(self, respacing: str) -> GaussianDiffusion:
         """The same process sampled over fewer steps ("250", "ddim50", ...)."""
@@ -157,8 +170,8 @@ class GaussianDiffusion:
 
     @staticmethod
     def _at(coef: torch.Tensor, t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        """coef[t] as float32 on x's device, shaped (N, 1, 1, 1) to broadcast over x."""
-        values = coef.to(device=t.device)[t].float()
+        """coef[t] as float32 on t's device, shaped (N, 1, 1, 1) to broadcast over x (a copy if coef is elsewhere)."""
+        values = (coef if coef.device == t.device else coef.to(t.device))[t].float()
         return values.view(-1, *([1] * (x.ndim - 1)))
 
     # --- forward process ------------------------------------------------------------------------------------------
@@ -237,7 +250,7 @@ class GaussianDiffusion:
             log_variance = self._at(self.posterior_log_variance_clipped, t, x_t).expand_as(x_t)
         else:  # log variance interpolated between log beta_tilde and log beta (improved DDPM eq. 15)
             min_log = self._at(self.posterior_log_variance_clipped, t, x_t)
-            max_log = self._at(torch.log(self.betas), t, x_t)
+            max_log = self._at(self.log_betas, t, x_t)
             frac = (var_values + 1) / 2
             log_variance = frac * max_log + (1 - frac) * min_log
         x0, eps = self.predict_x0_eps(prediction, x_t, t)
@@ -267,7 +280,13 @@ class GaussianDiffusion:
         if noise is None:
             noise = torch.randn_like(x_start)
         x_t = self.q_sample(x_start, t, noise)
-        model_output = model(x_t, t, y).float()
+        return self.loss_terms(model(x_t, t, y), x_start, x_t, t, noise)
+
+    def loss_terms(
+        self, model_output: torch.Tensor, x_start: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor, noise: torch.Tensor
+    ) -> dict[str, torch.Tensor]:
+        """The per-sample losses of `training_losses` from the model's output at x_t = q_sample(x_start, t, noise)."""
+        model_output = model_output.float()
         prediction, var_values = self.split_output(model_output, x_start.shape[1])
         target = self.prediction_target(x_start, noise, t)
         mse = (prediction - target).pow(2).flatten(1).mean(1)

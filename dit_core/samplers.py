@@ -64,7 +64,7 @@ class DDPMSampler:
         """noise x_T (N, C, H, W), labels y (N,) -> x_0 (N, C, H, W)."""
         x = noise
         n = x.shape[0]
-        timestep_map = self.diffusion.timestep_map.to(x.device)
+        timestep_map = self.diffusion.to(x.device).timestep_map
         for i in tqdm(reversed(range(self.num_steps)), total=self.num_steps, disable=not progress, desc="DDPM"):
             index = torch.full((n,), i, device=x.device, dtype=torch.long)
             out = denoise(x, timestep_map[index], y)
@@ -103,10 +103,10 @@ class DDIMSampler:
         progress: bool = False,
     ) -> torch.Tensor:
         """noise x_T (N, C, H, W), labels y (N,) -> x_0 (N, C, H, W)."""
-        d = self.diffusion
+        d = self.diffusion.to(noise.device)
         x = noise
         n = x.shape[0]
-        timestep_map = d.timestep_map.to(x.device)
+        timestep_map = d.timestep_map
         for i in tqdm(reversed(range(self.num_steps)), total=self.num_steps, disable=not progress, desc="DDIM"):
             index = torch.full((n,), i, device=x.device, dtype=torch.long)
             out = denoise(x, timestep_map[index], y)

@@ -151,3 +151,30 @@ def test_bad_diffusion_configs():
         GaussianDiffusion().training_losses(lambda x, t, y: x, torch.randn(1, 4, 2, 2), torch.tensor([1]), None)
     with pytest.raises(ValueError, match="respaced"):
         GaussianDiffusion(respacing="250").training_losses(lambda x, t, y: x, torch.randn(1, 4, 2, 2), None, None)
+
+
+def test_coefficient_tables_live_on_the_device_and_are_not_copied_per_step(monkeypatch):
+    """On a GPU a copy of a host table waits for the device; after .to(device) no gather copies anything."""
+    diffusion = GaussianDiffusion(DiffusionConfig(loss="hybrid")).to("meta")
+    tables = [v for v in vars(diffusion).values() if isinstance(v, torch.Tensor)]
+    assert len(tables) > 10 and all(v.device.type == "meta" for v in tables)
+    moves = []
+    original = torch.Tensor.to
+
+    def spy(self, *args, **kwargs):
+        out = original(self, *args, **kwargs)
+        if out.device != self.device:
+            moves.append((self.device, out.device))
+        return out
+
+    monkeypatch.setattr(torch.Tensor, "to", spy)
+    x0 = torch.empty(4, 4, 8, 8, device="meta")
+    t = torch.empty(4, dtype=torch.long, device="meta")
+    noise = torch.empty_like(x0)
+    x_t = diffusion.q_sample(x0, t, noise)
+    terms = diffusion.loss_terms(torch.empty(4, 8, 8, 8, device="meta"), x0, x_t, t, noise)
+    diffusion.p_mean_variance(torch.empty(4, 8, 8, 8, device="meta"), x_t, t)
+    assert terms["loss"].shape == (4,) and moves == []
+    # a table left on the host is still gathered correctly (copied)
+    host = GaussianDiffusion(DiffusionConfig())
+    assert host._at(host.alpha_bar, t, x0).device.type == "meta" and moves
