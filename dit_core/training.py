@@ -48,8 +48,10 @@ class TrainStep:
         grad_clip: clip the global gradient L2 norm to this value; 0 = no clipping.
         autocast_dtype: torch.bfloat16 for mixed precision; None = the parameters' dtype (fp32).
         forward: the callable that runs the model (a DistributedDataParallel wrapper of it); default `model`.
-        compile: torch.compile the forward (inductor fuses the LayerNorm, modulation, GELU and residual kernels).
+        compile: torch.compile the forward (inductor fuses the LayerNorm, modulation, GELU and residual kernels) and,
+            apart from it (so that a DDP wrapper stays outside), the noising and the loss.
         compile_mode: torch.compile mode, one of COMPILE_MODES ("reduce-overhead" adds CUDA graphs).
+        compile_loss: with compile, compile the noising and the loss too (False: the model alone, for comparison).
     """
 
     def __init__(
@@ -65,18 +67,25 @@ class TrainStep:
         forward: nn.Module | None = None,
         compile: bool = False,
         compile_mode: str = "default",
+        compile_loss: bool = True,
     ):
         if compile_mode not in COMPILE_MODES:
             raise ValueError(f"unknown compile mode {compile_mode!r}; choose one of {', '.join(COMPILE_MODES)}")
         if grad_clip < 0:
             raise ValueError(f"grad_clip must be >= 0 (0 = no clipping), got {grad_clip}")
-        self.model, self.diffusion, self.optimizer, self.ema = model, diffusion, optimizer, ema
+        if diffusion.respacing is not None:
+            raise ValueError("train on the full process, not a respaced one (respacing is for sampling)")
+        self.model, self.optimizer, self.ema = model, optimizer, ema
         self.ema_decay, self.grad_clip = ema_decay, grad_clip
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.device = self.params[0].device
+        self.diffusion = diffusion.to(self.device)  # coefficient tables on the device: no copy per step
         forward = forward if forward is not None else model
+        self.q_sample, self.loss_terms = diffusion.q_sample, diffusion.loss_terms
         if compile:
             forward = torch.compile(forward, mode=None if compile_mode == "default" else compile_mode)
+            if compile_loss:  # the loss's elementwise math (dozens of small kernels, both ways) fuses into a few
+                self.q_sample, self.loss_terms = torch.compile(self.q_sample), torch.compile(self.loss_terms)
         self.forward = forward
         self.autocast = (
             torch.autocast(self.device.type, dtype=autocast_dtype) if autocast_dtype is not None else nullcontext()
@@ -98,8 +107,11 @@ class TrainStep:
         """
         if t is None:
             t = sample_timesteps(x0.shape[0], self.diffusion.config.num_timesteps, device=x0.device)
-        with self.autocast:
-            terms = self.diffusion.training_losses(self.forward, x0, t, y, noise)
+        if noise is None:
+            noise = torch.randn_like(x0)
+        with self.autocast:  # diffusion.training_losses, in three parts so that the loss can be compiled apart
+            x_t = self.q_sample(x0, t, noise)
+            terms = self.loss_terms(self.forward(x_t, t, y), x0, x_t, t, noise)
         loss = terms["loss"].mean()
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
