@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# The GPU benchmarks in one call on a lent H200, each under its own time limit (about 9 minutes in all):
+#   1. train_step.py: S/2 B/2 L/2 XL/2 training step, eager and compiled, XL/2 against diffusers, XL/2 sampling
+#      forward at batch 256, host-sync check, SDPA kernel (270 s budget, most important measurements first);
+#   2. fid_throughput.py: the FID stage (DiT-XL/2 DDPM-250 and DDIM-25, SD-architecture VAE, InceptionV3), share of
+#      its time in the DiT forward;
+#   3. profile_step.py: time, FLOPs and bytes per kernel class of the compiled XL/2 training step.
+# Results (JSON) and the log go to $OUT (the device tool's output folder) or benchmarks/results.
+#
+# The device image has torch but neither diffusers nor torch-fidelity; bring them as wheels, from the repo root:
+#   echo /.whl/ >> .git/info/exclude
+#   pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+#       --platform manylinux2014_x86_64 -d .whl diffusers==0.42.1 torch-fidelity==0.4.0 importlib_metadata zipp
+# then run it with the device tool: command "bash benchmarks/gpu_suite.sh", carry [".whl"], timeout_s 600.
+set -u
+export PYTHONUNBUFFERED=1
+out=${OUT:-benchmarks/results}
+mkdir -p "$out"
+exec > >(tee "$out/gpu_suite.log") 2>&1
+if [ -d .whl ]; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+        && export PYTHONPATH=/tmp/site:${PYTHONPATH:-}
+fi
+nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv
+python3 -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)"
+
+bench() {
+    local limit=$1
+    shift
+    echo "=== $* (limit ${limit} s)"
+    timeout "$limit" python3 "$@"
+    echo "=== exit $?"
+}
+bench 290 benchmarks/train_step.py --device cuda --json "$out/train_step.json"
+bench 180 benchmarks/fid_throughput.py --device cuda --json "$out/fid_throughput.json"
+bench 90 benchmarks/profile_step.py --device cuda --compiled --json "$out/profile_step.json"
