@@ -185,7 +185,8 @@ def main() -> None:
                 continue
             rows[cls] = {"ms": s * 1e3, "share": s / total if total else 0.0, "gflop": f / 1e9, "gb": b / 1e9}
             rate = f"{f / s / 1e12:>8.2f}" if s and f else f"{'-':>8}"
-            bandwidth = f"{b / s / 1e9:>8.1f}" if s and b else f"{'-':>8}"
+            # eager traffic over compiled time would overstate bandwidth: only eager steps get GB/s
+            bandwidth = f"{b / s / 1e9:>8.1f}" if s and b and not args.compiled else f"{'-':>8}"
             print(f"{cls:<14} {s * 1e3:>8.2f} {rows[cls]['share']:>7.1%} {f / 1e9:>9.2f} {b / 1e9:>8.3f} "
                   f"{rate} {bandwidth}")  # fmt: skip
         report["presets"][preset] = {"ms_per_step": total * 1e3, "classes": rows}

@@ -260,15 +260,20 @@ class SliceSampler:
             self.checkpoint, self.loads = checkpoint, self.loads + 1
         return self.model
 
+    def denoiser(self, model, fid: FidConfig):
+        """denoise(x_t, t, y) for the sampler (benchmarks/fid_throughput.py wraps it to time the DiT forward)."""
+        from dit_core.samplers import make_denoiser
+
+        return make_denoiser(model, fid.cfg_scale, fid.guidance_channels or None)
+
     def sample(self, checkpoint: str, fid: dict[str, Any], index: int, count: int) -> np.ndarray:
         """Slice `index` of the samples: `count` uint8 (H, W, 3) images."""
-        from dit_core.samplers import make_denoiser
         from pipeline.codecs import tensor_to_images
 
         fid_cfg = FidConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in fid.items()})
         model = self.load(checkpoint)
         sampler = make_sampler(fid_cfg, self.diffusion_config)
-        denoise = make_denoiser(model, fid_cfg.cfg_scale, fid_cfg.guidance_channels or None)
+        denoise = self.denoiser(model, fid_cfg)
         cfg = model.config
         g = torch.Generator(self.device).manual_seed(fid_cfg.seed * 1_000_003 + index)
         y = slice_labels(fid_cfg, index, count, cfg.num_classes)

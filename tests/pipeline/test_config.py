@@ -88,6 +88,8 @@ def test_malformed_overrides(override, message):
         (["train.learn_sigma=false"], "hybrid"),
         (["train.precision=fp8"], "train.precision"),
         (["grid.presets=[DiT-Ti/4, DiT-Ti/4]"], "twice"),
+        (["train.compile_mode=fastest"], "train.compile_mode must be one of default, reduce-overhead"),
+        (["fid.compile=yes"], "fid.compile must be 'auto'"),
     ],
 )
 def test_invalid_values_fail_before_any_trial(overrides, message):
