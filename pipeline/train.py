@@ -1,8 +1,9 @@
 """The per-worker training loop of one trial, run by Ray Train (TorchTrainer, DDP over the trial's workers).
 
 Read top to bottom: set up (device, seeds, model, EMA, AdamW, restore from `ray.train.get_checkpoint()`), then the
-flat loop: batch -> hybrid loss -> backward -> clip -> AdamW -> EMA, with metrics every `log_every_steps`,
-resumable checkpoints every `ckpt_every_steps`, EMA milestones for the FID stage and a validation loss.
+flat loop: batch -> dit_core.TrainStep (hybrid loss -> backward -> clip -> AdamW -> EMA, no host sync), with metrics
+every `log_every_steps`, resumable checkpoints every `ckpt_every_steps`, EMA milestones for the FID stage and a
+validation loss.
 
 Every step's randomness (timesteps, noise, label dropout) is seeded from (seed, rank, step) and the data stream from
 (seed, epoch, reader), so a trial restored from a checkpoint continues exactly as if it had not stopped.
