@@ -77,6 +77,7 @@ class ByteCounter(TorchDispatchMode):
 
 def make_step(preset: str, args, device: torch.device):
     config = dit_config(preset, input_size=args.input_size, in_channels=args.in_channels, num_classes=1000)
+    torch._dynamo.reset()  # nothing compiled for the previous preset carries over
     torch.manual_seed(0)
     model = DiT(config).to(device)
     g = torch.Generator(device=device).manual_seed(0)

@@ -149,6 +149,7 @@ def bench(args, preset: str, kind: str, modes: list[str], with_peer: bool, devic
     """One row per mode for `preset`: every (implementation, mode) step is timed in the same alternating rounds, so
     that dit_core / diffusers and compiled / eager are both ratios measured side by side."""
     config = dit_config(preset, input_size=args.input_size, in_channels=args.in_channels, num_classes=1000)
+    torch._dynamo.reset()  # no graphs, guards or dynamic-shape decisions carried over from the previous preset
     torch.manual_seed(0)
     ours = DiT(config).to(device)
     models = {"dit_core": ours}

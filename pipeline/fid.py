@@ -254,7 +254,11 @@ class SliceSampler:
             if self.model is None or self.model.config != config:
                 self.model = DiT(config).to(self.device).eval().requires_grad_(False)
                 if self.compile:
-                    self.model.compile()  # compiles __call__: forward and the batched guidance pass
+                    # a fresh start for each architecture (torch.compile keeps 8 graphs per function, then falls
+                    # back to eager), and static shapes: a short last batch gets a graph of its own instead of
+                    # turning every later batch into a dynamic-shape one
+                    torch._dynamo.reset()
+                    self.model.compile(dynamic=False)  # compiles __call__: forward and the batched guidance pass
             self.model.load_state_dict(ckpt["model"])
             self.diffusion_config = DiffusionConfig(**ckpt["config"]["diffusion"])
             self.checkpoint, self.loads = checkpoint, self.loads + 1

@@ -104,14 +104,18 @@ def test_compiled_sampling_matches_eager(fast_smoke, smoke_workdir):
     experiment, outcomes = fast_smoke
     manifest = load_manifest(f"{smoke_workdir}/shards/smoke")
     fid = asdict(replace(experiment.fid, sampling_steps=3))
-    path = milestone(smoke_workdir, outcomes[0], 30)
-    eager = SliceSampler(manifest["codec"]).sample(path, fid, 0, 16)
-    compiled_sampler = SliceSampler(manifest["codec"], compile=True)
-    with torch._inductor.config.patch(fallback_random=True):
-        compiled = compiled_sampler.sample(path, fid, 0, 16)
-    assert hasattr(compiled_sampler.model, "_compiled_call_impl") and compiled_sampler.model._compiled_call_impl
-    difference = np.abs(compiled.astype(int) - eager.astype(int))
-    assert difference.max() <= 2 and difference.mean() < 0.05
+    eager_sampler, compiled_sampler = SliceSampler(manifest["codec"]), SliceSampler(manifest["codec"], compile=True)
+    architectures = set()
+    for outcome in (outcomes[0], outcomes[-1]):  # two architectures through the same compiled sampler
+        path = milestone(smoke_workdir, outcome, 30)
+        eager = eager_sampler.sample(path, fid, 0, 16)
+        with torch._inductor.config.patch(fallback_random=True):
+            compiled = compiled_sampler.sample(path, fid, 0, 16)
+        assert compiled_sampler.model._compiled_call_impl is not None
+        architectures.add(compiled_sampler.model.config)
+        difference = np.abs(compiled.astype(int) - eager.astype(int))
+        assert difference.max() <= 2 and difference.mean() < 0.05
+    assert len(architectures) == 2
 
 
 def test_reference_statistics_are_computed_once(fast_smoke, smoke_workdir):
