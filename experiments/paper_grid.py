@@ -1,7 +1,8 @@
 """The paper's scaling grid (Table 4): DiT-S/B/L/XL x patch 2/4/8 on ImageNet 256 with the paper's recipe.
 
 ImageNet train folder -> SD-VAE (ft-EMA) latents 32x32x4; AdamW lr 1e-4 constant, no weight decay, batch 256,
-400K steps, EMA 0.9999, eps prediction with learned sigma (hybrid loss), no gradient clipping, bf16 autocast.
+400K steps, EMA 0.9999, eps prediction with learned sigma (hybrid loss), no gradient clipping, bf16 autocast,
+torch.compile.
 EMA checkpoints for FID at 50K, 100K, 200K, 300K and 400K steps.
 """
 
@@ -29,6 +30,7 @@ EXPERIMENT = ExperimentConfig(
         log_every_steps=100,
         val_every_steps=10_000,
         loader_workers=4,
+        compile=True,  # model and loss; the official XL/2 goes from 354 to 520 img/s on an H200 compiled (dit_facts 8)
     ),
     resources=ResourcesConfig(workers_per_trial=8, gpus_per_worker=1, cpus_per_worker=4),
 )
