@@ -122,22 +122,23 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--samples", type=int, default=None, help="images per measurement (default 200 CPU, 256 GPU)")
-    parser.add_argument("--compile", default="auto", choices=["auto", "on", "off"], help="fid.compile")
+    parser.add_argument("--compile", default="auto", choices=["auto", "on", "off"], help="fid.compile (auto: GPU)")
     parser.add_argument("--json", default="benchmarks/results/fid_throughput.json")
     args = parser.parse_args()
     gpu = args.device == "cuda"
     n = args.samples or (256 if gpu else 200)
+    compile_flag = {"auto": None, "on": True, "off": False}[args.compile]
     tmp = tempfile.mkdtemp()
     torch.manual_seed(0)
     if gpu:
         preset, size, channels, classes = "DiT-XL/2", 32, 4, 1000
         codec = sd_vae_codec(tmp)
-        fid = FidConfig(extractor="inception-v3-compat", batch_size=n, compile=args.compile)
+        fid = FidConfig(extractor="inception-v3-compat", batch_size=n, compile=compile_flag)
         extractor = make_extractor(fid, random_inception_weights(tmp), True, ["2048"])
     else:
         preset, size, channels, classes = "DiT-Mi/4", 16, 3, 10
         codec = PixelCodec().describe()
-        fid = FidConfig(extractor=CLASSIFIER, batch_size=n, compile=args.compile)
+        fid = FidConfig(extractor=CLASSIFIER, batch_size=n, compile=compile_flag)
         rng = np.random.default_rng(0)
         images = (rng.random((500, 16, 16, 3)) * 255).astype(np.uint8)
         train_classifier(images, rng.integers(0, 10, 500), f"{tmp}/c.pt", seconds=2)

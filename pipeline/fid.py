@@ -190,6 +190,23 @@ def reference_statistics(
     return stats, feats
 
 
+_REAL_FEATURES: dict[str, dict[str, torch.Tensor]] = {}  # reference key -> features, for KID and PRC
+
+
+def real_features(
+    fid: FidConfig, manifest: dict[str, Any], weights: str, extractor, cuda: bool, computed=None
+) -> dict[str, torch.Tensor]:
+    """Features of the real images (KID and PRC need them, not only their statistics), extracted once per process:
+    a stage scoring many checkpoints reads and embeds the real images once, not once per checkpoint."""
+    key = json.dumps(reference_key(fid, manifest, weights), sort_keys=True)
+    if computed is not None:
+        _REAL_FEATURES[key] = computed
+    if key not in _REAL_FEATURES:
+        images, _ = real_images(manifest, fid.reference_images, fid.seed)
+        _REAL_FEATURES[key] = features(images, extractor, cuda)
+    return _REAL_FEATURES[key]
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # gen: deterministic slices of samples (Ray actors)
 # ---------------------------------------------------------------------------------------------------------------
@@ -300,7 +317,7 @@ def sample_slice(
 
 
 def compile_sampling(fid: FidConfig, device: str) -> bool:
-    return fid.compile == "on" or (fid.compile == "auto" and device == "cuda")
+    return fid.compile if fid.compile is not None else device == "cuda"
 
 
 class _SamplerActor:
@@ -460,9 +477,7 @@ def score_checkpoint(
     gen_feats = features(samples, extractor, cuda)
     metrics = {"fid": frechet_distance(statistics(gen_feats[layer]), ref_stats)}
     if {"kid", "prc"} & set(fid.metrics):
-        if ref_feats is None:
-            images, _ = real_images(manifest, fid.reference_images, fid.seed)
-            ref_feats = features(images, extractor, cuda)
+        ref_feats = real_features(fid, manifest, weights, extractor, cuda, ref_feats)
         if "kid" in fid.metrics:
             from torch_fidelity.metric_kid import kid_features_to_metric
 

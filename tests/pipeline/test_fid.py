@@ -136,6 +136,26 @@ def test_reference_statistics_are_computed_once(fast_smoke, smoke_workdir):
     assert {p: p.stat().st_mtime_ns for p in cache} == stamps
 
 
+def test_kid_and_prc_embed_the_real_images_once_per_process(fast_smoke, smoke_workdir, monkeypatch):
+    from pipeline import fid as fid_module
+
+    experiment, outcomes = fast_smoke
+    fid = replace(experiment.fid, metrics=("fid", "kid", "prc"), reference_images=120)  # a reference key of its own
+    manifest = load_manifest(f"{smoke_workdir}/shards/smoke")
+    fid_module.extractor_weights(fid, manifest, smoke_workdir)  # the classifier extractor, trained beforehand
+    loads = []
+    original = fid_module.real_images
+    monkeypatch.setattr(fid_module, "real_images", lambda *a, **k: loads.append(1) or original(*a, **k))
+    scores = []
+    with SamplerPool(manifest["codec"], fid, workers=2) as pool:
+        for step in (15, 30):
+            path = milestone(smoke_workdir, outcomes[0], step)
+            scores.append(score_checkpoint(path, manifest, fid, smoke_workdir, progress=False, pool=pool)[0])
+    assert len(loads) == 1  # the statistics and the features of the real images come from one read
+    for metrics in scores:
+        assert metrics["kid"] > 0 and 0 <= metrics["precision"] <= 1 and 0 <= metrics["recall"] <= 1
+
+
 def test_scoring_a_sweep_logs_fid_at_the_milestones(fast_smoke, smoke_workdir, mlflow_uri):
     experiment, outcomes = fast_smoke
     scored = run_fid(experiment, smoke_workdir, progress=False)  # (tests/analysis may have scored them already)
