@@ -354,6 +354,9 @@ class SamplerPool:
         options = {"num_gpus": 1, "num_cpus": 1} if gpus else {"num_cpus": 1}
         actor = ray.remote(_SamplerActor).options(**options)
         self.actors = [actor.remote(codec, self.device, compile_sampling(fid, self.device)) for _ in range(self.size)]
+        # Actors known to be up. Slices go only to these: an actor still waiting for a GPU that a training trial
+        # holds would otherwise sit on its slice until the trial ends.
+        self.ready: set[int] = set()
 
     def __enter__(self) -> SamplerPool:
         return self
@@ -370,10 +373,10 @@ class SamplerPool:
         self.actors = []
 
     def loads(self) -> list[int]:
-        """Checkpoints each actor has read so far."""
+        """Checkpoints each started actor has read so far."""
         import ray
 
-        return ray.get([a.loads.remote() for a in self.actors])
+        return ray.get([self.actors[i].loads.remote() for i in sorted(self.ready)])
 
 
 def generate(
@@ -393,17 +396,24 @@ def generate(
             return generate(checkpoint, codec, fid, progress=progress, pool=own)
     fid_dict = asdict(fid)
     results: dict[int, np.ndarray] = {}
-    pending: dict[Any, tuple[int, Any]] = {}
-    idle = list(pool.actors)
+    pending: dict[Any, tuple[int, int]] = {}  # slice in flight -> (slice index, actor index)
+    probes = {pool.actors[a].loads.remote(): a for a in range(len(pool.actors)) if a not in pool.ready}
+    idle = sorted(pool.ready)
     queue = slices(fid)
     bar = tqdm(total=fid.num_samples, desc="fid samples", unit="img", disable=not progress, leave=False)
     while queue or pending:
         while queue and idle:
             i, n = queue.pop(0)
             actor = idle.pop()
-            pending[actor.sample.remote(checkpoint, fid_dict, i, n)] = (i, actor)
-        done, _ = ray.wait(list(pending), num_returns=1)
+            pending[pool.actors[actor].sample.remote(checkpoint, fid_dict, i, n)] = (i, actor)
+        done, _ = ray.wait(list(pending) + list(probes), num_returns=1)
         for ref in done:
+            if ref in probes:  # an actor has started (ray.get raises its start-up error, if any)
+                ray.get(ref)
+                actor = probes.pop(ref)
+                pool.ready.add(actor)
+                idle.append(actor)
+                continue
             index, actor = pending.pop(ref)
             results[index] = ray.get(ref)
             idle.append(actor)

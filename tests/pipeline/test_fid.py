@@ -1,6 +1,7 @@
 """The fid stage: Frechet distance against independent math, determinism across workers, cached references,
 scoring a sweep's milestones into MLflow, and clear errors."""
 
+import threading
 from dataclasses import asdict, replace
 from pathlib import Path
 
@@ -96,6 +97,29 @@ def test_the_pool_reads_each_checkpoint_once_per_actor(fast_smoke, smoke_workdir
         again = generate(paths[0], manifest["codec"], fid, progress=False, pool=pool)
     np.testing.assert_array_equal(again, first[0])  # a model reloaded into the same actor gives the same images
     assert not np.array_equal(first[0], first[1])  # the second checkpoint's weights were really loaded
+
+
+def test_slices_go_only_to_actors_that_have_started(fast_smoke, smoke_workdir):
+    """With more actors than free CPUs (as when training trials hold the GPUs), the stage finishes on those that
+    started instead of waiting on an actor that cannot be placed."""
+    experiment, outcomes = fast_smoke
+    manifest = load_manifest(f"{smoke_workdir}/shards/smoke")
+    fid = replace(experiment.fid, num_samples=40, slice_size=10)
+    path = milestone(smoke_workdir, outcomes[0], 30)
+
+    out = {}
+    with SamplerPool(manifest["codec"], fid, workers=3) as pool:  # the test session's Ray has 2 CPUs
+
+        def draw():
+            out["images"] = generate(path, manifest["codec"], fid, progress=False, pool=pool)
+
+        worker = threading.Thread(target=draw, daemon=True)
+        worker.start()
+        worker.join(240)  # (a stuck ray.wait ignores signals; leaving the pool kills the actors and frees it)
+        assert not worker.is_alive(), "a slice waited on an actor that never started"
+        assert len(pool.ready) == 2
+    images = out["images"]
+    np.testing.assert_array_equal(images, generate(path, manifest["codec"], fid, workers=1, progress=False))
 
 
 @pytest.mark.filterwarnings("ignore::UserWarning")
