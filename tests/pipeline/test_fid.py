@@ -117,7 +117,7 @@ def test_slices_go_only_to_actors_that_have_started(fast_smoke, smoke_workdir):
         worker.start()
         worker.join(240)  # (a stuck ray.wait ignores signals; leaving the pool kills the actors and frees it)
         assert not worker.is_alive(), "a slice waited on an actor that never started"
-        assert len(pool.ready) == 2
+        assert 1 <= len(pool.ready) <= 2  # the third cannot be placed; the second may start after the last slice
     images = out["images"]
     np.testing.assert_array_equal(images, generate(path, manifest["codec"], fid, workers=1, progress=False))
 
