@@ -28,10 +28,10 @@ from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from dit_core.diffusion import GaussianDiffusion  # noqa: E402
-from dit_core.ema import create_ema  # noqa: E402
+from train_step import make_sample_step, make_train_step  # noqa: E402  (benchmarks/, the script's own folder)
+
 from dit_core.model import DiT, dit_config  # noqa: E402
-from dit_core.training import TrainStep, adamw  # noqa: E402
+from dit_core.training import COMPILE_MODES  # noqa: E402
 
 # "other": views, allocation, Python-side op overhead
 CLASSES = ("matmul", "attention", "fused", "norm", "elementwise", "optimizer+ema", "copy", "other")
@@ -76,27 +76,13 @@ class ByteCounter(TorchDispatchMode):
 
 
 def make_step(preset: str, args, device: torch.device):
+    """(config, step): the step benchmarks/train_step.py times (TrainStep, or the sampling forward), on one model."""
     config = dit_config(preset, input_size=args.input_size, in_channels=args.in_channels, num_classes=1000)
     torch._dynamo.reset()  # nothing compiled for the previous preset carries over
     torch.manual_seed(0)
-    model = DiT(config).to(device)
-    g = torch.Generator(device=device).manual_seed(0)
-    x = torch.randn(args.batch, config.in_channels, config.input_size, config.input_size, device=device, generator=g)
-    y = torch.randint(0, 1000, (args.batch,), device=device, generator=g)
-    dtype = torch.bfloat16 if args.precision == "bf16" else None
-    if args.kind == "train":
-        step = TrainStep(model, GaussianDiffusion(), adamw(model), create_ema(model), autocast_dtype=dtype,
-                         compile=args.compiled)  # fmt: skip
-        return config, lambda: step(x, y)
-    model.eval()
-    forward = torch.compile(model) if args.compiled else model
-    t = torch.randint(0, 1000, (args.batch,), device=device, generator=g)
-
-    def sample():
-        with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=dtype is not None):
-            forward(x, t, y)
-
-    return config, sample
+    model = DiT(config).to(device).train(args.kind == "train")
+    make = make_train_step if args.kind == "train" else make_sample_step
+    return config, make(model, device, args.batch, config, args, "compiled" if args.compiled else "")
 
 
 def profile(step, device: torch.device, steps: int) -> dict[str, float]:
@@ -148,7 +134,8 @@ def main() -> None:
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--presets", nargs="+", default=None, help="default Pico/4 Nano/2 (CPU), XL/2 (GPU)")
     parser.add_argument("--kind", default="train", choices=["train", "sample"])
-    parser.add_argument("--compiled", action="store_true", help="profile the torch.compile'd model")
+    parser.add_argument("--compiled", action="store_true", help="profile the torch.compile'd step")
+    parser.add_argument("--compile-mode", default="default", choices=COMPILE_MODES, help="torch.compile mode")
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--input-size", type=int, default=None, help="latent side (default 16 CPU, 32 GPU)")
     parser.add_argument("--in-channels", type=int, default=None, help="latent channels (default 3 CPU, 4 GPU)")
