@@ -126,6 +126,8 @@ def main() -> None:
     parser.add_argument("--json", default="benchmarks/results/fid_throughput.json")
     args = parser.parse_args()
     gpu = args.device == "cuda"
+    if gpu and not torch.cuda.is_available():
+        raise SystemExit("--device cuda given but no CUDA device is visible")
     n = args.samples or (256 if gpu else 200)
     compile_flag = {"auto": None, "on": True, "off": False}[args.compile]
     tmp = tempfile.mkdtemp()
