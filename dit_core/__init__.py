@@ -9,10 +9,11 @@ x = DDPMSampler(respacing="250").sample(make_denoiser(model.eval()), noise, y)
 """
 
 from dit_core.checkpoint import load_checkpoint, model_config_from_checkpoint, restore, save_checkpoint
+from dit_core.config import PRESETS, SIZES, DiTConfig, DiTOptions, dit_config, parse_preset
 from dit_core.diffusion import DiffusionConfig, GaussianDiffusion, sample_timesteps, space_timesteps
 from dit_core.ema import create_ema, unwrap_model, update_ema
 from dit_core.flops import forward_macs, gflops, param_count, train_mfu, training_compute
-from dit_core.model import PRESETS, SIZES, DiT, DiTConfig, dit_config, parse_preset
+from dit_core.model import DiT
 from dit_core.samplers import DDIMSampler, DDPMSampler, DiffusersSampler, diffusers_scheduler, make_denoiser
 from dit_core.training import TrainStep, adamw
 
@@ -21,6 +22,7 @@ __all__ = [
     "DDPMSampler",
     "DiT",
     "DiTConfig",
+    "DiTOptions",
     "DiffusersSampler",
     "DiffusionConfig",
     "GaussianDiffusion",

@@ -15,11 +15,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from dit_core.config import DiTConfig
 from dit_core.ema import unwrap_model
-from dit_core.model import DiTConfig
-
-# Fields that do not change the weights: a checkpoint may be loaded whatever their value.
-_RUNTIME_ONLY_FIELDS = {"grad_checkpointing"}
 
 
 def save_checkpoint(
@@ -51,8 +48,11 @@ def save_checkpoint(
     return path
 
 
-def config_differences(saved: dict[str, Any], expected: dict[str, Any], ignore=_RUNTIME_ONLY_FIELDS) -> list[str]:
-    """'field: saved X, expected Y' for each field that differs (missing fields count as different)."""
+def config_differences(
+    saved: dict[str, Any], expected: dict[str, Any], ignore: tuple[str, ...] = DiTConfig.RUNTIME_FIELDS
+) -> list[str]:
+    """'field: saved X, expected Y' for each field that differs (missing fields count as different); fields that do
+    not change the weights (`ignore`) may differ."""
     diffs = []
     for key in sorted(set(saved) | set(expected)):
         if key in ignore:

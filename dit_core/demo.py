@@ -78,13 +78,13 @@ def run_demo(
     torch.manual_seed(seed)
     g = torch.Generator().manual_seed(seed)
     templates = make_templates()
-    model = DiT.from_preset("DiT-Ti/2", input_size=SIZE, in_channels=CHANNELS, num_classes=NUM_CLASSES)
+    model = DiT.from_preset("DiT-d2w64/2", input_size=SIZE, in_channels=CHANNELS, num_classes=NUM_CLASSES)
     ema = create_ema(model)
     diffusion = GaussianDiffusion(DiffusionConfig())  # the paper's: linear betas, eps + learned sigma, hybrid loss
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
     warmup = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: min(1.0, (step + 1) / 50))
     log = print if verbose else (lambda *a, **k: None)
-    log(f"training DiT-Ti/2 ({model.num_params(True):,} params) for {train_seconds:.0f} s on the CPU ...")
+    log(f"training DiT-d2w64/2 ({model.num_params(True):,} params) for {train_seconds:.0f} s on the CPU ...")
 
     step, start, batch = 0, time.perf_counter(), batch_size
     while time.perf_counter() - start < train_seconds:

@@ -37,6 +37,9 @@ class DiffusionConfig:
     learn_sigma: bool = True  # the model's last C channels interpolate the reverse variance
     loss: str = "hybrid"  # "hybrid" = MSE + L_vlb (needs learn_sigma), "mse" = MSE on the prediction alone
 
+    def __post_init__(self) -> None:
+        self.validate()
+
     def validate(self) -> None:
         if self.schedule not in SCHEDULES:
             raise ValueError(f"unknown schedule {self.schedule!r}; choose one of {SCHEDULES}")
@@ -90,8 +93,13 @@ def space_timesteps(num_timesteps: int, spec: str) -> list[int]:
         size = section + (1 if i < extra else 0)
         if not 1 <= count <= size:
             raise ValueError(f"cannot take {count} steps from a section of {size} timesteps (respacing {spec!r})")
+        # The improved-DDPM rule: accumulate the fractional stride and round the running total. Rounding j * stride
+        # instead differs for some counts (21, 23, 31, ... of 1000) by one timestep, through float rounding at .5.
         stride = (size - 1) / (count - 1) if count > 1 else 1.0
-        kept += [start + round(j * stride) for j in range(count)]
+        position = 0.0
+        for _ in range(count):
+            kept.append(start + round(position))
+            position += stride
         start += size
     return sorted(set(kept))
 
@@ -115,7 +123,6 @@ class GaussianDiffusion:
     """
 
     def __init__(self, config: DiffusionConfig = DiffusionConfig(), respacing: str | None = None):
-        config.validate()
         self.config = config
         base_betas = make_betas(config)
         if respacing is None:

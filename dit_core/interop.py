@@ -19,8 +19,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from dit_core.config import SIZES, DiTConfig
 from dit_core.ema import unwrap_model
-from dit_core.model import SIZES, DiT, DiTConfig
+from dit_core.model import DiT
 
 # ---------------------------------------------------------------------------------------------------------------
 # Official checkpoints in

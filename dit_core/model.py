@@ -1,6 +1,7 @@
 """DiT: the Diffusion Transformer of Peebles & Xie (arXiv 2212.09748), adaLN-Zero variant.
 
-One file, top to bottom: embedders, the transformer block, the final layer, the model, presets.
+One file, top to bottom: embedders, the transformer block, the final layer, the model; its config and the presets are
+dit_core/config.py.
 Parameter names and shapes match the official implementation, so an official checkpoint loads with
 `load_state_dict(strict=True)`; the code is our own.
 
@@ -10,114 +11,13 @@ Shapes: N batch, C latent channels, H = W = input_size, p patch size, T = (H / p
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-# ---------------------------------------------------------------------------------------------------------------
-# Config and presets
-# ---------------------------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class DiTConfig:
-    """Architecture of one DiT. Sizes are in tokens/channels; nothing here depends on the data pipeline."""
-
-    input_size: int = 32  # latent height = width, in latent pixels (32 for 256 px images through the SD VAE)
-    patch_size: int = 2  # p: side of a square patch, in latent pixels; tokens T = (input_size / p)^2
-    in_channels: int = 4  # C: latent channels (4 for the SD VAE, 3 for the pixel codec)
-    hidden_size: int = 1152  # D: token width
-    depth: int = 28  # number of DiT blocks
-    num_heads: int = 16  # attention heads; head dim = hidden_size / num_heads
-    mlp_ratio: float = 4.0  # MLP hidden width = mlp_ratio * D
-    num_classes: int = 1000  # class labels 0..num_classes-1; label num_classes is the null (unconditional) class
-    class_dropout_prob: float = 0.1  # probability, in training mode, that a label is replaced by the null class
-    learn_sigma: bool = True  # output 2C channels: C for the prediction, C for the variance interpolation v
-    grad_checkpointing: bool = False  # recompute each block in backward (saves activation memory, costs ~1/3 time)
-
-    @property
-    def out_channels(self) -> int:
-        return self.in_channels * 2 if self.learn_sigma else self.in_channels
-
-    @property
-    def num_tokens(self) -> int:
-        return (self.input_size // self.patch_size) ** 2
-
-    @property
-    def head_dim(self) -> int:
-        return self.hidden_size // self.num_heads
-
-    def validate(self) -> None:
-        """Raise ValueError, naming the field and the fix, if this config cannot build a DiT."""
-        positive = ("input_size", "patch_size", "in_channels", "hidden_size", "depth", "num_heads", "num_classes")
-        for name in positive:
-            if getattr(self, name) <= 0:
-                raise ValueError(f"DiTConfig.{name} must be positive, got {getattr(self, name)}")
-        if self.input_size % self.patch_size:
-            raise ValueError(
-                f"patch size {self.patch_size} does not divide the latent size {self.input_size}: "
-                f"choose a patch size among {[p for p in (1, 2, 4, 8, 16) if self.input_size % p == 0]} "
-                f"or change the resolution"
-            )
-        if self.hidden_size % self.num_heads:
-            raise ValueError(f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
-        if self.hidden_size % 4:
-            raise ValueError(f"hidden_size {self.hidden_size} must be a multiple of 4 (2D sin-cos position embedding)")
-        if not 0.0 <= self.class_dropout_prob < 1.0:
-            raise ValueError(f"class_dropout_prob must be in [0, 1), got {self.class_dropout_prob}")
-
-
-# Model sizes: (depth, hidden size D, heads). The paper's four (Table 1) and tiny ones that train on a CPU.
-SIZES: dict[str, tuple[int, int, int]] = {
-    "S": (12, 384, 6),
-    "B": (12, 768, 12),
-    "L": (24, 1024, 16),
-    "XL": (28, 1152, 16),
-    # Tiny sizes for CPU studies and tests (not in the paper). Pico and Nano differ ~18x in compute per token, so
-    # at 16 px Pico/4 < Pico/2 < Nano/4 < Nano/2 are each >= 4x apart in Gflops (1.1, 4.5, 20, 83 MMACs).
-    "Ti": (2, 64, 2),
-    "Mi": (4, 128, 4),
-    "Pico": (2, 48, 2),
-    "Nano": (6, 128, 4),
-    # The toy_scaling grid: Femto, Mini and Nano are each >= 4x apart in compute per token, so at 16 px the six
-    # presets rank by Gflops size-major (Femto/4 < Femto/2 < Mini/4 < Mini/2 < Nano/4 < Nano/2; 0.57 ... 83 MMACs).
-    "Femto": (1, 48, 2),
-    "Mini": (3, 64, 2),
-}
-PAPER_SIZES = ("S", "B", "L", "XL")
-PATCH_SIZES = (2, 4, 8)
-
-# "DiT-XL/2": DiTConfig(...) for every size x patch. Data-dependent fields (input_size, in_channels,
-# num_classes) take the paper's ImageNet-256 defaults; override them with `dit_config(name, **overrides)`.
-PRESETS: dict[str, DiTConfig] = {
-    f"DiT-{size}/{p}": DiTConfig(patch_size=p, depth=depth, hidden_size=width, num_heads=heads)
-    for size, (depth, width, heads) in SIZES.items()
-    for p in PATCH_SIZES
-}
-
-
-def dit_config(name: str, **overrides) -> DiTConfig:
-    """The preset `name` (e.g. "DiT-XL/2") with fields replaced by `overrides`, validated."""
-    if name not in PRESETS:
-        raise ValueError(f"unknown DiT preset {name!r}; known presets: {', '.join(PRESETS)}")
-    unknown = set(overrides) - set(DiTConfig.__dataclass_fields__)
-    if unknown:
-        raise ValueError(f"unknown DiTConfig fields {sorted(unknown)}; fields: {list(DiTConfig.__dataclass_fields__)}")
-    config = replace(PRESETS[name], **overrides)
-    config.validate()
-    return config
-
-
-def parse_preset(name: str) -> tuple[str, int]:
-    """'DiT-XL/2' -> ('XL', 2)."""
-    if name not in PRESETS:
-        raise ValueError(f"unknown DiT preset {name!r}; known presets: {', '.join(PRESETS)}")
-    size, patch = name.removeprefix("DiT-").split("/")
-    return size, int(patch)
-
+from dit_core.config import DiTConfig, dit_config
 
 # ---------------------------------------------------------------------------------------------------------------
 # Embedders: patches, timesteps, labels, fixed 2D sin-cos positions
@@ -292,7 +192,6 @@ class DiT(nn.Module):
 
     def __init__(self, config: DiTConfig):
         super().__init__()
-        config.validate()
         self.config = config
         D = config.hidden_size
         self.x_embedder = PatchEmbed(config.patch_size, config.in_channels, D)

@@ -36,57 +36,14 @@ def _randn_like(x: torch.Tensor, generator: torch.Generator | None) -> torch.Ten
     return torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
 
 
-class DDPMSampler:
-    """Ancestral sampling x_{t-1} ~ N(mu_theta(x_t), Sigma_theta(x_t)) over `respacing` steps ("250" = the paper)."""
+class _ReverseChain:
+    """Walks a respaced reverse chain from x_T to x_0: at every step the denoiser's output gives p(x_{t-1} | x_t)
+    (`GaussianDiffusion.p_mean_variance`), and the subclass's `step` says how x moves."""
 
-    def __init__(
-        self,
-        diffusion_config: DiffusionConfig = DiffusionConfig(),
-        respacing: str = "250",
-        clip_x0: float | None = None,
-    ):
+    name = "reverse"
+
+    def __init__(self, diffusion_config: DiffusionConfig, respacing: str, clip_x0: float | None):
         self.diffusion = GaussianDiffusion(diffusion_config, respacing)
-        self.clip_x0 = clip_x0
-
-    @property
-    def num_steps(self) -> int:
-        return self.diffusion.num_steps
-
-    @torch.no_grad()
-    def sample(
-        self,
-        denoise: Denoiser,
-        noise: torch.Tensor,
-        y: torch.Tensor,
-        generator: torch.Generator | None = None,
-        progress: bool = False,
-    ) -> torch.Tensor:
-        """noise x_T (N, C, H, W), labels y (N,) -> x_0 (N, C, H, W)."""
-        x = noise
-        n = x.shape[0]
-        timestep_map = self.diffusion.to(x.device).timestep_map
-        for i in tqdm(reversed(range(self.num_steps)), total=self.num_steps, disable=not progress, desc="DDPM"):
-            index = torch.full((n,), i, device=x.device, dtype=torch.long)
-            out = denoise(x, timestep_map[index], y)
-            p = self.diffusion.p_mean_variance(out, x, index, clip_x0=self.clip_x0)
-            x = p.mean
-            if i > 0:
-                x = x + torch.exp(0.5 * p.log_variance) * _randn_like(x, generator)
-        return x
-
-
-class DDIMSampler:
-    """DDIM: x_{t-1} = sqrt(a') x0 + sqrt(1 - a' - sigma^2) eps + sigma z, sigma = eta * DDPM's; eta = 0 is an ODE."""
-
-    def __init__(
-        self,
-        diffusion_config: DiffusionConfig = DiffusionConfig(),
-        respacing: str = "ddim50",
-        eta: float = 0.0,
-        clip_x0: float | None = None,
-    ):
-        self.diffusion = GaussianDiffusion(diffusion_config, respacing)
-        self.eta = eta
         self.clip_x0 = clip_x0
 
     @property
@@ -106,20 +63,58 @@ class DDIMSampler:
         d = self.diffusion.to(noise.device)
         x = noise
         n = x.shape[0]
-        timestep_map = d.timestep_map
-        for i in tqdm(reversed(range(self.num_steps)), total=self.num_steps, disable=not progress, desc="DDIM"):
+        for i in tqdm(reversed(range(self.num_steps)), total=self.num_steps, disable=not progress, desc=self.name):
             index = torch.full((n,), i, device=x.device, dtype=torch.long)
-            out = denoise(x, timestep_map[index], y)
+            out = denoise(x, d.timestep_map[index], y)
             p = d.p_mean_variance(out, x, index, clip_x0=self.clip_x0)
-            alpha_bar = d._at(d.alpha_bar, index, x)
-            alpha_bar_prev = d._at(d.alpha_bar_prev, index, x)
-            sigma = self.eta * torch.sqrt((1 - alpha_bar_prev) / (1 - alpha_bar) * (1 - alpha_bar / alpha_bar_prev))
-            x = (
-                alpha_bar_prev.sqrt() * p.pred_x0
-                + torch.sqrt((1 - alpha_bar_prev - sigma**2).clamp(min=0)) * p.pred_eps
-            )
-            if i > 0 and self.eta > 0:
-                x = x + sigma * _randn_like(x, generator)
+            x = self.step(d, p, x, index, last=i == 0, generator=generator)
+        return x
+
+    def step(self, d: GaussianDiffusion, p, x, index, last: bool, generator) -> torch.Tensor:
+        raise NotImplementedError
+
+
+class DDPMSampler(_ReverseChain):
+    """Ancestral sampling x_{t-1} ~ N(mu_theta(x_t), Sigma_theta(x_t)) over `respacing` steps ("250" = the paper)."""
+
+    name = "DDPM"
+
+    def __init__(
+        self,
+        diffusion_config: DiffusionConfig = DiffusionConfig(),
+        respacing: str = "250",
+        clip_x0: float | None = None,
+    ):
+        super().__init__(diffusion_config, respacing, clip_x0)
+
+    def step(self, d, p, x, index, last, generator):
+        if last:
+            return p.mean
+        return p.mean + torch.exp(0.5 * p.log_variance) * _randn_like(p.mean, generator)
+
+
+class DDIMSampler(_ReverseChain):
+    """DDIM: x_{t-1} = sqrt(a') x0 + sqrt(1 - a' - sigma^2) eps + sigma z, sigma = eta * DDPM's; eta = 0 is an ODE."""
+
+    name = "DDIM"
+
+    def __init__(
+        self,
+        diffusion_config: DiffusionConfig = DiffusionConfig(),
+        respacing: str = "ddim50",
+        eta: float = 0.0,
+        clip_x0: float | None = None,
+    ):
+        super().__init__(diffusion_config, respacing, clip_x0)
+        self.eta = eta
+
+    def step(self, d, p, x, index, last, generator):
+        alpha_bar = d._at(d.alpha_bar, index, x)
+        alpha_bar_prev = d._at(d.alpha_bar_prev, index, x)
+        sigma = self.eta * torch.sqrt((1 - alpha_bar_prev) / (1 - alpha_bar) * (1 - alpha_bar / alpha_bar_prev))
+        x = alpha_bar_prev.sqrt() * p.pred_x0 + torch.sqrt((1 - alpha_bar_prev - sigma**2).clamp(min=0)) * p.pred_eps
+        if not last and self.eta > 0:
+            x = x + sigma * _randn_like(x, generator)
         return x
 
 

@@ -41,6 +41,26 @@ def test_respacing_specs():
         space_timesteps(1000, "ddim300")
 
 
+def improved_ddpm_rule(num_timesteps: int, count: int) -> list[int]:
+    """The rule as improved DDPM states it: a running sum of the fractional stride, rounded at every step."""
+    stride = (num_timesteps - 1) / (count - 1) if count > 1 else 1
+    total, kept = 0.0, []
+    for _ in range(count):
+        kept.append(round(total))
+        total = total + stride
+    return kept
+
+
+def test_respacing_follows_the_official_rule_for_every_count():
+    for count in range(1, 1001):
+        assert space_timesteps(1000, str(count)) == improved_ddpm_rule(1000, count), count
+    # the counts where rounding j * stride instead would keep another timestep
+    naive = {c: [round(j * (999 / (c - 1))) for j in range(c)] for c in (21, 23, 31)}
+    for count, steps in naive.items():
+        assert space_timesteps(1000, str(count)) != steps
+        assert sum(a != b for a, b in zip(space_timesteps(1000, str(count)), steps)) == 1
+
+
 def test_respaced_process_keeps_alpha_bar_at_kept_steps():
     full, spaced = GaussianDiffusion(), GaussianDiffusion(respacing="250")
     torch.testing.assert_close(spaced.alpha_bar, full.alpha_bar[spaced.timestep_map], rtol=1e-10, atol=0)

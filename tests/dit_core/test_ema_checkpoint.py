@@ -11,7 +11,7 @@ from dit_core.model import DiT
 
 
 def make_model(**overrides):
-    return DiT.from_preset("DiT-Ti/4", input_size=8, num_classes=5, **overrides)
+    return DiT.from_preset("DiT-d2w64/4", input_size=8, num_classes=5, **overrides)
 
 
 def test_ema_starts_as_a_frozen_copy():

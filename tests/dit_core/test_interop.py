@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from dit_core.config import dit_config
 from dit_core.interop import (
     config_from_state_dict,
     export_diffusers_pipeline,
@@ -11,7 +12,7 @@ from dit_core.interop import (
     load_official_checkpoint,
     to_diffusers,
 )
-from dit_core.model import DiT, dit_config
+from dit_core.model import DiT
 from tests.helpers import tiny_vae
 
 from .test_model import official_xl2_shapes, randomize
@@ -19,7 +20,7 @@ from .test_model import official_xl2_shapes, randomize
 
 def tiny_model(**overrides):
     overrides = {"input_size": 8, "num_classes": 10, **overrides}
-    return randomize(DiT.from_preset("DiT-Ti/2", **overrides)).eval()
+    return randomize(DiT.from_preset("DiT-d2w64/2", **overrides)).eval()
 
 
 def inputs():

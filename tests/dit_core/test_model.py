@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from dit_core.model import PATCH_SIZES, PRESETS, DiT, TimestepEmbedder, dit_config, sincos_pos_embed_2d
+from dit_core.config import PAPER_SIZES, PATCH_SIZES, PRESETS, RENAMED_SIZES, SIZES, DiTOptions, dit_config
+from dit_core.model import DiT, TimestepEmbedder, sincos_pos_embed_2d
 
 
 def randomize(model: DiT, std: float = 0.05, seed: int = 0) -> DiT:
@@ -22,10 +23,12 @@ def randomize(model: DiT, std: float = 0.05, seed: int = 0) -> DiT:
 def tiny(**overrides) -> DiT:
     defaults = dict(input_size=8, num_classes=10)
     defaults.update(overrides)
-    return DiT.from_preset(overrides.pop("preset", "DiT-Ti/2"), **{k: v for k, v in defaults.items() if k != "preset"})
+    return DiT.from_preset(
+        overrides.pop("preset", "DiT-d2w64/2"), **{k: v for k, v in defaults.items() if k != "preset"}
+    )
 
 
-# The 292 keys of the official DiT-XL/2 state dict with their shapes (dit_facts.md section 2).
+# The 292 keys of the official DiT-XL/2 state dict with their shapes (the released DiT-XL-2-256x256.pt).
 def official_xl2_shapes() -> dict[str, tuple[int, ...]]:
     D = 1152
     shapes = {
@@ -90,7 +93,7 @@ def test_paper_preset_output_shapes_on_meta(name):
 @pytest.mark.parametrize("patch", PATCH_SIZES)
 @pytest.mark.parametrize("learn_sigma", [True, False])
 def test_tiny_preset_output_shapes(patch, learn_sigma):
-    model = DiT.from_preset(f"DiT-Ti/{patch}", input_size=16, in_channels=3, num_classes=5, learn_sigma=learn_sigma)
+    model = DiT.from_preset(f"DiT-d2w64/{patch}", input_size=16, in_channels=3, num_classes=5, learn_sigma=learn_sigma)
     out = model(torch.randn(3, 3, 16, 16), torch.tensor([0, 10, 999]), torch.tensor([0, 4, 5]))
     assert out.shape == (3, 6 if learn_sigma else 3, 16, 16)
 
@@ -213,6 +216,26 @@ def test_bf16_autocast_forward_close_to_fp32():
 def test_unknown_preset_names_the_known_ones():
     with pytest.raises(ValueError, match="unknown DiT preset 'DiT-XXL/2'.*DiT-XL/2"):
         DiT.from_preset("DiT-XXL/2")
+
+
+def test_tiny_family_names_sort_by_compute_and_old_names_point_to_new_ones():
+    tiny = [size for size in SIZES if size not in PAPER_SIZES]
+    per_token = [depth * width**2 for depth, width, _ in (SIZES[s] for s in tiny)]
+    assert tiny == sorted(tiny) and per_token == sorted(per_token)  # names, in order, are in order of compute
+    assert all(s == f"d{SIZES[s][0]}w{SIZES[s][1]}" for s in tiny)  # and say what they are
+    for old, new in RENAMED_SIZES.items():
+        with pytest.raises(ValueError, match=f"now called '{new}'.*'DiT-{new}/4' instead of 'DiT-{old}/4'"):
+            dit_config(f"DiT-{old}/4")
+
+
+def test_options_are_part_of_every_config_and_validated_when_built():
+    options = DiTOptions(mlp_ratio=2.0, class_dropout_prob=0.2)
+    config = dit_config("DiT-S/2", options)
+    assert (config.mlp_ratio, config.class_dropout_prob, config.options) == (2.0, 0.2, options)
+    with pytest.raises(ValueError, match="class_dropout_prob"):
+        DiTOptions(class_dropout_prob=1.0)
+    with pytest.raises(ValueError, match="mlp_ratio"):
+        dit_config("DiT-S/2", mlp_ratio=0)
 
 
 def test_patch_size_must_divide_input():

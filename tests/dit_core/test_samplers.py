@@ -106,7 +106,7 @@ def test_same_seed_same_samples():
 
 def test_make_denoiser_with_a_dit_and_guidance():
     torch.manual_seed(0)
-    model = DiT.from_preset("DiT-Ti/4", input_size=8, num_classes=3).eval()
+    model = DiT.from_preset("DiT-d2w64/4", input_size=8, num_classes=3).eval()
     with torch.no_grad():
         for p in model.parameters():
             if p.requires_grad:

@@ -14,7 +14,7 @@ from dit_core.training import TrainStep, adamw
 
 def tiny_model() -> DiT:
     torch.manual_seed(0)
-    model = DiT.from_preset("DiT-Ti/4", input_size=8, in_channels=3, num_classes=5)
+    model = DiT.from_preset("DiT-d2w64/4", input_size=8, in_channels=3, num_classes=5)
     with torch.no_grad():  # leave the zero-init so that every parameter gets a gradient
         for p in model.parameters():
             if p.requires_grad:
