@@ -8,13 +8,15 @@ codec's scale factor. What a shard stores per image is `encode(images)`:
 - pixel: the image itself (C = 3 f^2 channels after an optional f x f space-to-depth), scale factor 1. No weights,
   no download: the pipeline and FID stay meaningful offline.
 
-`describe()` is what the manifest records; `codec_from_description` rebuilds the codec from it (the FID stage decodes
-with the codec that made the shards).
+`describe()` gives the `CodecInfo` the manifest records; `codec_from_info` rebuilds the codec from it (the FID stage
+decodes with the codec that made the shards).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import json
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -35,6 +37,30 @@ def images_to_tensor(images: np.ndarray) -> torch.Tensor:
 def tensor_to_images(x: torch.Tensor) -> np.ndarray:
     """float (N, 3, H, W) in [-1, 1] -> uint8 (N, H, W, 3), rounding as the paper: clamp(127.5 x + 128, 0, 255)."""
     return (127.5 * x.float() + 128.0).clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+
+
+@dataclass(frozen=True)
+class CodecInfo:
+    """What a shard folder's codec is, as its manifest records it (fields that do not apply to the kind are None)."""
+
+    kind: str  # "vae" or "pixel"
+    latent_channels: int  # C of the latent the DiT sees
+    scale_factor: float  # z = stored latent (or posterior sample) x scale_factor
+    stores_moments: bool  # shards hold [mean, logvar] (2C channels) rather than the latent itself
+    space_to_depth: int | None = None  # pixel: f x f pixel blocks folded into channels
+    vae: str | None = None  # vae: hub id or local folder
+    revision: str | None = None  # vae: hub revision
+    subfolder: str | None = None  # vae: subfolder inside a pipeline folder
+    downsample: int | None = None  # vae: image side / latent side
+
+    def to_dict(self) -> dict[str, Any]:
+        kept = ("revision", "subfolder") if self.kind == "vae" else ()  # None there means the hub's default
+        return {k: v for k, v in asdict(self).items() if v is not None or k in kept}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> CodecInfo:
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in known})
 
 
 class PixelCodec:
@@ -65,14 +91,10 @@ class PixelCodec:
         """Scaled latent z (N, C, h, w) -> images (N, 3, H, W), nominally in [-1, 1]."""
         return F.pixel_shuffle(z, self.space_to_depth) if self.space_to_depth > 1 else z
 
-    def describe(self) -> dict[str, Any]:
-        return {
-            "kind": self.kind,
-            "space_to_depth": self.space_to_depth,
-            "latent_channels": self.latent_channels,
-            "scale_factor": self.scale_factor,
-            "stores_moments": self.stores_moments,
-        }
+    def describe(self) -> CodecInfo:
+        return CodecInfo(
+            self.kind, self.latent_channels, self.scale_factor, self.stores_moments, space_to_depth=self.space_to_depth
+        )
 
 
 class VaeCodec:
@@ -125,17 +147,17 @@ class VaeCodec:
         """Scaled latent z (N, C, h, w) -> images (N, 3, H, W), nominally in [-1, 1]."""
         return self.vae.decode(z.to(self.device, self.dtype) / self.scale_factor).sample.float()
 
-    def describe(self) -> dict[str, Any]:
-        return {
-            "kind": self.kind,
-            "vae": self.vae_id,
-            "revision": self.revision,
-            "subfolder": self.subfolder,
-            "latent_channels": self.latent_channels,
-            "scale_factor": self.scale_factor,
-            "downsample": self.downsample,
-            "stores_moments": self.stores_moments,
-        }
+    def describe(self) -> CodecInfo:
+        return CodecInfo(
+            self.kind,
+            self.latent_channels,
+            self.scale_factor,
+            self.stores_moments,
+            vae=self.vae_id,
+            revision=self.revision,
+            subfolder=self.subfolder,
+            downsample=self.downsample,
+        )
 
 
 Codec = PixelCodec | VaeCodec
@@ -143,7 +165,7 @@ Codec = PixelCodec | VaeCodec
 
 @dataclass(frozen=True)
 class CodecConfig:
-    """Which codec encodes the images (recorded in the manifest)."""
+    """Which codec encodes the images (recorded in the manifest). Validated when constructed."""
 
     kind: str = "vae"  # "vae" (diffusers AutoencoderKL) or "pixel" (weight-free)
     vae: str = DEFAULT_VAE  # hub id or local folder written by AutoencoderKL.save_pretrained
@@ -151,39 +173,49 @@ class CodecConfig:
     vae_subfolder: str | None = None  # e.g. "vae" inside a whole-pipeline folder
     space_to_depth: int = 1  # pixel codec: fold f x f pixel blocks into channels (latent side = resolution / f)
 
-    def validate(self) -> None:
+    def __post_init__(self) -> None:
         if self.kind not in ("vae", "pixel"):
             raise ValueError(f"unknown codec {self.kind!r}: use 'vae' (AutoencoderKL) or 'pixel' (no weights)")
         if self.space_to_depth < 1:
             raise ValueError(f"space_to_depth must be >= 1, got {self.space_to_depth}")
 
+    def implied_latent_shape(self, resolution: int) -> tuple[tuple[int, int, int], str]:
+        """(C, h, w) of the latents this codec will make at `resolution`, without loading any weights, and what it
+        rests on: exact for the pixel codec and a local VAE folder, the SD VAE's 4 channels at 1/8 for a hub id."""
+        if self.kind == "pixel":
+            codec = PixelCodec(self.space_to_depth)
+            side = codec.latent_size(resolution)
+            return (codec.latent_channels, side, side), "exact"
+        config = Path(self.vae) / (self.vae_subfolder or "") / "config.json"
+        if config.is_file():
+            cfg = json.loads(config.read_text())
+            down = 2 ** (len(cfg["block_out_channels"]) - 1)
+            return (int(cfg["latent_channels"]), resolution // down, resolution // down), f"from {config}"
+        return (4, resolution // 8, resolution // 8), "assumed: an SD-style VAE with 4 channels at 1/8 of the side"
+
 
 def build_codec(config: CodecConfig, device: str | torch.device = "cpu") -> Codec:
-    config.validate()
     if config.kind == "pixel":
         return PixelCodec(config.space_to_depth)
     return VaeCodec(config.vae, config.vae_revision, config.vae_subfolder, device=device)
 
 
-def codec_from_description(description: dict[str, Any], device: str | torch.device = "cpu") -> Codec:
+def codec_from_info(info: CodecInfo, device: str | torch.device = "cpu") -> Codec:
     """Rebuild the codec a manifest describes."""
-    if description["kind"] == "pixel":
-        return PixelCodec(description["space_to_depth"])
-    if description["kind"] == "vae":
-        return VaeCodec(description["vae"], description.get("revision"), description.get("subfolder"), device=device)
-    raise ValueError(f"unknown codec kind {description['kind']!r} in the manifest")
+    if info.kind == "pixel":
+        return PixelCodec(info.space_to_depth or 1)
+    if info.kind == "vae":
+        return VaeCodec(info.vae or DEFAULT_VAE, info.revision, info.subfolder, device=device)
+    raise ValueError(f"unknown codec kind {info.kind!r} in the manifest")
 
 
-def latent_from_stored(
-    stored: torch.Tensor, description: dict[str, Any], generator: torch.Generator | None = None
-) -> torch.Tensor:
+def latent_from_stored(stored: torch.Tensor, info: CodecInfo, generator: torch.Generator | None = None) -> torch.Tensor:
     """What the DiT trains on, from what a shard stores: (N, 2C or C, h, w) -> scaled latent z (N, C, h, w).
 
     With posterior moments, z = (mean + exp(logvar / 2) * eps) * scale, a fresh eps on every call.
     """
-    scale = float(description["scale_factor"])
-    if not description["stores_moments"]:
-        return stored.float() * scale
+    if not info.stores_moments:
+        return stored.float() * info.scale_factor
     mean, logvar = stored.float().chunk(2, dim=1)
     eps = torch.randn(mean.shape, generator=generator, dtype=mean.dtype, device=mean.device)
-    return (mean + torch.exp(0.5 * logvar.clamp(-30.0, 20.0)) * eps) * scale
+    return (mean + torch.exp(0.5 * logvar.clamp(-30.0, 20.0)) * eps) * info.scale_factor

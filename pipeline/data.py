@@ -23,18 +23,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from pipeline.codecs import latent_from_stored
-from pipeline.prepare import MANIFEST, read_manifest
-
-
-def load_manifest(root: str) -> dict[str, Any]:
-    """The manifest of a finished prepare run, or a clear error."""
-    manifest = read_manifest(root)
-    if manifest is None:
-        raise FileNotFoundError(f"no {MANIFEST} in {root}: run `ditscale prepare SRC {root}` first")
-    if not manifest.get("complete"):
-        done, planned = len(manifest["shards"]), manifest["planned_shards"]
-        raise ValueError(f"shards in {root} are incomplete ({done}/{planned}): re-run the same `ditscale prepare`")
-    return manifest
+from pipeline.manifest import Manifest
 
 
 def _pax_path(data: bytes) -> str | None:
@@ -135,18 +124,18 @@ class LatentShardStream(IterableDataset):
         epochs: int | None = None,
         shuffle_buffer: int = 2000,
         random_flip: bool = True,
-        manifest: dict[str, Any] | None = None,
+        manifest: Manifest | None = None,
     ):
         super().__init__()
         self.root = str(root).rstrip("/")
-        self.manifest = manifest or load_manifest(self.root)
-        self.urls = [f"{self.root}/{s['name']}" for s in self.manifest["shards"]]
+        self.manifest = manifest or Manifest.load(self.root)
+        self.urls = [f"{self.root}/{s.name}" for s in self.manifest.shards]
         self.batch_size, self.rank, self.world_size = batch_size, rank, world_size
         self.seed, self.start_batch, self.epochs = seed, start_batch, epochs
         self.shuffle_buffer, self.random_flip = shuffle_buffer, random_flip
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is outside world size {world_size}")
-        total = self.manifest["total"]
+        total = self.manifest.total
         self.batches_per_epoch = total // (batch_size * world_size)
         if self.batches_per_epoch == 0:
             raise ValueError(
@@ -178,14 +167,14 @@ class LatentShardStream(IterableDataset):
         """Endless batches of one reader in one epoch; all randomness from (seed, epoch, reader)."""
         rng = np.random.default_rng([self.seed, epoch, reader])
         noise = torch.Generator().manual_seed(int(rng.integers(2**62)))
-        buffer = min(self.shuffle_buffer, max(1, self.manifest["total"] // readers))  # no repeats in the buffer
+        buffer = min(self.shuffle_buffer, max(1, self.manifest.total // readers))  # no repeats in the buffer
         samples = self._shuffled(self._samples(epoch, reader, readers), rng, buffer)
         while True:
             batch = [next(samples) for _ in range(self.batch_size)]
             flips = rng.random(self.batch_size) < 0.5 if self.random_flip else np.zeros(self.batch_size, bool)
             decoded = [decode_sample(s, bool(f)) for s, f in zip(batch, flips)]
             stored = torch.from_numpy(np.stack([d[0] for d in decoded]))
-            z = latent_from_stored(stored, self.manifest["codec"], generator=noise)
+            z = latent_from_stored(stored, self.manifest.codec, generator=noise)
             yield z, torch.tensor([d[1] for d in decoded], dtype=torch.long)
 
     def _samples(self, epoch: int, reader: int, readers: int) -> Iterator[dict[str, Any] | None]:

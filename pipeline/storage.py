@@ -1,5 +1,5 @@
-"""Small JSON records (manifests, markers) on a local path or any fsspec URI, written atomically: to a hidden
-temporary name beside the target, then renamed, so a reader never sees half a file."""
+"""Files on a local path or any fsspec URI: small JSON records written atomically (to a hidden temporary name beside
+the target, then renamed, so a reader never sees half a file), existence checks and folder listings."""
 
 from __future__ import annotations
 
@@ -27,3 +27,16 @@ def read_json(path: str) -> dict[str, Any] | None:
         return None
     with fs.open(target, "r") as f:
         return json.load(f)
+
+
+def exists(path: str) -> bool:
+    fs, target = fsspec.core.url_to_fs(path)
+    return fs.exists(target)
+
+
+def list_names(folder: str) -> list[str]:
+    """The names (not paths) of the entries of `folder`, sorted; [] if it does not exist."""
+    fs, root = fsspec.core.url_to_fs(folder)
+    if not fs.exists(root):
+        return []
+    return sorted(p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(root, detail=False))

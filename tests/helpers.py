@@ -1,8 +1,20 @@
-"""Builders the tests share: a tiny AutoencoderKL (random weights) made and saved locally, never downloaded."""
+"""Builders the tests share: a tiny AutoencoderKL (random weights) made and saved locally, never downloaded, and a
+shard manifest of 200 pixel-codec samples at 16 px that no shards stand behind."""
 
 from pathlib import Path
 
 import torch
+
+# FID in seconds on the smoke shards: 200 DDIM-10 samples, the classifier extractor trained for 5 s.
+FAST_FID = [
+    "fid.num_samples=200",
+    "fid.sampler=ddim",
+    "fid.sampling_steps=10",
+    "fid.extractor=ditscale-classifier",
+    "fid.classifier_seconds=5",
+    "fid.slice_size=50",
+    "fid.batch_size=50",
+]
 
 
 def tiny_vae():
@@ -27,3 +39,22 @@ def save_tiny_vae(path: Path) -> Path:
     """The tiny VAE written with save_pretrained, to exercise AutoencoderKL.from_pretrained on a local folder."""
     tiny_vae().save_pretrained(path)
     return path
+
+
+def pixel_manifest():
+    """The manifest of 200 samples of 4 classes, 16 px, pixel codec, in one shard (for planning tests)."""
+    from pipeline.codecs import CodecInfo
+    from pipeline.manifest import Manifest, ShardEntry, SourceInfo
+
+    return Manifest(
+        resolution=16,
+        class_names=("a", "b", "c", "d"),
+        source=SourceInfo("x", 200, "abc"),
+        config={},
+        planned_shards=1,
+        shards=(ShardEntry(0, "train-000000.tar", 200, "0" * 64, 1),),
+        complete=True,
+        codec=CodecInfo("pixel", latent_channels=3, scale_factor=1.0, stores_moments=False, space_to_depth=1),
+        latent_shape=(3, 16, 16),
+        stored_shape=(3, 16, 16),
+    )

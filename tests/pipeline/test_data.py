@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from pipeline.codecs import CodecConfig
-from pipeline.data import LatentShardStream, load_manifest, make_loader
+from pipeline.data import LatentShardStream, make_loader
+from pipeline.manifest import Manifest
 from pipeline.prepare import PrepareConfig, prepare
 from pipeline.toy import ToyDataConfig, write_toy_dataset
 
@@ -65,7 +66,7 @@ def test_resume_continues_the_same_stream(shards, num_workers):
 
 def test_reader_errors(shards, tmp_path):
     with pytest.raises(FileNotFoundError, match="ditscale prepare"):
-        load_manifest(str(tmp_path))
+        Manifest.load(str(tmp_path))
     with pytest.raises(ValueError, match="fewer than one global batch"):
         LatentShardStream(shards, batch_size=16, world_size=2)
     with pytest.raises(ValueError, match="outside world size"):

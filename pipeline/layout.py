@@ -1,0 +1,144 @@
+"""Where everything lives in a workspace: the one module that knows the folder and file names.
+
+    <workdir>/toy/<style><res>-c<classes>-n<per class>-s<seed>/    toy images (ImageNet layout)
+    <workdir>/shards/...                                            shard folders (as data.shards names them)
+    <workdir>/runs/<experiment>/<run>/                              one trial (Ray Train's storage of that run)
+        checkpoint_*/checkpoint.pt                                  resumable checkpoints (written through Ray Train)
+        milestones/ema-0000600.pt                                   EMA weights at the steps the fid stage scores
+        workers/rank0.json                                          which process and node each rank ran on
+        ditscale_done.json                                          written last: the trial finished its steps
+    <workdir>/runs/<experiment>/_tune/                              Ray Tune's own state
+    <workdir>/fid/reference/, <workdir>/fid/extractors/             FID caches
+    <workdir>/analysis/<experiment>/                                figures, tables, fits
+    <workdir>/mlflow.db, <workdir>/mlartifacts/                     the embedded MLflow store
+
+A workspace is a local folder or an fsspec URI (s3://...) for everything but the MLflow store. Stages ask this
+module for paths; none builds them or parses file names itself.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pipeline.storage import exists, list_names, read_json, write_json
+
+CHECKPOINT_FILE = "checkpoint.pt"  # inside each Ray Train checkpoint folder
+_MILESTONE = re.compile(r"^ema-(\d{7})\.pt$")
+
+
+def resolve_workdir(workdir: str | None = None) -> str:
+    """--workdir, else DITSCALE_WORKDIR, else ./ditscale-work; local paths made absolute."""
+    chosen = workdir or os.environ.get("DITSCALE_WORKDIR") or "ditscale-work"
+    return chosen if "://" in chosen else str(Path(chosen).resolve())
+
+
+@dataclass(frozen=True)
+class TrialLayout:
+    """The folder of one trial: <workdir>/runs/<experiment>/<run name>."""
+
+    root: str
+
+    @property
+    def run_name(self) -> str:
+        return self.root.rstrip("/").rsplit("/", 1)[-1]
+
+    @property
+    def storage(self) -> str:
+        """Ray Train's storage_path: the trial folder is <storage>/<run name>."""
+        return self.root.rstrip("/").rsplit("/", 1)[0]
+
+    # --- EMA milestones ------------------------------------------------------------------------------------------
+    def milestone(self, step: int) -> str:
+        return f"{self.root}/milestones/ema-{step:07d}.pt"
+
+    def milestones(self) -> dict[int, str]:
+        """{step: path} of the EMA milestones written so far."""
+        folder = f"{self.root}/milestones"
+        return {int(m[1]): f"{folder}/{name}" for name in list_names(folder) if (m := _MILESTONE.match(name))}
+
+    # --- the finished marker -------------------------------------------------------------------------------------
+    @property
+    def done_file(self) -> str:
+        return f"{self.root}/ditscale_done.json"
+
+    def mark_done(self, step: int, final_loss: float, finished_unix_s: float) -> None:
+        write_json(self.done_file, {"step": step, "final_loss": final_loss, "finished_unix_s": finished_unix_s})
+
+    def done_step(self) -> int | None:
+        """The step the trial finished at, or None if it has not finished."""
+        record = read_json(self.done_file)
+        return None if record is None else int(record["step"])
+
+    def status(self, steps: int) -> str:
+        """ "done" (finished `steps`), "resumable" (Ray Train has registered a checkpoint) or "new"."""
+        done = self.done_step()
+        if done is not None and done >= steps:
+            return "done"
+        return "resumable" if exists(f"{self.root}/checkpoint_manager_snapshot.json") else "new"
+
+    # --- per-rank records ----------------------------------------------------------------------------------------
+    def worker_file(self, rank: int) -> str:
+        return f"{self.root}/workers/rank{rank}.json"
+
+    def record_worker(self, rank: int, facts: dict[str, Any]) -> None:
+        write_json(self.worker_file(rank), facts)
+
+    def worker(self, rank: int) -> dict[str, Any] | None:
+        return read_json(self.worker_file(rank))
+
+
+@dataclass(frozen=True)
+class Workspace:
+    """A workspace folder (local path or URI) and the paths inside it."""
+
+    root: str
+
+    def path(self, path: str) -> str:
+        """A path from a config: URIs and absolute paths as they are, others under the workspace."""
+        if "://" in path or Path(path).is_absolute():
+            return path
+        return f"{self.root.rstrip('/')}/{path}"
+
+    @property
+    def is_local(self) -> bool:
+        return "://" not in self.root
+
+    def runs(self, experiment: str) -> str:
+        """Ray storage of an experiment's trials: <runs>/<run name>/ per trial."""
+        return self.path(f"runs/{experiment}")
+
+    def tune_storage(self, experiment: str) -> str:
+        return f"{self.runs(experiment)}/_tune"
+
+    def trial(self, experiment: str, run_name: str) -> TrialLayout:
+        return TrialLayout(f"{self.runs(experiment)}/{run_name}")
+
+    def toy(self, style: str, resolution: int, num_classes: int, per_class: int, seed: int) -> str:
+        return self.path(f"toy/{style}{resolution}-c{num_classes}-n{per_class}-s{seed}")
+
+    def analysis(self, experiment: str) -> str:
+        return self.path(f"analysis/{experiment}")
+
+    @property
+    def fid_reference(self) -> Path:
+        return Path(self.path("fid/reference"))
+
+    @property
+    def fid_extractors(self) -> Path:
+        return Path(self.path("fid/extractors"))
+
+    @property
+    def mlflow_db(self) -> Path:
+        return Path(self.path("mlflow.db"))
+
+    @property
+    def mlflow_artifacts(self) -> Path:
+        return Path(self.path("mlartifacts"))
+
+    @property
+    def mlflow_log(self) -> Path:
+        return Path(self.path("mlflow-server.log"))
