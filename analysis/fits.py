@@ -47,8 +47,10 @@ def _clean(x, y, what: str) -> tuple[np.ndarray, np.ndarray]:
     if x.shape != y.shape:
         raise FitError(f"{what}: x and y have different lengths ({x.size} vs {y.size})")
     if np.isnan(x).any() or np.isnan(y).any():
-        raise FitError(f"{what}: {int(np.isnan(x).sum() + np.isnan(y).sum())} missing (NaN) values; score every "
-                       f"checkpoint first (`ditscale fid`) or drop those trials")  # fmt: skip
+        raise FitError(
+            f"{what}: {int(np.isnan(x).sum() + np.isnan(y).sum())} missing (NaN) values; score every "
+            f"checkpoint first (`ditscale fid`) or drop those trials"
+        )
     if (x <= 0).any() or (y <= 0).any():
         raise FitError(f"{what}: a power law needs positive values")
     if x.size < 3:

@@ -10,6 +10,22 @@ import numpy as np
 import pandas as pd
 
 FID_METRICS = ("fid", "isc", "kid", "precision", "recall", "class_accuracy")  # class_accuracy: classifier extractor
+MODEL = ["run_name", "preset", "size", "patch", "params", "gflops"]  # what identifies a trial's model
+CURVE_COLUMNS = [*MODEL, "step", "compute_flops", "loss", "val_loss"]
+CHECKPOINT_COLUMNS = [
+    *MODEL,
+    "global_batch_size",
+    "step",
+    "compute_gmacs",
+    "compute_flops",
+    *FID_METRICS,
+    "loss",
+    "val_loss",
+    "final_loss",
+    "extractor",
+    "status",
+    "run_id",
+]
 
 
 def _history(client, run_id: str, key: str) -> list[tuple[int, float]]:
@@ -60,9 +76,15 @@ def load_runs(
         val = _history(client, run.info.run_id, "val_loss")
         for step, value in loss:
             compute = facts["gflops"] * 1e9 * 3 * facts["global_batch_size"] * step * 2
-            curves.append({**{k: facts[k] for k in ("run_name", "preset", "size", "patch", "params", "gflops")},
-                           "step": step,
-                           "compute_flops": compute, "loss": value, "val_loss": _value_at(val, step)})  # fmt: skip
+            curves.append(
+                {
+                    **{k: facts[k] for k in MODEL},
+                    "step": step,
+                    "compute_flops": compute,
+                    "loss": value,
+                    "val_loss": _value_at(val, step),
+                }
+            )
         scores = {m: dict(_history(client, run.info.run_id, m)) for m in FID_METRICS}
         if not scores["fid"]:
             notes.append(f"{name} ({p['preset']}): no FID yet (run `ditscale fid`)")
@@ -82,12 +104,8 @@ def load_runs(
                     "status": run.info.status,
                 }
             )
-    columns = ["run_name", "preset", "size", "patch", "params", "gflops", "global_batch_size", "step",
-               "compute_gmacs", "compute_flops", *FID_METRICS, "loss", "val_loss", "final_loss", "extractor",
-               "status", "run_id"]  # fmt: skip
-    frame = pd.DataFrame(rows, columns=columns).sort_values(["gflops", "step"], ignore_index=True)
-    curves_frame = pd.DataFrame(curves, columns=["run_name", "preset", "size", "patch", "params", "gflops", "step",
-                                                 "compute_flops", "loss", "val_loss"])  # fmt: skip
+    frame = pd.DataFrame(rows, columns=CHECKPOINT_COLUMNS).sort_values(["gflops", "step"], ignore_index=True)
+    curves_frame = pd.DataFrame(curves, columns=CURVE_COLUMNS)
     extractors = set(frame["extractor"]) - {""}
     if len(extractors) > 1:
         raise ValueError(f"runs of {experiment_name} were scored with different extractors {sorted(extractors)}")

@@ -1,5 +1,7 @@
 """The paper's figures from the tidy frames: one colour per model size, one marker per patch size, log axes where
-the paper uses them. Each figure is written as PNG and SVG; functions return the PNG path."""
+the paper uses them. Sizes take their colours, and presets their legend places, in order of compute (Gflops), so
+any family of sizes plots without a list of names. Each figure is written as PNG and SVG; functions return the PNG
+path."""
 
 from __future__ import annotations
 
@@ -8,7 +10,6 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-SIZE_ORDER = ["Femto", "Pico", "Ti", "Mini", "Mi", "Nano", "S", "B", "L", "XL"]  # by compute per token
 MARKERS = {1: "P", 2: "o", 4: "s", 8: "^", 16: "D"}
 
 
@@ -21,10 +22,24 @@ def _plt():
     return plt
 
 
-def _colour(size: str):
-    """A distinct colour per model size (tab10), fixed across figures."""
+def size_colours(frame: pd.DataFrame) -> dict[str, tuple]:
+    """A distinct colour per model size (tab10), given in order of the sizes' compute (mean log Gflops)."""
     palette = _plt().get_cmap("tab10")
-    return palette(SIZE_ORDER.index(size)) if size in SIZE_ORDER else (0.5, 0.5, 0.5, 1.0)
+    by_compute = np.log(frame["gflops"]).groupby(frame["size"]).mean().sort_values().index
+    return {size: palette(i % 10) for i, size in enumerate(by_compute)}
+
+
+def _curves(axes: list, frame: pd.DataFrame, xs: list[str], y: str, **style) -> None:
+    """One line per preset, in order of its Gflops (colour: its size, marker: its patch), of `y` against `xs[k]` on
+    `axes[k]`."""
+    colours = size_colours(frame)
+    order = frame.groupby("preset")["gflops"].first().sort_values().index
+    groups = dict(tuple(frame.groupby("preset")))
+    for preset in order:
+        rows = groups[preset].sort_values("step")
+        look = dict(color=colours[rows["size"].iloc[0]], marker=MARKERS.get(int(rows["patch"].iloc[0]), "o"), **style)
+        for ax, x in zip(axes, xs):
+            ax.plot(rows[x], rows[y], label=preset, **look)
 
 
 def _save(fig, out: Path, name: str) -> str:
@@ -38,10 +53,7 @@ def _save(fig, out: Path, name: str) -> str:
 def fid_vs_steps(frame: pd.DataFrame, out: Path, metric: str = "fid") -> str:
     plt = _plt()
     fig, ax = plt.subplots(figsize=(6, 4.2))
-    for preset, rows in frame.groupby("preset", sort=False):
-        rows = rows.sort_values("step")
-        ax.plot(rows["step"], rows[metric], marker=MARKERS.get(int(rows["patch"].iloc[0]), "o"),
-                color=_colour(rows["size"].iloc[0]), label=preset)  # fmt: skip
+    _curves([ax], frame, ["step"], metric)
     ax.set(xlabel="training steps", ylabel=metric.upper(), title=f"{metric.upper()} over training")
     ax.set_yscale("log")
     ax.grid(alpha=0.3, which="both")
@@ -53,15 +65,33 @@ def fid_vs_gflops(at_step: pd.DataFrame, out: Path, step: int, fit=None, samples
     """The paper's Figure 8: FID against Gflops at one training step, with the fitted power law and its band."""
     plt = _plt()
     fig, ax = plt.subplots(figsize=(6, 4.2))
+    colours = size_colours(at_step)
     for _, row in at_step.iterrows():
-        ax.scatter(row["gflops"], row["fid"], s=60, color=_colour(row["size"]), marker=MARKERS.get(row["patch"], "o"),
-                   edgecolor="black", zorder=3)  # fmt: skip
-        ax.annotate(row["preset"].removeprefix("DiT-"), (row["gflops"], row["fid"]), textcoords="offset points",
-                    xytext=(5, 4), fontsize=8)  # fmt: skip
+        ax.scatter(
+            row["gflops"],
+            row["fid"],
+            s=60,
+            color=colours[row["size"]],
+            marker=MARKERS.get(row["patch"], "o"),
+            edgecolor="black",
+            zorder=3,
+        )
+        ax.annotate(
+            row["preset"].removeprefix("DiT-"),
+            (row["gflops"], row["fid"]),
+            textcoords="offset points",
+            xytext=(5, 4),
+            fontsize=8,
+        )
     if fit is not None:
         xs = np.geomspace(at_step["gflops"].min() / 1.5, at_step["gflops"].max() * 1.5, 100)
-        ax.plot(xs, fit(xs), color="black", lw=1.2,
-                label=f"FID = {fit.a:.3g} * Gflops^{fit.b:.3f} [{fit.b_ci[0]:.3f}, {fit.b_ci[1]:.3f}]")  # fmt: skip
+        ax.plot(
+            xs,
+            fit(xs),
+            color="black",
+            lw=1.2,
+            label=f"FID = {fit.a:.3g} * Gflops^{fit.b:.3f} [{fit.b_ci[0]:.3f}, {fit.b_ci[1]:.3f}]",
+        )
         if samples is not None and len(samples):
             lo, hi = fit.band(xs, samples)
             ax.fill_between(xs, lo, hi, color="black", alpha=0.12, label="95% bootstrap band")
@@ -81,15 +111,17 @@ def fid_vs_compute(frame: pd.DataFrame, out: Path, fit=None) -> str:
     """The paper's Figure 9: FID against training compute for every scored checkpoint."""
     plt = _plt()
     fig, ax = plt.subplots(figsize=(6, 4.2))
-    for preset, rows in frame.groupby("preset", sort=False):
-        rows = rows.sort_values("step")
-        ax.plot(rows["compute_flops"], rows["fid"], marker=MARKERS.get(int(rows["patch"].iloc[0]), "o"),
-                color=_colour(rows["size"].iloc[0]), label=preset)  # fmt: skip
+    _curves([ax], frame, ["compute_flops"], "fid")
     if fit is not None:
         xs = np.geomspace(frame["compute_flops"].min(), frame["compute_flops"].max(), 100)
         ax.plot(xs, fit(xs), "k--", lw=1, label=f"frontier: FID ~ C^{fit.b:.3f}")
-    ax.set(xscale="log", yscale="log", xlabel="training compute (FLOPs, 6 x MACs x images)", ylabel="FID",
-           title="FID vs training compute")  # fmt: skip
+    ax.set(
+        xscale="log",
+        yscale="log",
+        xlabel="training compute (FLOPs, 6 x MACs x images)",
+        ylabel="FID",
+        title="FID vs training compute",
+    )
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=8)
     return _save(fig, out, "fid_vs_compute")
@@ -98,14 +130,15 @@ def fid_vs_compute(frame: pd.DataFrame, out: Path, fit=None) -> str:
 def loss_curves(curves: pd.DataFrame, out: Path) -> str:
     plt = _plt()
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    for preset, rows in curves.groupby("preset", sort=False):
-        style = dict(color=_colour(rows["size"].iloc[0]), label=preset,
-                     marker=MARKERS.get(int(rows["patch"].iloc[0]), "o"), markersize=3)  # fmt: skip
-        axes[0].plot(rows["step"], rows["loss"], **style)
-        axes[1].plot(rows["compute_flops"], rows["loss"], **style)
+    _curves(axes, curves, ["step", "compute_flops"], "loss", markersize=3)
     axes[0].set(xlabel="training steps", ylabel="training loss", yscale="log", title="loss over training")
-    axes[1].set(xlabel="training compute (FLOPs)", ylabel="training loss", xscale="log", yscale="log",
-                title="loss vs training compute")  # fmt: skip
+    axes[1].set(
+        xlabel="training compute (FLOPs)",
+        ylabel="training loss",
+        xscale="log",
+        yscale="log",
+        title="loss vs training compute",
+    )
     for ax in axes:
         ax.grid(alpha=0.3, which="both")
     axes[0].legend(fontsize=8)

@@ -1,11 +1,12 @@
-"""analyze: MLflow -> tidy frame -> fits, figures and tables in a folder, logged to the sweep's parent run.
+"""analyze: MLflow -> tidy frame -> fits, figures and tables in a folder.
 
     ditscale analyze quickstart [--step 600]
 
 Prints the fitted exponent of FID = a * Gflops^b at the chosen step with its 95% bootstrap interval and the
 Pearson correlation of FID with log Gflops (`r = -0.93` in the paper), writes figures (PNG and SVG), the Table-4
-layout (CSV and Markdown), the tidy frame and the fitted coefficients (JSON), and logs all of it to the sweep's
-parent MLflow run. Rerunnable at any time from MLflow alone.
+layout (CSV and Markdown), the tidy frame and the fitted coefficients (JSON). Reads MLflow alone, so it can be run
+again at any time; it writes nothing to MLflow itself: the pipeline's analyze stage logs the folder and the returned
+`metrics` to the sweep's parent run.
 """
 
 from __future__ import annotations
@@ -19,10 +20,11 @@ import numpy as np
 import pandas as pd
 
 from analysis import plots
+from analysis.config import AnalysisConfig
 from analysis.fits import FitError, compute_frontier, correlation, fit_power_law, isoflop_optimum
 from analysis.loader import load_runs
 
-# Table 4 of the paper (ImageNet 256, 400K steps, no guidance, FID-50K), dit_facts.md section 6.
+# Table 4 of the paper (ImageNet 256, 400K steps, no guidance, FID-50K).
 PAPER_TABLE4 = pd.DataFrame(
     [("DiT-S/8", 0.36, 153.60), ("DiT-S/4", 1.41, 100.41), ("DiT-S/2", 6.06, 68.40),
      ("DiT-B/8", 1.42, 122.74), ("DiT-B/4", 5.56, 68.38), ("DiT-B/2", 23.01, 43.47),
@@ -51,8 +53,9 @@ def table4(at_step: pd.DataFrame, with_paper: bool) -> pd.DataFrame:
     table = at_step[columns].copy()
     table["params_M"] = table.pop("params") / 1e6
     if with_paper:
-        table = table.merge(PAPER_TABLE4.rename(columns={"gflops": "paper_gflops", "fid": "paper_fid_400k"}),
-                            on="preset", how="left")  # fmt: skip
+        table = table.merge(
+            PAPER_TABLE4.rename(columns={"gflops": "paper_gflops", "fid": "paper_fid_400k"}), on="preset", how="left"
+        )
     return table.sort_values("gflops", ignore_index=True)
 
 
@@ -64,9 +67,17 @@ def summarize(frame: pd.DataFrame, curves: pd.DataFrame, step: int | None) -> di
     try:
         fit, samples = fit_power_law(at["gflops"], at["fid"], what=f"FID vs Gflops at step {chosen}")
         corr = correlation(at["gflops"], at["fid"], what=f"FID vs Gflops at step {chosen}")
-        summary["fid_vs_gflops"] = {"a": fit.a, "b": fit.b, "a_ci": fit.a_ci, "b_ci": fit.b_ci, "r2": fit.r2,
-                                    "n": fit.n, "pearson_r_log_gflops": corr.pearson, "pearson_p": corr.pearson_p,
-                                    "spearman": corr.spearman}  # fmt: skip
+        summary["fid_vs_gflops"] = {
+            "a": fit.a,
+            "b": fit.b,
+            "a_ci": fit.a_ci,
+            "b_ci": fit.b_ci,
+            "r2": fit.r2,
+            "n": fit.n,
+            "pearson_r_log_gflops": corr.pearson,
+            "pearson_p": corr.pearson_p,
+            "spearman": corr.spearman,
+        }
         summary["_fit"], summary["_samples"], summary["_corr"] = fit, samples, corr
     except FitError as exc:
         summary["fid_vs_gflops"] = {"skipped": str(exc)}
@@ -74,8 +85,12 @@ def summarize(frame: pd.DataFrame, curves: pd.DataFrame, step: int | None) -> di
     for preset, rows in frame.sort_values("step").groupby("preset"):
         if rows["step"].nunique() >= 2:
             first, last = rows.iloc[0], rows.iloc[-1]
-            progress[preset] = {"first_step": int(first["step"]), "first_fid": float(first["fid"]),
-                                "last_step": int(last["step"]), "last_fid": float(last["fid"])}  # fmt: skip
+            progress[preset] = {
+                "first_step": int(first["step"]),
+                "first_fid": float(first["fid"]),
+                "last_step": int(last["step"]),
+                "last_fid": float(last["fid"]),
+            }
     if progress:
         worse = sorted(p for p, v in progress.items() if not v["last_fid"] < v["first_fid"])
         summary["fid_first_to_last"] = {"presets": progress, "improved": len(progress) - len(worse), "not": worse}
@@ -117,11 +132,19 @@ def isoflop_from_curves(curves: pd.DataFrame, num_budgets: int = 8) -> dict[str,
     return {"optima": [{"compute_flops": c, "optimal_params": n} for c, n in optima]}
 
 
+PUBLISHED = {"dit-table4": PAPER_TABLE4}  # AnalysisConfig.reference -> the published points
+
+
 def analyze(
-    tracking_uri: str, experiment_name: str, out_dir: str, step: int | None = None, log_to: str | None = None,
-    paper_grid: bool = False, sweep: str | None = None,
-) -> dict[str, Any]:  # fmt: skip
-    """Write the analysis of an experiment's runs to `out_dir` (and log it to the run `log_to`); returns the summary."""
+    tracking_uri: str,
+    experiment_name: str,
+    out_dir: str,
+    step: int | None = None,
+    config: AnalysisConfig = AnalysisConfig(),
+    sweep: str | None = None,
+) -> dict[str, Any]:
+    """Write the analysis of an experiment's runs (those of `sweep`, or all) to `out_dir`; returns the summary, whose
+    `metrics` are the headline fits to log beside it."""
     frame, curves, notes = load_runs(tracking_uri, experiment_name, sweep)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -140,24 +163,24 @@ def analyze(
             summary.get("_fit"),
             summary.get("_samples"),
             summary.get("_corr"),
-            PAPER_TABLE4 if paper_grid else None,
-        ),  # fmt: skip
+            PUBLISHED.get(config.reference),
+        ),
         plots.fid_vs_compute(frame, out, summary.get("_cfit")),
     ]
     if len(curves):
         figures.append(plots.loss_curves(curves, out))
     figures += _sample_grids(tracking_uri, at, out, summary["step"], notes)
-    table = table4(at, paper_grid)
+    table = table4(at, config.reference == "dit-table4")
     table.to_csv(out / "table4.csv", index=False)
-    (out / "table4.md").write_text(table.to_markdown(index=False, floatfmt=".4g") if _has_tabulate() else
-                                   _markdown(table))  # fmt: skip
+    (out / "table4.md").write_text(
+        table.to_markdown(index=False, floatfmt=".4g") if _has_tabulate() else _markdown(table)
+    )
     public = {k: v for k, v in summary.items() if not k.startswith("_")}
     public["notes"] = notes
     (out / "summary.json").write_text(json.dumps(public, indent=2, default=float))
     print(describe(public))
-    if log_to:
-        _log(tracking_uri, log_to, out, public)
     public["figures"] = figures
+    public["metrics"] = headline_metrics(public)
     return public
 
 
@@ -188,19 +211,27 @@ def describe(summary: dict[str, Any]) -> str:
     if "skipped" in f:
         lines.append(f"  FID vs Gflops: no fit ({f['skipped']})")
     else:
-        lines.append(f"  FID = {f['a']:.4g} * Gflops^{f['b']:.3f}  (95% CI of the exponent [{f['b_ci'][0]:.3f}, "
-                     f"{f['b_ci'][1]:.3f}], R^2 {f['r2']:.2f})")  # fmt: skip
-        lines.append(f"  r = {f['pearson_r_log_gflops']:.2f} (Pearson, FID vs log Gflops; Spearman "
-                     f"{f['spearman']:.2f}); the paper: r = -0.93")  # fmt: skip
+        lines.append(
+            f"  FID = {f['a']:.4g} * Gflops^{f['b']:.3f}  (95% CI of the exponent [{f['b_ci'][0]:.3f}, "
+            f"{f['b_ci'][1]:.3f}], R^2 {f['r2']:.2f})"
+        )
+        lines.append(
+            f"  r = {f['pearson_r_log_gflops']:.2f} (Pearson, FID vs log Gflops; Spearman "
+            f"{f['spearman']:.2f}); the paper: r = -0.93"
+        )
     progress = summary.get("fid_first_to_last")
     if progress:
         worse = f" (not: {', '.join(progress['not'])})" if progress["not"] else ""
-        lines.append(f"  FID improved from the first to the last scored checkpoint in {progress['improved']} of "
-                     f"{len(progress['presets'])} trials{worse}")  # fmt: skip
+        lines.append(
+            f"  FID improved from the first to the last scored checkpoint in {progress['improved']} of "
+            f"{len(progress['presets'])} trials{worse}"
+        )
     accuracy = summary.get("class_accuracy")
     if accuracy:
-        lines.append("  class accuracy of the samples (classifier trained on the real images): "
-                     + ", ".join(f"{preset} {acc:.0%}" for preset, acc in accuracy.items()))  # fmt: skip
+        lines.append(
+            "  class accuracy of the samples (classifier trained on the real images): "
+            + ", ".join(f"{preset} {acc:.0%}" for preset, acc in accuracy.items())
+        )
     c = summary["fid_vs_compute"]
     frontier = f"no fit ({c['skipped']})" if "skipped" in c else f"FID ~ C^{c['b']:.3f} over {c['n']} checkpoints"
     lines.append(f"  FID vs training compute frontier: {frontier}")
@@ -228,20 +259,22 @@ def _has_tabulate() -> bool:
 def _markdown(table: pd.DataFrame) -> str:
     head = "| " + " | ".join(table.columns) + " |"
     rule = "|" + "|".join("---" for _ in table.columns) + "|"
-    rows = ["| " + " | ".join(f"{v:.4g}" if isinstance(v, (float, np.floating)) else str(v) for v in row) + " |"
-            for row in table.itertuples(index=False)]  # fmt: skip
+    rows = [
+        "| " + " | ".join(f"{v:.4g}" if isinstance(v, (float, np.floating)) else str(v) for v in row) + " |"
+        for row in table.itertuples(index=False)
+    ]
     return "\n".join([head, rule, *rows]) + "\n"
 
 
-def _log(tracking_uri: str, run_id: str, out: Path, summary: dict[str, Any]) -> None:
-    from mlflow.tracking import MlflowClient
-
-    client = MlflowClient(tracking_uri=tracking_uri)
-    client.log_artifacts(run_id, str(out), "analysis")
-    f, step = summary["fid_vs_gflops"], summary["step"]
-    if "skipped" not in f:
-        metrics = {"scaling_fid_gflops_b": f["b"], "scaling_fid_gflops_b_lo": f["b_ci"][0],
-                   "scaling_fid_gflops_b_hi": f["b_ci"][1], "scaling_fid_gflops_a": f["a"],
-                   "scaling_fid_gflops_pearson_r": f["pearson_r_log_gflops"]}  # fmt: skip
-        for key, value in metrics.items():
-            client.log_metric(run_id, key, float(value), step=step)
+def headline_metrics(summary: dict[str, Any]) -> dict[str, float]:
+    """The FID-vs-Gflops fit as metrics for the sweep's run (none when there is no fit)."""
+    f = summary["fid_vs_gflops"]
+    if "skipped" in f:
+        return {}
+    return {
+        "scaling_fid_gflops_b": f["b"],
+        "scaling_fid_gflops_b_lo": f["b_ci"][0],
+        "scaling_fid_gflops_b_hi": f["b_ci"][1],
+        "scaling_fid_gflops_a": f["a"],
+        "scaling_fid_gflops_pearson_r": f["pearson_r_log_gflops"],
+    }

@@ -1,23 +1,19 @@
 """Smoke test of the whole sweep machinery (used by the test suite): 2 tiny sizes x 2 patch sizes, a few steps."""
 
-from pipeline.config import DataConfig, ExperimentConfig, GridConfig, ResourcesConfig, TrainConfig
+from experiments._toy import CPU_TRIALS, RESOLUTION, toy_data
+from pipeline.config import ExperimentConfig, GridConfig, TrainConfig
+from pipeline.toy import ToyDataConfig
 
 EXPERIMENT = ExperimentConfig(
     name="smoke",
     description="seconds-long sweep over 4 tiny presets on toy shards",
-    data=DataConfig(
-        shards="shards/smoke",
-        val_shards="shards/smoke-val",
-        resolution=16,
-        codec="pixel",
-        source="toy",
-        val_source="toy",
+    data=toy_data(
+        "smoke",
+        ToyDataConfig(num_classes=4, per_class=50, resolution=RESOLUTION),
+        val_per_class=8,
         samples_per_shard=100,
-        toy_classes=4,
-        toy_per_class=50,
-        toy_val_per_class=8,
     ),
-    grid=GridConfig(sizes=("Ti", "Mi"), patch_sizes=(4, 8)),
+    grid=GridConfig(sizes=("d2w64", "d4w128"), patch_sizes=(4, 8)),
     train=TrainConfig(
         steps=30,
         global_batch_size=16,
@@ -30,5 +26,5 @@ EXPERIMENT = ExperimentConfig(
         val_batches=1,
         loader_workers=0,
     ),
-    resources=ResourcesConfig(workers_per_trial=1, gpus_per_worker=0, cpus_per_worker=1, max_concurrent_trials=2),
+    resources=CPU_TRIALS,
 )

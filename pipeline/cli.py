@@ -1,7 +1,10 @@
 """The `ditscale` console script: one subcommand per stage, thin over the library code.
 
-ditscale presets [--input-size 32] [--in-channels 4]   the DiT presets with params and Gflops
-ditscale demo [--seconds 60]                           dit_core on its own: train, sample, score on the CPU
+ditscale toy-data OUT [--classes 10 ...]                 the built-in toy images (ImageNet layout)
+ditscale prepare SRC OUT [--set resolution=32 ...]      shards of latents (fields of PrepareConfig)
+ditscale sweep|fid|analyze|run EXPERIMENT [--set ...]    the stages of a study (fields of ExperimentConfig)
+ditscale presets [--input-size 32] [--in-channels 4]    the DiT presets with params and Gflops
+ditscale demo [--seconds 60]                            dit_core on its own: train, sample, score on the CPU
 """
 
 from __future__ import annotations
@@ -11,8 +14,8 @@ import sys
 
 
 def _cmd_presets(args: argparse.Namespace) -> int:
+    from dit_core.config import PRESETS, dit_config
     from dit_core.flops import gflops, param_count
-    from dit_core.model import PRESETS, dit_config
 
     print(f"{'preset':<10} {'depth':>5} {'width':>6} {'heads':>5} {'tokens':>6} {'params':>14} {'Gflops':>9}")
     for name in PRESETS:
@@ -36,47 +39,35 @@ def _cmd_toy_data(args: argparse.Namespace) -> int:
 
 
 def _cmd_prepare(args: argparse.Namespace) -> int:
-    from pipeline.codecs import CodecConfig
+    from pipeline.experiment_files import apply_overrides
     from pipeline.prepare import PrepareConfig, prepare
 
-    config = PrepareConfig(
-        resolution=args.resolution,
-        codec=CodecConfig(
-            kind=args.codec,
-            vae=args.vae,
-            vae_revision=args.vae_revision,
-            vae_subfolder=args.vae_subfolder,
-            space_to_depth=args.space_to_depth,
-        ),
-        samples_per_shard=args.samples_per_shard,
-        seed=args.seed,
-        encode_batch_size=args.batch_size,
-        num_workers=args.workers,
-        verify=args.verify,
-    )
-    manifest = prepare(args.src, args.out, config)
-    return 0 if manifest["complete"] else 1
+    manifest = prepare(args.src, args.out, apply_overrides(PrepareConfig(), args.set))
+    return 0 if manifest.complete else 1
+
+
+def _experiment(args: argparse.Namespace):
+    from pipeline.experiment_files import load_experiment
+    from pipeline.layout import resolve_workdir
+
+    return load_experiment(args.experiment, args.set), resolve_workdir(args.workdir)
 
 
 def _cmd_sweep(args: argparse.Namespace) -> int:
-    from pipeline.config import load_experiment, resolve_workdir
     from pipeline.sweep import main_sweep
 
-    experiment = load_experiment(args.experiment, args.set)
-    return main_sweep(experiment, resolve_workdir(args.workdir), dry_run=args.dry_run)
+    experiment, workdir = _experiment(args)
+    return main_sweep(experiment, workdir, dry_run=args.dry_run)
 
 
 def _cmd_fid(args: argparse.Namespace) -> int:
-    from pipeline.config import load_experiment, resolve_workdir
-    from pipeline.data import load_manifest
-    from pipeline.fid import run_fid, score_checkpoint
+    from pipeline.fid.score import run_fid, score_checkpoint
+    from pipeline.layout import Workspace
+    from pipeline.manifest import Manifest
 
-    experiment = load_experiment(args.experiment, args.set)
-    workdir = resolve_workdir(args.workdir)
+    experiment, workdir = _experiment(args)
     if args.checkpoint:
-        from pipeline.config import resolve_path
-
-        manifest = load_manifest(resolve_path(workdir, experiment.data.shards))
+        manifest = Manifest.load(Workspace(workdir).path(experiment.data.shards))
         metrics, _, facts = score_checkpoint(args.checkpoint, manifest, experiment.fid, workdir, args.workers)
         print(f"{args.checkpoint}: " + "  ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
         print("  " + "  ".join(f"{k}={v}" for k, v in facts.items()))
@@ -86,29 +77,19 @@ def _cmd_fid(args: argparse.Namespace) -> int:
 
 
 def _cmd_analyze(args: argparse.Namespace) -> int:
-    from analysis.report import analyze
-    from pipeline import tracking
-    from pipeline.config import load_experiment, resolve_workdir
+    from pipeline.analyze import analyze_experiment
 
-    experiment = load_experiment(args.experiment, args.set)
-    workdir = resolve_workdir(args.workdir)
-    out = args.out or f"{workdir}/analysis/{experiment.name}"
-    with tracking.tracking_uri(experiment.tracking.tracking_uri, workdir) as uri:
-        exp_id = tracking.experiment_id(uri, experiment.mlflow_experiment)
-        parent = tracking.find_run(uri, exp_id, {tracking.TAG_ROLE: "sweep", tracking.TAG_SWEEP: experiment.name})
-        summary = analyze(
-            uri, experiment.mlflow_experiment, out, args.step, parent.info.run_id if parent else None,
-            paper_grid=experiment.name == "paper_grid", sweep=experiment.name,
-        )  # fmt: skip
-    print(f"figures, tables and fits: {out}" + ("" if parent else " (no sweep run in MLflow to log them to)"))
+    experiment, workdir = _experiment(args)
+    summary = analyze_experiment(experiment, workdir, args.step, args.out)
+    logged = "" if summary["logged_to"] else " (no sweep run in MLflow to log them to)"
+    print(f"figures, tables and fits: {summary['out']}{logged}")
     return 0 if "skipped" not in summary["fid_vs_gflops"] else 1
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    from pipeline.config import load_experiment, resolve_workdir
     from pipeline.run import run_all
 
-    summary = run_all(load_experiment(args.experiment, args.set), resolve_workdir(args.workdir), args.step)
+    summary = run_all(*_experiment(args), args.step)
     return 1 if "error" in summary else 0
 
 
@@ -120,8 +101,15 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 
 def _add_overrides(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--set", action="extend", nargs="+", default=[], metavar="SECTION.FIELD=VALUE",
-                   help="override fields (several after one --set, or --set repeated)")  # fmt: skip
+    p.add_argument(
+        "--set",
+        action="extend",
+        nargs="+",
+        default=[],
+        metavar="SECTION.FIELD=VALUE",
+        help="override fields, e.g. train.lr=3e-4 diffusion.prediction=x0 data.prepare.resolution=32 "
+        "(several after one --set, or --set repeated)",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -137,22 +125,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--style", default="color", choices=["color", "simple"], help="coloured or plain grey shapes")
     p.set_defaults(func=_cmd_toy_data)
 
-    from pipeline.codecs import DEFAULT_VAE
-
     p = sub.add_parser("prepare", help="shard an ImageNet-layout folder into WebDataset tars of latents (Ray)")
     p.add_argument("src", help="source folder: SRC/<class>/<image>.{jpg,png,webp,bmp}")
     p.add_argument("out", help="output folder or URI (s3://..., gs://...) for train-*.tar and manifest.json")
-    p.add_argument("--codec", default="vae", choices=["vae", "pixel"], help="AutoencoderKL latents or raw pixels")
-    p.add_argument("--vae", default=DEFAULT_VAE, help="AutoencoderKL hub id or local folder (save_pretrained)")
-    p.add_argument("--vae-revision", default=None, help="hub revision of the VAE")
-    p.add_argument("--vae-subfolder", default=None, help="subfolder of the VAE inside a pipeline folder, e.g. vae")
-    p.add_argument("--space-to-depth", type=int, default=1, help="pixel codec: fold f x f pixels into channels")
-    p.add_argument("--resolution", type=int, default=256, help="image side after the ADM center crop")
-    p.add_argument("--samples-per-shard", type=int, default=5000)
-    p.add_argument("--seed", type=int, default=0, help="seed of the shuffle that mixes classes across shards")
-    p.add_argument("--batch-size", type=int, default=32, help="images per encoder call")
-    p.add_argument("--workers", type=int, default=0, help="encoding actors (0: one per GPU, else one per CPU)")
-    p.add_argument("--verify", default="sha256", choices=["sha256", "size"], help="how a re-run checks old shards")
+    p.add_argument(
+        "--set",
+        action="extend",
+        nargs="+",
+        default=[],
+        metavar="FIELD=VALUE",
+        help="PrepareConfig fields: resolution=256 codec.kind=vae|pixel codec.vae=ID_OR_FOLDER "
+        "codec.space_to_depth=1 samples_per_shard=5000 seed=0 encode_batch_size=32 num_workers=0 "
+        "verify=sha256|size",
+    )
     p.set_defaults(func=_cmd_prepare)
 
     p = sub.add_parser("sweep", help="train a grid of DiT presets: Ray Tune x Ray Train, tracked in MLflow")

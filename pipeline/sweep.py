@@ -2,10 +2,10 @@
 
     ditscale sweep quickstart [--set train.steps=2000] [--dry-run]
 
-For each trial (one grid point) a Tune function trainable builds and fits a `TorchTrainer` named by the trial's
-stable run name under `<workdir>/runs/<experiment>/`. Ray Train V2 finds an earlier run of that name in storage and
-hands its latest checkpoint to the workers, so running the same command again resumes interrupted trials; finished
-trials (marked by `ditscale_done.json`) are not started at all. A trial that fails for good (after
+The plan (pipeline.plan) gives the trials and their stable run names. For each trial a Tune function trainable
+builds and fits a `TorchTrainer` of that name in the experiment's runs folder (pipeline.layout). Ray Train V2 finds
+an earlier run of that name in storage and hands its latest checkpoint to the workers, so running the same command
+again resumes interrupted trials; finished trials are not started at all. A trial that fails for good (after
 `resources.max_failures` worker-group restarts) is reported and does not stop the others.
 
 MLflow: one parent run per sweep, one child run per trial (params: flattened config, preset, params, Gflops;
@@ -20,104 +20,13 @@ import math
 import os
 import subprocess
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pipeline.config import (
-    ConfigError,
-    ExperimentConfig,
-    Trial,
-    config_to_dict,
-    describe_trials,
-    expand_trials,
-    flatten,
-    resolve_path,
-    validate_against_data,
-    validate_experiment,
-)
-from pipeline.storage import read_json
-from pipeline.train import DONE_FILE
-
-# ---------------------------------------------------------------------------------------------------------------
-# Planning (no Ray, no MLflow)
-# ---------------------------------------------------------------------------------------------------------------
-
-
-@dataclass
-class SweepPlan:
-    experiment: ExperimentConfig
-    workdir: str
-    shards: str
-    val_shards: str | None
-    manifest: dict[str, Any]
-    trials: list[Trial]
-    storage: str  # Ray storage of the trials: <storage>/<run_name>/
-
-    def trial_dir(self, trial: Trial) -> str:
-        return f"{self.storage}/{trial.run_name}"
-
-    def status(self, trial: Trial) -> str:
-        """ "done", "resumable" (has a checkpoint) or "new"."""
-        done = read_json(f"{self.trial_dir(trial)}/{DONE_FILE}")
-        if done is not None and done["step"] >= self.experiment.train.steps:
-            return "done"
-        import fsspec
-
-        fs, path = fsspec.core.url_to_fs(self.trial_dir(trial))
-        return "resumable" if fs.exists(f"{path}/checkpoint_manager_snapshot.json") else "new"
-
-
-class MissingShardsError(ConfigError):
-    """data.shards does not exist yet (a dry run can still plan the study from the config)."""
-
-
-def storage_path(experiment: ExperimentConfig, workdir: str) -> str:
-    """Ray storage of an experiment's trials: <storage>/<run_name>/."""
-    return f"{workdir.rstrip('/')}/runs/{experiment.name}"
-
-
-def plan_sweep(experiment: ExperimentConfig, workdir: str) -> SweepPlan:
-    """Validate the experiment against its shards and expand the trials; raises ConfigError before any work."""
-    from pipeline.data import load_manifest
-
-    validate_experiment(experiment)
-    shards = resolve_path(workdir, experiment.data.shards)
-    try:
-        manifest = load_manifest(shards)
-    except FileNotFoundError:
-        raise MissingShardsError(
-            f"no shards at {shards} (data.shards): run `ditscale prepare SRC {shards}` first, or "
-            f"`ditscale run {experiment.name}` to build them"
-        ) from None
-    validate_against_data(experiment, manifest, shards)
-    val_shards = None
-    if experiment.data.val_shards:
-        val_shards = resolve_path(workdir, experiment.data.val_shards)
-        try:
-            val_manifest = load_manifest(val_shards)
-        except FileNotFoundError:
-            raise ConfigError(
-                f"no validation shards at {val_shards} (data.val_shards): prepare them or set data.val_shards=null"
-            ) from None
-        if (val_manifest["codec"], val_manifest["latent_shape"]) != (manifest["codec"], manifest["latent_shape"]):
-            raise ConfigError(f"validation shards {val_shards} were made with another codec or latent shape")
-        per_worker = experiment.train.global_batch_size // experiment.resources.workers_per_trial
-        if val_manifest["total"] < per_worker:
-            raise ConfigError(
-                f"validation shards {val_shards} hold {val_manifest['total']} samples, fewer than one per-worker "
-                f"batch ({per_worker}): prepare more validation images or set data.val_shards=null"
-            )
-    trials = expand_trials(experiment, manifest)
-    return SweepPlan(experiment, workdir, shards, val_shards, manifest, trials, storage_path(experiment, workdir))
-
-
-def dry_run_report(plan: SweepPlan) -> str:
-    lines = [describe_trials(plan.experiment, plan.trials)]
-    lines.append("status: " + ", ".join(f"{t.run_name} {plan.status(t)}" for t in plan.trials))
-    lines.append(f"shards: {plan.shards} ({plan.manifest['total']} samples, latents {plan.manifest['latent_shape']})")
-    lines.append(f"storage: {plan.storage}")
-    return "\n".join(lines)
+from pipeline.config import ConfigError, ExperimentConfig, config_to_dict, flatten
+from pipeline.manifest import Manifest
+from pipeline.plan import SweepPlan, Trial, TrialJob, describe_plan, plan_study, plan_sweep, trial_job, trial_params
 
 
 def git_commit() -> str:
@@ -130,53 +39,8 @@ def git_commit() -> str:
         return "unknown"
 
 
-def manifest_hash(manifest: dict[str, Any]) -> str:
-    return hashlib.sha256(json.dumps(manifest, sort_keys=True).encode()).hexdigest()[:16]
-
-
-def trial_params(plan: SweepPlan, trial: Trial) -> dict[str, Any]:
-    """MLflow params of a child run: the flattened experiment config plus the trial's model facts."""
-    e = plan.experiment
-    params = flatten(config_to_dict(e))
-    params.pop("grid.presets", None)
-    params.update(flatten({"model": config_to_dict(trial.model)}))
-    params.update(flatten({"diffusion": asdict(e.train.diffusion_config())}))
-    params.update(
-        {
-            "preset": trial.preset,
-            "size": trial.size,
-            "patch": trial.patch,
-            "params": trial.params,
-            "gflops": trial.gflops,
-            "run_name": trial.run_name,
-            "objective": f"{e.train.prediction}{'+learned-sigma' if e.train.learn_sigma else ''} ({e.train.loss})",
-            "data.manifest_total": plan.manifest["total"],
-        }
-    )
-    return params
-
-
-def trial_payload(plan: SweepPlan, trial: Trial, uri: str, run_id: str) -> dict[str, Any]:
-    """What the workers of one trial get (JSON-able)."""
-    e = plan.experiment
-    return {
-        "run_name": trial.run_name,
-        "preset": trial.preset,
-        "model": config_to_dict(trial.model),
-        "diffusion": asdict(e.train.diffusion_config()),
-        "train": config_to_dict(e.train),
-        "shards": plan.shards,
-        "val_shards": plan.val_shards,
-        "trial_dir": plan.trial_dir(trial),
-        "storage": plan.storage,
-        "tracking_uri": uri,
-        "mlflow_run_id": run_id,
-        "workers": e.resources.workers_per_trial,
-        "cpus_per_worker": e.resources.cpus_per_worker,
-        "gpus_per_worker": e.resources.gpus_per_worker,
-        "max_failures": e.resources.max_failures,
-        "keep_checkpoints": e.train.keep_checkpoints,
-    }
+def manifest_hash(manifest: Manifest) -> str:
+    return hashlib.sha256(json.dumps(manifest.to_json(), sort_keys=True).encode()).hexdigest()[:16]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -184,8 +48,8 @@ def trial_payload(plan: SweepPlan, trial: Trial, uri: str, run_id: str) -> dict[
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def run_trial(payload: dict[str, Any]) -> None:
-    """Tune function trainable: build and fit the trial's TorchTrainer (resuming from storage if it exists)."""
+def run_trial(job: TrialJob) -> None:
+    """Build and fit the trial's TorchTrainer (resuming from storage if it exists); runs in a Tune trial actor."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
     from ray.tune.integration.ray_train import TuneReportCallback
@@ -196,28 +60,26 @@ def run_trial(payload: dict[str, Any]) -> None:
     # The Train controller takes reports off each worker's queue of one when it polls; the default 2 s poll would
     # stall a worker that reports twice within 2 s. 0.25 s keeps reports cheap at negligible controller CPU.
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25")
-    gpus = payload["gpus_per_worker"]
-    resources = {"CPU": payload["cpus_per_worker"]}
-    if gpus:
-        resources["GPU"] = gpus
+    r = job.experiment.resources
+    resources = {"CPU": r.cpus_per_worker, **({"GPU": r.gpus_per_worker} if r.gpus_per_worker else {})}
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config=payload,
+        train_loop_config={"job": job},
         scaling_config=ScalingConfig(
-            num_workers=payload["workers"], use_gpu=bool(gpus), resources_per_worker=resources
+            num_workers=r.workers_per_trial, use_gpu=bool(r.gpus_per_worker), resources_per_worker=resources
         ),
         run_config=RunConfig(
-            name=payload["run_name"],
-            storage_path=payload["storage"],
-            failure_config=FailureConfig(max_failures=payload["max_failures"]),
-            checkpoint_config=CheckpointConfig(num_to_keep=payload["keep_checkpoints"]),
+            name=job.layout.run_name,
+            storage_path=job.layout.storage,
+            failure_config=FailureConfig(max_failures=r.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=job.experiment.train.keep_checkpoints),
             callbacks=[TuneReportCallback()],
         ),
     )
     try:
         trainer.fit()
     except Exception:
-        set_status(payload["tracking_uri"], payload["mlflow_run_id"], "FAILED")
+        set_status(job.tracking_uri, job.mlflow_run_id, "FAILED")
         raise
 
 
@@ -231,7 +93,7 @@ def _progress_callback(interval_s: float):
             self.last: dict[str, float] = {}
 
         def on_trial_result(self, iteration, trials, trial, result, **info):
-            name = trial.config["trial"]["run_name"]
+            name = trial.config["job"].trial.run_name
             if "loss" not in result or time.time() - self.last.get(name, 0) < interval_s:
                 return
             self.last[name] = time.time()
@@ -243,7 +105,7 @@ def _progress_callback(interval_s: float):
             )
 
         def on_trial_error(self, iteration, trials, trial, **info):
-            print(f"[{trial.config['trial']['run_name']}] FAILED: {trial.error_file}", flush=True)
+            print(f"[{trial.config['job'].trial.run_name}] FAILED: {trial.error_file}", flush=True)
 
     return TrialProgress()
 
@@ -318,14 +180,8 @@ def run_sweep(experiment: ExperimentConfig, workdir: str, progress_interval_s: f
         parent = tracking.sweep_run(uri, exp_id, experiment.name, flatten(config_to_dict(experiment)), tags)
         run_ids = {
             t.run_name: tracking.trial_run(
-                uri,
-                exp_id,
-                parent,
-                experiment.name,
-                t.run_name,
-                trial_params(plan, t),
-                {**tags, "preset": t.preset},
-            )  # fmt: skip
+                uri, exp_id, parent, experiment.name, t.run_name, trial_params(plan, t), {**tags, "preset": t.preset}
+            )
             for t in plan.trials
         }
         results: dict[str, Any] = {}
@@ -333,21 +189,20 @@ def run_sweep(experiment: ExperimentConfig, workdir: str, progress_interval_s: f
             ensure_ray()
             check_cluster(experiment)
             os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # our one-line-per-trial progress instead of Tune's
-            payloads = [trial_payload(plan, t, uri, run_ids[t.run_name]) for t in todo]
+            jobs = [trial_job(plan, t, uri, run_ids[t.run_name]) for t in todo]
             tuner = tune.Tuner(
                 tune.with_resources(run_trial_from_tune, {"CPU": 0, "memory": 1}),  # the driver needs no CPU
-                param_space={"trial": tune.grid_search(payloads)},
+                param_space={"job": tune.grid_search(jobs)},
                 tune_config=tune.TuneConfig(max_concurrent_trials=max_concurrent(experiment)),
                 run_config=tune.RunConfig(
                     name=f"tune-{int(time.time())}",
-                    storage_path=f"{plan.storage}/_tune",
+                    storage_path=plan.workspace.tune_storage(experiment.name),
                     verbose=0,
                     callbacks=[_progress_callback(progress_interval_s)],
                 ),
             )
             for result in tuner.fit():
-                name = result.config["trial"]["run_name"]
-                results[name] = result
+                results[result.config["job"].trial.run_name] = result
         outcomes = [_outcome(plan, t, results.get(t.run_name), run_ids[t.run_name], uri) for t in plan.trials]
         all_done = all(o.status == "done" for o in outcomes)
         tracking.set_status(uri, parent, "FINISHED" if all_done else "FAILED")
@@ -356,14 +211,14 @@ def run_sweep(experiment: ExperimentConfig, workdir: str, progress_interval_s: f
 
 
 def run_trial_from_tune(config: dict[str, Any]) -> None:
-    run_trial(config["trial"])
+    run_trial(config["job"])
 
 
 def _outcome(plan: SweepPlan, trial: Trial, result, run_id: str, uri: str) -> TrialOutcome:
     from pipeline import tracking
 
-    done = read_json(f"{plan.trial_dir(trial)}/{DONE_FILE}")
-    finished = done is not None and done["step"] >= plan.experiment.train.steps
+    done_step = plan.layout(trial).done_step()
+    finished = done_step is not None and done_step >= plan.experiment.train.steps
     error = None
     if result is not None and result.error is not None:
         error = str(result.error).strip().splitlines()[-1][:300] if str(result.error).strip() else repr(result.error)
@@ -372,7 +227,7 @@ def _outcome(plan: SweepPlan, trial: Trial, result, run_id: str, uri: str) -> Tr
     return TrialOutcome(
         trial=trial,
         status="done" if finished else "failed",
-        step=done["step"] if done else (losses[-1][0] if losses else 0),
+        step=done_step if done_step is not None else (losses[-1][0] if losses else 0),
         final_loss=losses[-1][1] if losses else None,
         img_per_s=speeds[-1][1] if speeds else None,
         error=error if not finished else None,
@@ -391,35 +246,16 @@ def summary_table(outcomes: list[TrialOutcome]) -> str:
             f"{status}"
         )
     failed = [o for o in outcomes if o.status != "done"]
-    lines.append(f"{len(outcomes) - len(failed)}/{len(outcomes)} trials done" + (
-        f"; {len(failed)} failed: re-run the same command to resume them" if failed else ""))  # fmt: skip
+    lines.append(
+        f"{len(outcomes) - len(failed)}/{len(outcomes)} trials done"
+        + (f"; {len(failed)} failed: re-run the same command to resume them" if failed else "")
+    )
     return "\n".join(lines)
-
-
-def assumed_manifest(experiment: ExperimentConfig, num_classes: int = 1000) -> dict[str, Any]:
-    """What the shards of `experiment` will look like (latent shape from the codec and resolution), for planning a
-    study before its data exists."""
-    from pipeline.codecs import PixelCodec
-
-    d = experiment.data
-    if d.codec == "vae":  # the weights may not be reachable yet: the SD VAE's 4 channels at 1/8 of the side
-        shape = [4, d.resolution // 8, d.resolution // 8]
-    else:
-        codec = PixelCodec(d.space_to_depth)
-        shape = [codec.latent_channels, *[codec.latent_size(d.resolution)] * 2]
-    return {"latent_shape": shape, "num_classes": num_classes, "resolution": d.resolution, "total": 0,
-            "codec": {"kind": d.codec}, "source": {"listing_sha256": "not prepared yet"}}  # fmt: skip
 
 
 def main_sweep(experiment: ExperimentConfig, workdir: str, dry_run: bool) -> int:
     if dry_run:
-        try:
-            print(dry_run_report(plan_sweep(experiment, workdir)))
-        except MissingShardsError:
-            manifest = assumed_manifest(experiment)
-            print(describe_trials(experiment, expand_trials(experiment, manifest)))
-            print(f"(no shards yet: latents assumed {'x'.join(map(str, manifest['latent_shape']))} from data.codec "
-                  f"and data.resolution, 1000 classes; run names are provisional)")  # fmt: skip
+        print(describe_plan(plan_study(experiment, workdir)))
         return 0
     outcomes = run_sweep(experiment, workdir)
     return 0 if all(o.status == "done" for o in outcomes) else 1

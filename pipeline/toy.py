@@ -1,11 +1,11 @@
 """A procedural, class-conditional toy image dataset in ImageNet folder layout, for scaling studies on a CPU.
 
 A study on a 2-core machine cannot train on ImageNet, but it still needs images whose classes differ visibly and
-vary within a class, so that loss and FID can tell a good model from a bad one (shared/reference/toy_feasibility.md).
+vary within a class, so that loss and FID can tell a good model from a bad one.
 Each class is a shape (disc, square, ..., two dots) drawn at a random size, position, rotation and colour. In the
 "color" style each class also has its own hue and fill texture, on a gradient background, at 35-75% of the image side;
-in the "simple" style the shapes are grey/white on a plain dark background at 45-75% of the side (what the feasibility
-study found learnable fastest).
+in the "simple" style the shapes are grey/white on a plain dark background at 45-75% of the side (the data a small
+model learned to draw fastest in a 2-core feasibility study).
 
     OUT/c00_disc/00000.jpg ... OUT/c09_two_dots/00499.jpg
     OUT/toy_data.json          the config and counts, written last: its presence means the dataset is complete

@@ -1,8 +1,8 @@
 """The one module that talks to MLflow: the embedded server, sweep (parent) and trial (child) runs, logging.
 
-Where runs go: `tracking.tracking_uri` of the experiment, else MLFLOW_TRACKING_URI, else an `mlflow server` that
-this module starts on 127.0.0.1 over `<workdir>/mlflow.db` (SQLite) with artifacts in `<workdir>/mlartifacts`, so
-that many processes (Ray workers, concurrent trials) can log at once. On a multi-node cluster, point
+Where runs go: `tracking.tracking_uri` of the experiment, else MLFLOW_TRACKING_URI, else an MLflow tracking server
+that this module starts on 127.0.0.1 over `<workdir>/mlflow.db` (SQLite) with artifacts in `<workdir>/mlartifacts`,
+so that many processes (Ray workers, concurrent trials) can log at once. On a multi-node cluster, point
 MLFLOW_TRACKING_URI at a server every node can reach.
 
 Runs are found again by tags, so re-running a sweep logs into the same parent run and the same child runs:
@@ -23,6 +23,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from pipeline.layout import Workspace
+
 TAG_ROLE = "ditscale.role"
 TAG_SWEEP = "ditscale.sweep"
 TAG_RUN_NAME = "ditscale.run_name"
@@ -36,67 +38,179 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def store_paths(workdir: str) -> tuple[Path, Path]:
-    """(SQLite file, artifact folder) of the embedded store in a local workspace."""
-    return Path(workdir) / "mlflow.db", Path(workdir) / "mlartifacts"
-
-
 def ui_command(workdir: str) -> str:
     """The command that opens the MLflow UI over the embedded store of `workdir`."""
-    db, artifacts = store_paths(workdir)
+    ws = Workspace(workdir)
     beside = Path(sys.executable).parent / "mlflow"  # this environment's mlflow, even when it is not on PATH
     mlflow = str(beside) if beside.exists() and shutil.which("mlflow") != str(beside) else "mlflow"
     return (
-        f"{mlflow} server --backend-store-uri sqlite:///{db} --artifacts-destination {artifacts} "
+        f"{mlflow} server --backend-store-uri sqlite:///{ws.mlflow_db} --artifacts-destination {ws.mlflow_artifacts} "
         f"--host 127.0.0.1 --port 5000"
     )
 
 
+# What the embedded server needs of MLflow: the tracking app alone, in one process. `mlflow server` would import
+# MLflow three times (its CLI, the uvicorn worker, the job runner for GenAI features that a training study does not
+# use): 15-18 s to answer on an idle 2-core machine, against 5.5-8.6 s for this (benchmarks/mlflow_startup.py).
+SERVER_ENV = {
+    "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",  # no job runner processes
+    "MLFLOW_DISABLE_TELEMETRY": "true",  # no network calls from an air-gapped machine
+    "DO_NOT_TRACK": "true",
+}
+
+
+def serve(db: str, artifacts: str, port: int) -> None:
+    """Run MLflow's tracking server (the FastAPI app) in this process on 127.0.0.1:`port` over the SQLite file `db`,
+    serving artifacts from the folder `artifacts`, as `mlflow server --backend-store-uri sqlite:///db
+    --artifacts-destination artifacts --workers 1` does. Falls back to that command on an MLflow whose server
+    internals differ."""
+    os.environ.update(SERVER_ENV)
+    backend, artifact_root = f"sqlite:///{db}", "mlflow-artifacts:/"
+    start = time.perf_counter()
+    phase = lambda what: print(f"[{time.perf_counter() - start:6.2f} s] {what}", flush=True)  # noqa: E731
+    try:
+        import mlflow.server as server
+        from mlflow.server.handlers import initialize_backend_stores
+
+        phase("imported mlflow")
+
+        os.environ.update(
+            {
+                server.BACKEND_STORE_URI_ENV_VAR: backend,
+                server.REGISTRY_STORE_URI_ENV_VAR: backend,
+                server.ARTIFACT_ROOT_ENV_VAR: artifact_root,
+                server.SERVE_ARTIFACTS_ENV_VAR: "true",
+                server.ARTIFACTS_DESTINATION_ENV_VAR: artifacts,
+            }
+        )
+        initialize_backend_stores(backend, backend, artifact_root)
+        phase(f"initialised the store {backend}")
+        import uvicorn
+        from mlflow.server.fastapi_app import app
+
+        phase("imported the tracking app; serving")
+    except (ImportError, AttributeError) as exc:
+        print(f"falling back to `mlflow server` ({type(exc).__name__}: {exc})", flush=True)
+        cmd = [
+            sys.executable,
+            "-m",
+            "mlflow",
+            "server",
+            "--backend-store-uri",
+            backend,
+            "--artifacts-destination",
+            artifacts,
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--workers",
+            "1",
+        ]
+        os.execv(sys.executable, cmd)
+    uvicorn.run(app, host="127.0.0.1", port=port, workers=1, log_level="warning")
+
+
+def _cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process so far (0 where /proc is not available)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, IndexError, ValueError):
+        return 0.0
+
+
+def _tail(path: Path, lines: int = 15) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return "(no log)"
+
+
+def wait_until_serving(proc: subprocess.Popen, uri: str, log: Path, stall_timeout_s: float = 120.0) -> None:
+    """Wait for `proc` to answer `uri`/health. The wait has no fixed deadline, since a busy machine can make a start
+    take minutes: it goes on while the process is alive and making progress (its log grows or it uses CPU), fails at
+    once with the log's last lines if the process exits, and fails if it makes no progress for `stall_timeout_s`."""
+    last_progress, last_seen = time.monotonic(), (-1, -1.0)
+    while True:
+        if proc.poll() is not None:
+            raise RuntimeError(
+                f"the MLflow server exited with code {proc.returncode} before serving; last lines of "
+                f"{log}:\n{_tail(log)}"
+            )
+        try:
+            with urllib.request.urlopen(f"{uri}/health", timeout=5) as response:
+                if response.status == 200:
+                    return
+        except OSError:
+            pass
+        seen = (log.stat().st_size if log.exists() else 0, _cpu_seconds(proc.pid))
+        if seen != last_seen:
+            last_progress, last_seen = time.monotonic(), seen
+        elif time.monotonic() - last_progress > stall_timeout_s:
+            raise RuntimeError(
+                f"the MLflow server made no progress for {stall_timeout_s:.0f} s (alive, idle, not "
+                f"serving); last lines of {log}:\n{_tail(log)}"
+            )
+        time.sleep(0.25)
+
+
 @contextlib.contextmanager
-def embedded_server(workdir: str, startup_timeout_s: float = 90.0) -> Iterator[str]:
-    """Run `mlflow server` on 127.0.0.1 over the workspace's store; yields its http:// URI; stops it on exit."""
-    if "://" in workdir:
+def embedded_server(workdir: str, stall_timeout_s: float = 120.0) -> Iterator[str]:
+    """Run an MLflow tracking server on 127.0.0.1 over the workspace's store; yields its http:// URI; stops it on
+    exit."""
+    ws = Workspace(workdir)
+    if not ws.is_local:
         raise ValueError(
             f"the embedded MLflow store needs a local workspace, not {workdir}: set MLFLOW_TRACKING_URI to your "
             f"MLflow server"
         )
-    db, artifacts = store_paths(workdir)
-    db.parent.mkdir(parents=True, exist_ok=True)
-    artifacts.mkdir(parents=True, exist_ok=True)
-    port = _free_port()
-    uri = f"http://127.0.0.1:{port}"
-    log = open(Path(workdir) / "mlflow-server.log", "ab")
-    cmd = [
-        sys.executable, "-m", "mlflow", "server",
-        "--backend-store-uri", f"sqlite:///{db}",
-        "--artifacts-destination", str(artifacts),
-        "--host", "127.0.0.1",
-        "--port", str(port),
-        "--workers", "1",
-    ]  # fmt: skip
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    ws.mlflow_db.parent.mkdir(parents=True, exist_ok=True)
+    ws.mlflow_artifacts.mkdir(parents=True, exist_ok=True)
+    for attempt in range(3):  # the port found free may be taken before the server binds it
+        port = _free_port()
+        uri = f"http://127.0.0.1:{port}"
+        start = ws.mlflow_log.stat().st_size if ws.mlflow_log.exists() else 0
+        with open(ws.mlflow_log, "ab") as log:
+            cmd = [
+                sys.executable,
+                "-m",
+                "pipeline.tracking",
+                "serve",
+                str(ws.mlflow_db),
+                str(ws.mlflow_artifacts),
+                str(port),
+            ]
+            env = {**os.environ, **SERVER_ENV}
+            proc = subprocess.Popen(
+                cmd,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+                env=env,
+                cwd=str(Path(__file__).resolve().parents[1]),
+            )
+        try:
+            wait_until_serving(proc, uri, ws.mlflow_log, stall_timeout_s)
+            break
+        except RuntimeError:
+            _stop(proc)
+            new_lines = ws.mlflow_log.read_bytes()[start:].decode(errors="replace")
+            if "address already in use" not in new_lines.lower() or attempt == 2:
+                raise
     try:
-        deadline = time.time() + startup_timeout_s
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"mlflow server exited with code {proc.returncode}; see {log.name}")
-            try:
-                with urllib.request.urlopen(f"{uri}/health", timeout=2) as response:
-                    if response.status == 200:
-                        break
-            except OSError:
-                pass
-            if time.time() > deadline:
-                raise RuntimeError(f"mlflow server did not start within {startup_timeout_s:.0f} s; see {log.name}")
-            time.sleep(0.5)
         yield uri
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-        log.close()
+        _stop(proc)
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    proc.terminate()
+    try:
+        proc.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
 
 
 @contextlib.contextmanager
@@ -191,10 +305,6 @@ def set_status(uri: str, run_id: str, status: str) -> None:
         client(uri).set_terminated(run_id, status=status)
 
 
-def run_status(uri: str, run_id: str) -> str:
-    return client(uri).get_run(run_id).info.status
-
-
 def log_artifact(uri: str, run_id: str, path: str, artifact_path: str | None = None) -> None:
     client(uri).log_artifact(run_id, path, artifact_path)
 
@@ -229,3 +339,17 @@ def trial_runs(uri: str, exp_id: str, sweep: str) -> list:
     return client(uri).search_runs(
         [exp_id], filter_string=f"tags.`{TAG_ROLE}` = 'trial' and tags.`{TAG_SWEEP}` = '{sweep}'", max_results=10000
     )
+
+
+def log_analysis(uri: str, run_id: str, folder: str, metrics: dict[str, float], step: int) -> None:
+    """The analysis folder as artifacts under `analysis/` of the sweep's run, and its headline fits as metrics."""
+    c = client(uri)
+    c.log_artifacts(run_id, folder, "analysis")
+    for key, value in metrics.items():
+        c.log_metric(run_id, key, float(value), step=step)
+
+
+if __name__ == "__main__":  # python -m pipeline.tracking serve DB ARTIFACTS PORT (what embedded_server starts)
+    if len(sys.argv) != 5 or sys.argv[1] != "serve":
+        sys.exit("usage: python -m pipeline.tracking serve DB ARTIFACTS PORT")
+    serve(sys.argv[2], sys.argv[3], int(sys.argv[4]))

@@ -27,49 +27,42 @@ import torch
 import torch.distributed as dist
 
 from dit_core.checkpoint import load_checkpoint, restore, save_checkpoint
-from dit_core.diffusion import DiffusionConfig, GaussianDiffusion
+from dit_core.diffusion import GaussianDiffusion
 from dit_core.ema import create_ema, unwrap_model
-from dit_core.flops import H200_BF16_PEAK_FLOPS, forward_macs
-from dit_core.model import DiT, DiTConfig
+from dit_core.flops import H200_BF16_PEAK_FLOPS, train_mfu
+from dit_core.model import DiT
 from dit_core.training import TrainStep, adamw
+from pipeline.config import TrainConfig, config_to_dict
 from pipeline.data import LatentShardStream, make_loader
-from pipeline.storage import write_json
-
-CHECKPOINT_FILE = "checkpoint.pt"
-DONE_FILE = "ditscale_done.json"
-MILESTONE_DIR = "milestones"
+from pipeline.layout import CHECKPOINT_FILE, TrialLayout
+from pipeline.plan import TrialJob
 
 
-def milestone_name(step: int) -> str:
-    return f"ema-{step:07d}.pt"
-
-
-def learning_rate(step: int, train: dict[str, Any]) -> float:
+def learning_rate(step: int, train: TrainConfig) -> float:
     """Linear warm-up, then constant or cosine decay to min_lr_ratio * lr at the last step."""
-    lr, warmup = train["lr"], train["warmup_steps"]
-    if warmup and step < warmup:
-        return lr * (step + 1) / warmup
-    if train["lr_schedule"] == "constant":
-        return lr
-    progress = min(1.0, (step - warmup) / max(1, train["steps"] - warmup))
-    floor = train["min_lr_ratio"]
-    return lr * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress)))
+    if train.warmup_steps and step < train.warmup_steps:
+        return train.lr * (step + 1) / train.warmup_steps
+    if train.lr_schedule == "constant":
+        return train.lr
+    progress = min(1.0, (step - train.warmup_steps) / max(1, train.steps - train.warmup_steps))
+    floor = train.min_lr_ratio
+    return train.lr * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
 def step_seed(seed: int, rank: int, step: int) -> int:
     return (seed * 1_000_003 + rank * 7_919 + step) % (2**63 - 1)
 
 
-def save_milestone(trial_dir: str, step: int, ema: torch.nn.Module, config: dict[str, Any]) -> str:
-    """EMA weights at `step` for the FID stage: <trial_dir>/milestones/ema-0000100.pt (dit_core checkpoint)."""
-    path = f"{trial_dir}/{MILESTONE_DIR}/{milestone_name(step)}"
+def save_milestone(layout: TrialLayout, step: int, ema: torch.nn.Module, config: dict[str, Any]) -> str:
+    """EMA weights at `step` for the FID stage, where the layout keeps milestones (a dit_core checkpoint)."""
+    path = layout.milestone(step)
     extra = {"weights": "ema"}
     if "://" not in path:
         save_checkpoint(path, model=ema, step=step, config=config, extra=extra)
         return path
     fs, remote = fsspec.core.url_to_fs(path)
     with tempfile.TemporaryDirectory() as tmp:
-        local = save_checkpoint(f"{tmp}/{milestone_name(step)}", model=ema, step=step, config=config, extra=extra)
+        local = save_checkpoint(f"{tmp}/{remote.rsplit('/', 1)[-1]}", model=ema, step=step, config=config, extra=extra)
         fs.put(str(local), remote)
     return path
 
@@ -108,34 +101,40 @@ def peak_memory_gib(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
 
 
-def train_loop_per_worker(cfg: dict[str, Any]) -> None:
-    """Ray Train entry point; `cfg` is the trial payload built by pipeline.sweep."""
+def train_loop_per_worker(loop_config: dict[str, TrialJob]) -> None:
+    """Ray Train entry point; `loop_config["job"]` is the trial's TrialJob, built by pipeline.sweep."""
     import ray.train
     import ray.train.torch
 
     from pipeline.tracking import MetricLogger, set_status
 
     # --- set-up -------------------------------------------------------------------------------------------------
+    job = loop_config["job"]
+    e, layout = job.experiment, job.layout
+    train = e.train
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    train, trial_dir = cfg["train"], cfg["trial_dir"]
     device = ray.train.torch.get_device()
     if device.type == "cpu":
-        torch.set_num_threads(max(1, int(cfg["cpus_per_worker"])))
+        torch.set_num_threads(max(1, int(e.resources.cpus_per_worker)))
     else:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    use_bf16 = train["precision"] == "bf16" or (train["precision"] == "auto" and device.type == "cuda")
+    use_bf16 = train.precision == "bf16" or (train.precision == "auto" and device.type == "cuda")
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if use_bf16 else nullcontext()
 
-    model_config = DiTConfig(**cfg["model"])
-    diffusion_config = DiffusionConfig(**cfg["diffusion"])
-    diffusion = GaussianDiffusion(diffusion_config)
-    torch.manual_seed(train["seed"])  # the same initial weights on every rank
+    model_config = job.trial.model
+    diffusion = GaussianDiffusion(e.diffusion)
+    torch.manual_seed(train.seed)  # the same initial weights on every rank
     model = DiT(model_config).to(device)
     ema = create_ema(model)
-    opt = adamw(model, lr=train["lr"], betas=tuple(train["adam_betas"]), weight_decay=train["weight_decay"])
-    saved_config = {"model": cfg["model"], "diffusion": cfg["diffusion"], "train": train, "run_name": cfg["run_name"]}
+    opt = adamw(model, lr=train.lr, betas=train.adam_betas, weight_decay=train.weight_decay)
+    saved_config = {
+        "model": config_to_dict(model_config),
+        "diffusion": config_to_dict(e.diffusion),
+        "train": config_to_dict(train),
+        "run_name": job.trial.run_name,
+    }
 
     start_step = 0
     checkpoint = ray.train.get_checkpoint()
@@ -147,54 +146,65 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
             start_step = restore(state, model, ema, opt)
 
     worker = {"pid": os.getpid(), "node_id": ray.get_runtime_context().get_node_id(), "host": socket.gethostname()}
-    write_json(f"{trial_dir}/workers/rank{rank}.json", {**worker, "start_step": start_step})
+    layout.record_worker(rank, {**worker, "start_step": start_step})
 
     ddp_model = ray.train.torch.prepare_model(model, move_to_device=False) if world > 1 else model
     train_step = TrainStep(
-        model, diffusion, opt, ema, ema_decay=train["ema_decay"], grad_clip=train["grad_clip"],
-        autocast_dtype=torch.bfloat16 if use_bf16 else None, forward=ddp_model, compile=train["compile"],
-        compile_mode=train["compile_mode"],
-    )  # fmt: skip
+        model,
+        diffusion,
+        opt,
+        ema,
+        ema_decay=train.ema_decay,
+        grad_clip=train.grad_clip,
+        autocast_dtype=torch.bfloat16 if use_bf16 else None,
+        forward=ddp_model,
+        compile=train.compile,
+        compile_mode=train.compile_mode,
+    )
 
-    per_rank_batch = train["global_batch_size"] // world
+    per_rank_batch = train.global_batch_size // world
     loader = make_loader(
-        cfg["shards"], per_rank_batch, rank, world, seed=train["seed"], start_batch=start_step,
-        num_workers=train["loader_workers"],
-    )  # fmt: skip
+        job.shards,
+        per_rank_batch,
+        rank,
+        world,
+        seed=train.seed,
+        start_batch=start_step,
+        num_workers=train.loader_workers,
+    )
     batches = iter(loader)
     val_set = None
-    if rank == 0 and cfg.get("val_shards"):
+    if rank == 0 and job.val_shards:
         val_set = fixed_validation_set(
-            cfg["val_shards"], per_rank_batch, train["val_batches"], diffusion_config.num_timesteps, device
+            job.val_shards, per_rank_batch, train.val_batches, e.diffusion.num_timesteps, device
         )
-    logger = MetricLogger(cfg["tracking_uri"], cfg["mlflow_run_id"]) if rank == 0 else None
+    logger = MetricLogger(job.tracking_uri, job.mlflow_run_id) if rank == 0 else None
     if logger is not None:
-        set_status(cfg["tracking_uri"], cfg["mlflow_run_id"], "RUNNING")
-    peak = train["peak_tflops"] * 1e12 or (H200_BF16_PEAK_FLOPS if device.type == "cuda" else 0.0)
-    macs_per_image = forward_macs(model_config).total
-    milestones = set(train["milestone_steps"])
+        set_status(job.tracking_uri, job.mlflow_run_id, "RUNNING")
+    peak = train.peak_tflops * 1e12 or (H200_BF16_PEAK_FLOPS if device.type == "cuda" else 0.0)
+    milestones = set(train.milestone_steps)
 
     # --- the loop -----------------------------------------------------------------------------------------------
     window = {"loss": [], "mse": [], "vb": [], "grad_norm": []}
     window_start, window_steps = time.perf_counter(), 0
     last_loss = float("nan")
-    for step in range(start_step, train["steps"]):
-        torch.manual_seed(step_seed(train["seed"], rank, step))
+    for step in range(start_step, train.steps):
+        torch.manual_seed(step_seed(train.seed, rank, step))
         lr = learning_rate(step, train)
         for group in opt.param_groups:
             group["lr"] = lr
 
         z, y = next(batches)  # (B, C, h, w), (B,)
         z, y = z.to(device, non_blocking=True), y.to(device, non_blocking=True)
-        log_now = (step + 1) % train["log_every_steps"] == 0 or step + 1 == train["steps"]
+        log_now = (step + 1) % train.log_every_steps == 0 or step + 1 == train.steps
         out = train_step(z, y, measure_grad_norm=log_now)  # without clipping the norm is measured only to log it
         for key, value in out.items():
             window[key].append(value)
         window_steps += 1
         done = step + 1
 
-        ckpt_now = done % train["ckpt_every_steps"] == 0 or done in milestones or done == train["steps"]
-        report = {"step": done, "steps": train["steps"]}
+        ckpt_now = done % train.ckpt_every_steps == 0 or done in milestones or done == train.steps
+        report = {"step": done, "steps": train.steps}
         if log_now:
             local = torch.stack([torch.stack(window[k]).float().mean() for k in ("loss", "mse", "vb", "grad_norm")])
             gathered = [torch.zeros_like(local) for _ in range(world)]
@@ -207,7 +217,7 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
                 torch.cuda.synchronize(device)
             now = time.perf_counter()
             elapsed, window_start = now - window_start, now  # wall time, including the previous report/checkpoint
-            img_per_s = train["global_batch_size"] * window_steps / elapsed
+            img_per_s = train.global_batch_size * window_steps / elapsed
             last_loss = per_rank[:, 0].mean().item()
             metrics = {
                 "loss": last_loss,
@@ -219,13 +229,13 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
                 "step_time_s": elapsed / window_steps,
                 "peak_memory_gib": peak_memory_gib(device),
                 "epoch": done // loader.dataset.batches_per_epoch,
-                "images_seen": done * train["global_batch_size"],
+                "images_seen": done * train.global_batch_size,
             }
             if 1 < world <= 8:
                 metrics.update({f"loss_rank{r}": per_rank[r, 0].item() for r in range(world)})
             if peak:
-                metrics["mfu"] = 6 * macs_per_image * img_per_s / peak
-            if val_set is not None and (done % train["val_every_steps"] == 0 or done == train["steps"]):
+                metrics["mfu"] = train_mfu(model_config, img_per_s, peak)
+            if val_set is not None and (done % train.val_every_steps == 0 or done == train.steps):
                 metrics["val_loss"] = validation_loss(unwrap_model(model), diffusion, val_set, autocast)
                 metrics["val_loss_ema"] = validation_loss(ema, diffusion, val_set, autocast)
             if logger is not None:
@@ -235,23 +245,25 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
             window_steps = 0
 
         if done in milestones and rank == 0:
-            save_milestone(trial_dir, done, ema, saved_config)
+            save_milestone(layout, done, ema, saved_config)
         # One report per step at most: Ray Train hands reports to its controller through a queue of one, so a
         # second report right after the first would wait for the controller's next poll (~2 s).
         if ckpt_now and rank == 0:
             with tempfile.TemporaryDirectory() as folder:
                 save_checkpoint(
-                    f"{folder}/{CHECKPOINT_FILE}", model=model, ema=ema, optimizer=opt, step=done,
-                    config=saved_config, extra={"rng": {"torch": torch.get_rng_state()}},
-                )  # fmt: skip
+                    f"{folder}/{CHECKPOINT_FILE}",
+                    model=model,
+                    ema=ema,
+                    optimizer=opt,
+                    step=done,
+                    config=saved_config,
+                    extra={"rng": {"torch": torch.get_rng_state()}},
+                )
                 ray.train.report(report, checkpoint=ray.train.Checkpoint.from_directory(folder))
         elif ckpt_now or log_now:
             ray.train.report(report)
 
     # --- the end ------------------------------------------------------------------------------------------------
     if rank == 0:
-        write_json(
-            f"{trial_dir}/{DONE_FILE}",
-            {"step": train["steps"], "final_loss": last_loss, "finished_unix_s": time.time()},
-        )
-        set_status(cfg["tracking_uri"], cfg["mlflow_run_id"], "FINISHED")
+        layout.mark_done(train.steps, last_loss, time.time())
+        set_status(job.tracking_uri, job.mlflow_run_id, "FINISHED")

@@ -34,7 +34,7 @@ def mlflow_uri(tmp_path_factory):
 @pytest.fixture(scope="session")
 def smoke_workdir(ray_session, tmp_path_factory):
     """A workspace holding the smoke experiment's toy shards (train and validation)."""
-    from pipeline.config import load_experiment
+    from pipeline.experiment_files import load_experiment
     from pipeline.run import ensure_data
 
     workdir = str(tmp_path_factory.mktemp("work"))
@@ -44,8 +44,8 @@ def smoke_workdir(ray_session, tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def smoke_sweep(smoke_workdir, mlflow_uri):
-    """The smoke sweep (Ti/Mi x patch 4/8, 30 steps), run once per session: (experiment, outcomes)."""
-    from pipeline.config import load_experiment
+    """The smoke sweep (d2w64 and d4w128 x patch 4 and 8, 30 steps), run once per session: (experiment, outcomes)."""
+    from pipeline.experiment_files import load_experiment
     from pipeline.sweep import run_sweep
 
     experiment = load_experiment("smoke")

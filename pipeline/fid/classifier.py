@@ -1,10 +1,12 @@
 """A feature extractor for FID that needs no download: a small CNN classifier trained on the dataset's own images.
 
 Real runs use torch-fidelity's `inception-v3-compat` (weights from the network or a local file). Where nothing can
-be downloaded, the measurements in shared/reference/toy_feasibility.md found that random networks (Inception or
-CNN) are blind, while the penultimate features of a small classifier trained for ~25 s on the real images with
-Gaussian-noise augmentation order a noise ladder monotonically and punish mode collapse. Its FIDs are not
-comparable with Inception FIDs: runs record the extractor's name and weights hash next to every number.
+be downloaded, random networks are no substitute: measured on toy shapes, a randomly initialised Inception gives
+distances of about 1e-14 between real and noisy images, and a random CNN distances near 0 that miss mode collapse.
+The penultimate features of a small classifier trained for ~25 s on the real images with Gaussian-noise
+augmentation order a noise ladder monotonically (real + noise 0.15: 1414 < noise 0.4: 12744 < pure noise 49519)
+and punish mode collapse. Its FIDs are not comparable with Inception FIDs: runs record the extractor's name and
+weights hash next to every number.
 
 Registered with torch-fidelity as `ditscale-classifier`; features: "feat" (128-d, for FID/KID/PRC) and
 "logits_unbiased" (class logits, for the Inception Score).

@@ -10,11 +10,10 @@ from analysis.fits import FitError
 from analysis.loader import load_runs
 from analysis.report import analyze, summarize
 from pipeline import tracking
-from pipeline.config import load_experiment
-from pipeline.fid import run_fid
-
-FAST = ["fid.num_samples=200", "fid.sampler=ddim", "fid.sampling_steps=10", "fid.extractor=ditscale-classifier",
-        "fid.classifier_seconds=5", "fid.slice_size=50", "fid.batch_size=50"]  # fmt: skip
+from pipeline.analyze import analyze_experiment
+from pipeline.experiment_files import load_experiment
+from pipeline.fid.score import run_fid
+from tests.helpers import FAST_FID as FAST
 
 
 @pytest.fixture(scope="module")
@@ -29,8 +28,8 @@ def test_loader_builds_the_tidy_frame(scored, mlflow_uri):
     frame, curves, notes = load_runs(mlflow_uri, experiment.mlflow_experiment, sweep="smoke")
     assert len(frame) == 8  # 4 trials x milestones 15 and 30
     assert set(frame["preset"]) == {o.trial.preset for o in outcomes} and set(frame["step"]) == {15, 30}
-    row = frame[(frame["preset"] == "DiT-Mi/4") & (frame["step"] == 30)].iloc[0]
-    trial = next(o.trial for o in outcomes if o.trial.preset == "DiT-Mi/4")
+    row = frame[(frame["preset"] == "DiT-d4w128/4") & (frame["step"] == 30)].iloc[0]
+    trial = next(o.trial for o in outcomes if o.trial.preset == "DiT-d4w128/4")
     assert row["gflops"] == pytest.approx(trial.gflops) and row["params"] == trial.params
     assert row["compute_gmacs"] == pytest.approx(trial.gflops * 3 * 16 * 30)
     assert row["compute_flops"] == pytest.approx(2e9 * row["compute_gmacs"])
@@ -42,7 +41,12 @@ def test_analyze_writes_and_logs_everything(scored, smoke_workdir, mlflow_uri, t
     experiment, _ = scored
     exp_id = tracking.experiment_id(mlflow_uri, experiment.mlflow_experiment)
     parent = tracking.find_run(mlflow_uri, exp_id, {tracking.TAG_ROLE: "sweep", tracking.TAG_SWEEP: "smoke"})
-    summary = analyze(mlflow_uri, experiment.mlflow_experiment, str(tmp_path), None, parent.info.run_id, sweep="smoke")
+    logged_before = tracking.client(mlflow_uri).list_artifacts(parent.info.run_id)
+    alone = analyze(mlflow_uri, experiment.mlflow_experiment, str(tmp_path / "alone"), sweep="smoke")
+    assert alone["metrics"]["scaling_fid_gflops_b"] == alone["fid_vs_gflops"]["b"]
+    assert tracking.client(mlflow_uri).list_artifacts(parent.info.run_id) == logged_before  # the analysis only reads
+    summary = analyze_experiment(experiment, smoke_workdir, out=str(tmp_path))
+    assert summary["logged_to"] == parent.info.run_id and summary["out"] == str(tmp_path)
     out = capsys.readouterr().out
     assert summary["step"] == 30 and summary["presets"] == 4
     fit = summary["fid_vs_gflops"]
@@ -67,15 +71,28 @@ def test_analyze_writes_and_logs_everything(scored, smoke_workdir, mlflow_uri, t
 
 
 def test_degenerate_frames_give_messages_and_no_line():
-    base = {"run_name": "r", "size": "Ti", "params": 1, "global_batch_size": 16, "compute_gmacs": 1.0,
-            "compute_flops": 2e9, "loss": 0.5, "val_loss": 0.5, "final_loss": 0.5}  # fmt: skip
-    two = pd.DataFrame([{**base, "preset": p, "patch": 4, "gflops": g, "step": 10, "fid": f}
-                        for p, g, f in (("DiT-Ti/4", 0.1, 50.0), ("DiT-Ti/8", 0.05, 80.0))])  # fmt: skip
+    base = {
+        "run_name": "r",
+        "size": "d2w64",
+        "params": 1,
+        "global_batch_size": 16,
+        "compute_gmacs": 1.0,
+        "compute_flops": 2e9,
+        "loss": 0.5,
+        "val_loss": 0.5,
+        "final_loss": 0.5,
+    }
+    two = pd.DataFrame(
+        [
+            {**base, "preset": p, "patch": 4, "gflops": g, "step": 10, "fid": f}
+            for p, g, f in (("DiT-d2w64/4", 0.1, 50.0), ("DiT-d2w64/8", 0.05, 80.0))
+        ]
+    )
     summary = summarize(two, pd.DataFrame(), None)
     assert "at least 3 presets" in summary["fid_vs_gflops"]["skipped"] and "_fit" not in summary
-    same = pd.concat([two, two.assign(preset="DiT-Mi/4", fid=60.0)]).assign(gflops=0.1)
+    same = pd.concat([two, two.assign(preset="DiT-d4w128/4", fid=60.0)]).assign(gflops=0.1)
     assert "same x" in summarize(same, pd.DataFrame(), None)["fid_vs_gflops"]["skipped"]
-    nan = pd.concat([two, two.iloc[:1].assign(preset="DiT-Mi/4", gflops=0.3, fid=np.nan)])
+    nan = pd.concat([two, two.iloc[:1].assign(preset="DiT-d4w128/4", gflops=0.3, fid=np.nan)])
     assert "missing" in summarize(nan, pd.DataFrame(), None)["fid_vs_gflops"]["skipped"]
     with pytest.raises(FitError, match="no scored checkpoints"):
         summarize(two.iloc[:0], pd.DataFrame(), None)

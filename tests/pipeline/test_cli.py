@@ -31,7 +31,8 @@ def test_dry_run_plans_the_paper_grid_before_any_data_exists(tmp_path, capsys):
     assert xl2[2] == "674,834,720" and xl2[3] == "118.6"
     # train GPU-hours = 6 x MACs x batch x steps / (40% of 790 TFLOP/s), as the table's columns say
     assert float(xl2[-2]) == pytest.approx(6 * 118.62e9 * 256 * 400_000 / (0.4 * 790e12) / 3600, rel=1e-3)
-    assert "GPU-hours of training" in out and "latents assumed 4x32x32" in out
+    assert "GPU-hours of training" in out and "latents 4x32x32 (assumed: an SD-style VAE" in out
+    assert "1000 classes (assumed: ImageNet's 1000 classes)" in out and "run names are provisional" in out
     assert not (tmp_path / "runs").exists()  # planning writes nothing
 
 
@@ -43,14 +44,18 @@ def test_console_script_help():
 def test_toy_data_then_prepare_from_the_command_line(ray_session, tmp_path, capsys):
     assert main(["toy-data", str(tmp_path / "toy"), "--classes", "3", "--per-class", "4", "--resolution", "16"]) == 0
     assert "12 images of 3 classes" in capsys.readouterr().out
-    args = ["prepare", str(tmp_path / "toy"), str(tmp_path / "shards"), "--codec", "pixel", "--resolution", "16"]
-    assert main([*args, "--samples-per-shard", "5"]) == 0
+    args = ["prepare", str(tmp_path / "toy"), str(tmp_path / "shards"), "--set", "codec.kind=pixel", "resolution=16"]
+    assert main([*args, "samples_per_shard=5"]) == 0
     out = capsys.readouterr().out
     assert "3/3 shards" in out and "12 images, 0 skipped" in out
-    assert main([*args, "--samples-per-shard", "6"]) == 2  # another configuration in the same folder
+    assert main([*args, "samples_per_shard=6"]) == 2  # another configuration in the same folder
     assert "different configuration" in capsys.readouterr().err
-    assert main(["prepare", str(tmp_path / "missing"), str(tmp_path / "x"), "--codec", "pixel"]) == 2
+    assert main(["prepare", str(tmp_path / "missing"), str(tmp_path / "x"), "--set", "codec.kind=pixel"]) == 2
     assert "does not exist" in capsys.readouterr().err
+    assert main([*args, "codec.kind=png"]) == 2
+    assert "unknown codec 'png'" in capsys.readouterr().err
+    assert main([*args, "resolutoin=16"]) == 2
+    assert "unknown field 'resolutoin'" in capsys.readouterr().err
 
 
 def test_set_takes_several_overrides_at_once():

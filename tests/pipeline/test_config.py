@@ -1,63 +1,71 @@
-"""Experiment configuration: loading, overrides, files, validation errors, stable run names."""
+"""The experiment config: nested owner configs, files, `--set` overrides, moved paths, validation when built."""
 
 import json
+from dataclasses import fields
 
 import pytest
 
-from pipeline.config import (
-    ConfigError,
-    apply_overrides,
-    available_experiments,
-    expand_trials,
-    load_experiment,
-    validate_against_data,
-    validate_experiment,
-)
-
-MANIFEST = {
-    "latent_shape": [3, 16, 16],
-    "num_classes": 4,
-    "resolution": 16,
-    "total": 200,
-    "codec": {"kind": "pixel", "space_to_depth": 1, "latent_channels": 3, "scale_factor": 1.0, "stores_moments": False},
-    "source": {"listing_sha256": "abc", "num_files": 200, "root": "x"},
-}
+from dit_core.config import DiTConfig, DiTOptions
+from dit_core.diffusion import DiffusionConfig
+from pipeline.codecs import CodecConfig
+from pipeline.config import ConfigError, DataConfig, ExperimentConfig, TrainConfig
+from pipeline.experiment_files import MOVED, apply_overrides, available_experiments, load_experiment
+from pipeline.prepare import PrepareConfig
+from pipeline.toy import ToyDataConfig
 
 
-def test_shipped_experiments_are_valid():
-    assert {"quickstart", "paper_grid", "smoke"} <= set(available_experiments())
+def test_shipped_experiments_load():
+    assert {"quickstart", "paper_grid", "smoke", "toy_scaling"} <= set(available_experiments())
     for name in available_experiments():
-        validate_experiment(load_experiment(name))
+        assert isinstance(load_experiment(name), ExperimentConfig)
+
+
+def test_the_experiment_nests_its_owners_configs():
+    e = ExperimentConfig()
+    assert type(e.model) is DiTOptions and type(e.diffusion) is DiffusionConfig
+    assert type(e.data.prepare) is PrepareConfig and type(e.data.prepare.codec) is CodecConfig
+    assert type(e.data.toy) is ToyDataConfig
+    # a model option is declared once, in dit_core, and every DiTConfig has it
+    assert {f.name for f in fields(DiTOptions)} <= {f.name for f in fields(DiTConfig)}
+    assert not {f.name for f in fields(TrainConfig)} & {f.name for f in fields(DiffusionConfig)}
 
 
 def test_paper_grid_is_the_papers_recipe():
     e = load_experiment("paper_grid")
-    t = e.train
+    t, d = e.train, e.diffusion
     assert (t.global_batch_size, t.lr, t.steps, t.ema_decay, t.weight_decay) == (256, 1e-4, 400_000, 0.9999, 0.0)
-    assert (t.prediction, t.learn_sigma, t.loss, t.grad_clip, t.lr_schedule) == ("eps", True, "hybrid", 0.0, "constant")
-    paper_manifest = {**MANIFEST, "latent_shape": [4, 32, 32], "num_classes": 1000, "resolution": 256,
-                      "codec": {"kind": "vae"}}  # fmt: skip
-    trials = expand_trials(e, paper_manifest)
-    assert [t.preset for t in trials] == [f"DiT-{s}/{p}" for s in ("S", "B", "L", "XL") for p in (2, 4, 8)]
-    assert round(trials[-3].gflops, 2) == 118.62 and trials[-3].params == 674_834_720
+    assert (d.prediction, d.learn_sigma, d.loss, d.schedule) == ("eps", True, "hybrid", "linear")
+    assert (t.grad_clip, t.lr_schedule, e.model.class_dropout_prob) == (0.0, "constant", 0.1)
+    assert e.analysis.reference == "dit-table4"
 
 
-def test_toy_scaling_is_a_six_point_study_with_the_x0_objective():
-    e = load_experiment("toy_scaling")
-    assert (e.train.prediction, e.train.learn_sigma, e.train.loss) == ("x0", False, "mse")
-    assert (e.data.toy_style, e.data.toy_classes) == ("simple", 5) and len(e.train.milestone_steps) >= 2
-    trials = sorted(expand_trials(e, {**MANIFEST, "num_classes": 5}), key=lambda t: t.gflops)
-    assert len(trials) == 6 and len({t.size for t in trials}) == 3 and len({t.patch for t in trials}) == 2
-    # size-major order: every preset of a larger size costs more than every preset of a smaller one
-    assert [t.preset for t in trials] == [f"DiT-{s}/{p}" for s in ("Femto", "Mini", "Nano") for p in (4, 2)]
-    assert trials[-1].gflops / trials[0].gflops > 100
-
-
-def test_overrides():
-    e = load_experiment("smoke", ["train.lr=3e-4", "grid.presets=[DiT-Ti/4]", "train.adam_betas=[0.9, 0.95]"])
-    assert e.train.lr == 3e-4 and e.grid.presets == ("DiT-Ti/4",) and e.train.adam_betas == (0.9, 0.95)
+def test_overrides_follow_the_nesting():
+    e = load_experiment(
+        "smoke",
+        [
+            "train.lr=3e-4",
+            "grid.presets=[DiT-d2w64/4]",
+            "train.adam_betas=[0.9, 0.95]",
+            "data.prepare.codec.space_to_depth=2",
+            "data.toy.style=simple",
+            "model.mlp_ratio=2",
+        ],
+    )
+    assert e.train.lr == 3e-4 and e.grid.presets == ("DiT-d2w64/4",) and e.train.adam_betas == (0.9, 0.95)
+    assert e.data.prepare.codec.space_to_depth == 2 and e.data.toy.style == "simple" and e.model.mlp_ratio == 2.0
     assert apply_overrides(e, ["data.val_shards=null"]).data.val_shards is None
     assert apply_overrides(e, ["train.ema_decay=1"]).train.ema_decay == 1.0  # int accepted for a float field
+
+
+def test_fields_that_must_change_together_can():
+    e = load_experiment("smoke", ["diffusion.learn_sigma=false", "diffusion.loss=mse", "diffusion.prediction=v"])
+    assert (e.diffusion.learn_sigma, e.diffusion.loss, e.diffusion.prediction) == (False, "mse", "v")
+
+
+@pytest.mark.parametrize("old, new", sorted(MOVED.items()))
+def test_an_old_path_names_the_new_one(old, new):
+    with pytest.raises(ConfigError, match=f"{old} is now {new}"):
+        load_experiment("smoke", [f"{old}=1"])
 
 
 @pytest.mark.parametrize(
@@ -71,6 +79,7 @@ def test_overrides():
         ("fid.compile=auto", "fid.compile: expected true/false"),
         ("train.adam_betas=[1, 2, 3]", "expected 2 values"),
         ("grid=3", "must be a mapping"),
+        ("data.prepare.codec=pixel", "data.prepare.codec must be a mapping"),
     ],
 )
 def test_malformed_overrides(override, message):
@@ -81,41 +90,50 @@ def test_malformed_overrides(override, message):
 @pytest.mark.parametrize(
     "overrides, message",
     [
-        (["grid.presets=[DiT-XXL/2]"], "unknown preset 'DiT-XXL/2'"),
+        (["grid.presets=[DiT-XXL/2]"], "unknown DiT preset 'DiT-XXL/2'"),
+        (["grid.presets=[DiT-Ti/4]"], "now called 'd2w64'.*'DiT-d2w64/4'"),
         (["train.global_batch_size=15", "resources.workers_per_trial=2"], "not divisible by resources.workers_per"),
         (["train.milestone_steps=[10, 99]"], r"milestone_steps \[99\] lie outside"),
         (["train.steps=0"], "train.steps must be positive"),
-        (["train.prediction=score"], "unknown prediction"),
-        (["train.learn_sigma=false"], "hybrid"),
+        (["diffusion.prediction=score"], "diffusion: unknown prediction"),
+        (["diffusion.learn_sigma=false"], "diffusion: .*hybrid"),
         (["train.precision=fp8"], "train.precision"),
-        (["grid.presets=[DiT-Ti/4, DiT-Ti/4]"], "twice"),
+        (["grid.presets=[DiT-d2w64/4, DiT-d2w64/4]"], "twice"),
         (["train.compile_mode=fastest"], "train.compile_mode must be one of default, reduce-overhead"),
+        (["model.class_dropout_prob=1.5"], r"model: class_dropout_prob must be in \[0, 1\)"),
+        (["data.prepare.codec.kind=jpeg"], "data.prepare.codec: unknown codec 'jpeg'"),
+        (["data.toy.num_classes=11"], "data.toy: num_classes must be an integer in 1..10"),
+        (["data.prepare.resolution=32"], "data.toy.resolution 16 is below data.prepare.resolution 32"),
+        (["fid.labels=some"], "fid.labels"),
+        (["fid.classifier_steps=-1"], "classifier_steps"),
+        (["name=a/b"], "name 'a/b' must be"),
+        (["analysis.reference=table9"], "analysis.reference must be one of"),
     ],
 )
-def test_invalid_values_fail_before_any_trial(overrides, message):
+def test_invalid_values_are_refused_when_the_experiment_is_built(overrides, message):
     with pytest.raises(ConfigError, match=message):
-        validate_experiment(load_experiment("smoke", overrides))
+        load_experiment("smoke", overrides)
 
 
-def test_data_mismatches():
-    e = load_experiment("smoke")
-    with pytest.raises(ConfigError, match="made with the 'pixel' codec but the experiment expects 'vae'"):
-        validate_against_data(load_experiment("smoke", ["data.codec=vae"]), MANIFEST, "shards/x")
-    with pytest.raises(ConfigError, match="are at 16 px but the experiment expects 32 px"):
-        validate_against_data(load_experiment("smoke", ["data.resolution=32"]), MANIFEST, "shards/x")
-    odd = {**MANIFEST, "latent_shape": [3, 12, 12]}
-    with pytest.raises(ConfigError, match="patch size 8 does not divide the 12x12 latents"):
-        validate_against_data(e, odd, "shards/x")
-    with pytest.raises(ConfigError, match="fewer than one global batch"):
-        validate_against_data(load_experiment("smoke", ["train.global_batch_size=256"]), MANIFEST, "shards/x")
+def test_a_section_checks_itself_when_constructed():
+    with pytest.raises(ConfigError, match="train.lr_schedule"):
+        TrainConfig(lr_schedule="linear")
+    with pytest.raises(ConfigError, match="data.toy.resolution"):
+        DataConfig(source="toy", toy=ToyDataConfig(resolution=16), prepare=PrepareConfig(resolution=32))
+    with pytest.raises(ValueError, match="hybrid"):
+        DiffusionConfig(learn_sigma=False)
 
 
 def test_experiment_files(tmp_path):
     path = tmp_path / "mine.yaml"
-    path.write_text("extends: smoke\ntrain:\n  lr: 0.002\n  steps: 40\ngrid:\n  presets: [DiT-Ti/4]\n")
+    path.write_text(
+        "extends: smoke\ntrain:\n  lr: 0.002\n  steps: 40\ngrid:\n  presets: [DiT-d2w64/4]\n"
+        "diffusion:\n  prediction: x0\n  learn_sigma: false\n  loss: mse\n"
+    )
     e = load_experiment(str(path))
-    assert e.name == "smoke" and e.train.lr == 0.002 and e.train.steps == 40 and e.grid.presets == ("DiT-Ti/4",)
-    (tmp_path / "plain.json").write_text(json.dumps({"name": "plain", "train": {"steps": 7}}))
+    assert e.name == "smoke" and e.train.lr == 0.002 and e.train.steps == 40 and e.grid.presets == ("DiT-d2w64/4",)
+    assert e.diffusion.prediction == "x0"
+    (tmp_path / "plain.json").write_text(json.dumps({"name": "plain", "train": {"steps": 7, "milestone_steps": []}}))
     assert load_experiment(str(tmp_path / "plain.json")).train.steps == 7
     (tmp_path / "bad.yaml").write_text("train: [1, 2\n")
     with pytest.raises(ConfigError, match="cannot parse experiment file"):
@@ -123,18 +141,10 @@ def test_experiment_files(tmp_path):
     (tmp_path / "typo.yaml").write_text("trian:\n  lr: 1\n")
     with pytest.raises(ConfigError, match="unknown field 'trian'"):
         load_experiment(str(tmp_path / "typo.yaml"))
+    (tmp_path / "old.yaml").write_text("extends: smoke\ntrain:\n  prediction: x0\n")
+    with pytest.raises(ConfigError, match="old.yaml: train.prediction is now diffusion.prediction"):
+        load_experiment(str(tmp_path / "old.yaml"))
     with pytest.raises(ConfigError, match="does not exist"):
         load_experiment(str(tmp_path / "missing.yaml"))
     with pytest.raises(ConfigError, match="unknown experiment 'nope'"):
         load_experiment("nope")
-
-
-def test_run_names_are_stable_and_follow_the_trajectory():
-    base = expand_trials(load_experiment("smoke"), MANIFEST)
-    again = expand_trials(load_experiment("smoke"), MANIFEST)
-    assert [t.run_name for t in base] == [t.run_name for t in again]
-    assert len({t.run_name for t in base}) == 4 and base[0].run_name.startswith("Ti_4-")
-    longer = expand_trials(load_experiment("smoke", ["train.steps=60", "train.milestone_steps=[60]"]), MANIFEST)
-    assert [t.run_name for t in longer] == [t.run_name for t in base]  # more steps continue the same runs
-    other_lr = expand_trials(load_experiment("smoke", ["train.lr=0.01"]), MANIFEST)
-    assert not {t.run_name for t in other_lr} & {t.run_name for t in base}

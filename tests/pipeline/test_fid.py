@@ -11,25 +11,16 @@ import torch
 from scipy import linalg
 
 from pipeline import tracking
-from pipeline.config import ConfigError, FidConfig, load_experiment
-from pipeline.data import load_manifest
-from pipeline.fid import (
-    SamplerPool,
-    SliceSampler,
-    frechet_distance,
-    generate,
-    make_extractor,
-    real_images,
-    reference_statistics,
-    run_fid,
-    sample_labels,
-    sample_slice,
-    score_checkpoint,
-    statistics,
-)
-
-FAST = ["fid.num_samples=200", "fid.sampler=ddim", "fid.sampling_steps=10", "fid.extractor=ditscale-classifier",
-        "fid.classifier_seconds=5", "fid.slice_size=50", "fid.batch_size=50"]  # fmt: skip
+from pipeline.config import ConfigError, FidConfig
+from pipeline.experiment_files import load_experiment
+from pipeline.fid import reference
+from pipeline.fid.classifier import held_out_accuracy, train_classifier
+from pipeline.fid.reference import extractor_weights, make_extractor, real_images, reference_statistics, statistics
+from pipeline.fid.sampling import SamplerPool, SliceSampler, generate, sample_labels
+from pipeline.fid.score import frechet_distance, run_fid, score_checkpoint
+from pipeline.layout import Workspace
+from pipeline.manifest import Manifest
+from tests.helpers import FAST_FID as FAST
 
 
 def scipy_fid(a: np.ndarray, b: np.ndarray) -> float:
@@ -66,20 +57,20 @@ def fast_smoke(smoke_sweep, smoke_workdir):
 
 
 def milestone(smoke_workdir, outcome, step):
-    return str(Path(smoke_workdir) / "runs" / "smoke" / outcome.trial.run_name / "milestones" / f"ema-{step:07d}.pt")
+    return Workspace(smoke_workdir).trial("smoke", outcome.trial.run_name).milestones()[step]
 
 
 def test_same_samples_whatever_the_number_of_workers(fast_smoke, smoke_workdir):
     experiment, outcomes = fast_smoke
-    manifest = load_manifest(f"{smoke_workdir}/shards/smoke")
+    manifest = Manifest.load(f"{smoke_workdir}/shards/smoke")
     path = milestone(smoke_workdir, outcomes[0], 30)
     fid = replace(experiment.fid, num_samples=120, slice_size=40)
-    one = generate(path, manifest["codec"], fid, workers=1, progress=False)
-    two = generate(path, manifest["codec"], fid, workers=2, progress=False)
+    one = generate(path, manifest.codec, fid, workers=1, progress=False)
+    two = generate(path, manifest.codec, fid, workers=2, progress=False)
     assert one.shape == (120, 16, 16, 3) and one.dtype == np.uint8
     np.testing.assert_array_equal(one, two)
     # slice 1 drawn on its own, in this process, is the same as in the pool
-    alone = sample_slice(path, manifest["codec"], asdict(fid), 1, 40)
+    alone = SliceSampler(manifest.codec).sample(path, fid, 1, 40)
     np.testing.assert_array_equal(alone, one[40:80])
     m1, _, _ = score_checkpoint(path, manifest, experiment.fid, smoke_workdir, workers=1, progress=False)
     m2, _, _ = score_checkpoint(path, manifest, experiment.fid, smoke_workdir, workers=2, progress=False)
@@ -88,13 +79,13 @@ def test_same_samples_whatever_the_number_of_workers(fast_smoke, smoke_workdir):
 
 def test_the_pool_reads_each_checkpoint_once_per_actor(fast_smoke, smoke_workdir):
     experiment, outcomes = fast_smoke
-    manifest = load_manifest(f"{smoke_workdir}/shards/smoke")
+    manifest = Manifest.load(f"{smoke_workdir}/shards/smoke")
     fid = replace(experiment.fid, num_samples=60, slice_size=10)  # 6 slices per checkpoint
     paths = [milestone(smoke_workdir, outcomes[0], 15), milestone(smoke_workdir, outcomes[0], 30)]
-    with SamplerPool(manifest["codec"], fid, workers=2) as pool:
-        first = [generate(p, manifest["codec"], fid, progress=False, pool=pool) for p in paths]
+    with SamplerPool(manifest.codec, fid, workers=2) as pool:
+        first = [generate(p, manifest.codec, fid, progress=False, pool=pool) for p in paths]
         assert sum(pool.loads()) <= 2 * len(paths)  # not once per slice (that would be 12)
-        again = generate(paths[0], manifest["codec"], fid, progress=False, pool=pool)
+        again = generate(paths[0], manifest.codec, fid, progress=False, pool=pool)
     np.testing.assert_array_equal(again, first[0])  # a model reloaded into the same actor gives the same images
     assert not np.array_equal(first[0], first[1])  # the second checkpoint's weights were really loaded
 
@@ -103,15 +94,15 @@ def test_slices_go_only_to_actors_that_have_started(fast_smoke, smoke_workdir):
     """With more actors than free CPUs (as when training trials hold the GPUs), the stage finishes on those that
     started instead of waiting on an actor that cannot be placed."""
     experiment, outcomes = fast_smoke
-    manifest = load_manifest(f"{smoke_workdir}/shards/smoke")
+    manifest = Manifest.load(f"{smoke_workdir}/shards/smoke")
     fid = replace(experiment.fid, num_samples=40, slice_size=10)
     path = milestone(smoke_workdir, outcomes[0], 30)
 
     out = {}
-    with SamplerPool(manifest["codec"], fid, workers=3) as pool:  # the test session's Ray has 2 CPUs
+    with SamplerPool(manifest.codec, fid, workers=3) as pool:  # the test session's Ray has 2 CPUs
 
         def draw():
-            out["images"] = generate(path, manifest["codec"], fid, progress=False, pool=pool)
+            out["images"] = generate(path, manifest.codec, fid, progress=False, pool=pool)
 
         worker = threading.Thread(target=draw, daemon=True)
         worker.start()
@@ -119,16 +110,16 @@ def test_slices_go_only_to_actors_that_have_started(fast_smoke, smoke_workdir):
         assert not worker.is_alive(), "a slice waited on an actor that never started"
         assert 1 <= len(pool.ready) <= 2  # the third cannot be placed; the second may start after the last slice
     images = out["images"]
-    np.testing.assert_array_equal(images, generate(path, manifest["codec"], fid, workers=1, progress=False))
+    np.testing.assert_array_equal(images, generate(path, manifest.codec, fid, workers=1, progress=False))
 
 
 @pytest.mark.filterwarnings("ignore::UserWarning")
 def test_compiled_sampling_matches_eager(fast_smoke, smoke_workdir):
     """fid.compile (the default on a GPU) gives the eager images up to rounding of a few pixel levels."""
     experiment, outcomes = fast_smoke
-    manifest = load_manifest(f"{smoke_workdir}/shards/smoke")
-    fid = asdict(replace(experiment.fid, sampling_steps=3))
-    eager_sampler, compiled_sampler = SliceSampler(manifest["codec"]), SliceSampler(manifest["codec"], compile=True)
+    manifest = Manifest.load(f"{smoke_workdir}/shards/smoke")
+    fid = replace(experiment.fid, sampling_steps=3)
+    eager_sampler, compiled_sampler = SliceSampler(manifest.codec), SliceSampler(manifest.codec, compile=True)
     architectures = set()
     for outcome in (outcomes[0], outcomes[-1]):  # two architectures through the same compiled sampler
         path = milestone(smoke_workdir, outcome, 30)
@@ -145,14 +136,13 @@ def test_compiled_sampling_matches_eager(fast_smoke, smoke_workdir):
 def test_reference_statistics_are_computed_once(fast_smoke, smoke_workdir):
     experiment, _ = fast_smoke
     fid = replace(experiment.fid, reference_images=150)  # a key of its own
-    manifest = load_manifest(f"{smoke_workdir}/shards/smoke")
-    from pipeline.fid import extractor_weights
+    manifest = Manifest.load(f"{smoke_workdir}/shards/smoke")
 
     weights = extractor_weights(fid, manifest, smoke_workdir)
     extractor = make_extractor(fid, weights, False, ["feat"])
     first, feats = reference_statistics(fid, manifest, smoke_workdir, weights, extractor, False)
     assert feats is not None  # computed now
-    cache = list((Path(smoke_workdir) / "fid" / "reference").glob("*.npz"))
+    cache = list(Workspace(smoke_workdir).fid_reference.glob("*.npz"))
     stamps = {p: p.stat().st_mtime_ns for p in cache}
     again, feats = reference_statistics(fid, manifest, smoke_workdir, weights, extractor, False)
     assert feats is None  # from the cache
@@ -161,17 +151,15 @@ def test_reference_statistics_are_computed_once(fast_smoke, smoke_workdir):
 
 
 def test_kid_and_prc_embed_the_real_images_once_per_process(fast_smoke, smoke_workdir, monkeypatch):
-    from pipeline import fid as fid_module
-
     experiment, outcomes = fast_smoke
     fid = replace(experiment.fid, metrics=("fid", "kid", "prc"), reference_images=120)  # a reference key of its own
-    manifest = load_manifest(f"{smoke_workdir}/shards/smoke")
-    fid_module.extractor_weights(fid, manifest, smoke_workdir)  # the classifier extractor, trained beforehand
+    manifest = Manifest.load(f"{smoke_workdir}/shards/smoke")
+    extractor_weights(fid, manifest, smoke_workdir)  # the classifier extractor, trained beforehand
     loads = []
-    original = fid_module.real_images
-    monkeypatch.setattr(fid_module, "real_images", lambda *a, **k: loads.append(1) or original(*a, **k))
+    original = reference.real_images
+    monkeypatch.setattr(reference, "real_images", lambda *a, **k: loads.append(1) or original(*a, **k))
     scores = []
-    with SamplerPool(manifest["codec"], fid, workers=2) as pool:
+    with SamplerPool(manifest.codec, fid, workers=2) as pool:
         for step in (15, 30):
             path = milestone(smoke_workdir, outcomes[0], step)
             scores.append(score_checkpoint(path, manifest, fid, smoke_workdir, progress=False, pool=pool)[0])
@@ -203,9 +191,9 @@ def test_a_trained_model_scores_better_later(smoke_workdir, ray_session):
     from dit_core import DiffusionConfig, DiT, GaussianDiffusion, create_ema, save_checkpoint, update_ema
     from pipeline.data import make_loader
 
-    manifest = load_manifest(f"{smoke_workdir}/shards/smoke")
+    manifest = Manifest.load(f"{smoke_workdir}/shards/smoke")
     torch.manual_seed(0)
-    model = DiT.from_preset("DiT-Mi/4", input_size=16, in_channels=3, num_classes=4)
+    model = DiT.from_preset("DiT-d4w128/4", input_size=16, in_channels=3, num_classes=4)
     ema, diffusion = create_ema(model), GaussianDiffusion(DiffusionConfig())
     opt = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=0)
     batches = iter(make_loader(f"{smoke_workdir}/shards/smoke", 32, num_workers=0))
@@ -219,8 +207,9 @@ def test_a_trained_model_scores_better_later(smoke_workdir, ray_session):
         opt.step()
         update_ema(ema, model, 0.95)
         if step in (10, 400):
-            paths[step] = save_checkpoint(Path(smoke_workdir) / "own" / f"ema-{step}.pt", model=ema, step=step,
-                                          config=config)  # fmt: skip
+            paths[step] = save_checkpoint(
+                Path(smoke_workdir) / "own" / f"ema-{step}.pt", model=ema, step=step, config=config
+            )
     fid = load_experiment("smoke", FAST).fid
     early, _, _ = score_checkpoint(str(paths[10]), manifest, fid, smoke_workdir, progress=False)
     late, _, _ = score_checkpoint(str(paths[400]), manifest, fid, smoke_workdir, progress=False)
@@ -231,12 +220,10 @@ def test_a_trained_model_scores_better_later(smoke_workdir, ray_session):
 def test_class_accuracy_judges_each_sample_by_its_own_label(fast_smoke, smoke_workdir, monkeypatch, labels):
     """Stand real images in for the samples, in the order of the labels the sampler conditions on: the classifier
     must find them right about as often as on its held-out images; with every label off by one, rarely."""
-    import pipeline.fid as fid_module
-    from pipeline.fid import extractor_weights
-    from pipeline.fid_extractors import held_out_accuracy
+    from pipeline.fid import sampling
 
     experiment, outcomes = fast_smoke
-    manifest = load_manifest(f"{smoke_workdir}/shards/smoke")
+    manifest = Manifest.load(f"{smoke_workdir}/shards/smoke")
     fid = replace(experiment.fid, labels=labels, num_samples=240, slice_size=70)  # a ragged last slice
     images, real_labels = real_images(manifest)
     wanted = sample_labels(fid, 4)
@@ -244,7 +231,7 @@ def test_class_accuracy_judges_each_sample_by_its_own_label(fast_smoke, smoke_wo
     rng = np.random.default_rng(0)
     for shift, check in ((0, lambda acc, ceiling: acc >= ceiling - 0.15), (1, lambda acc, _: acc < 0.4)):
         picks = [rng.choice(np.flatnonzero(real_labels == (label + shift) % 4)) for label in wanted]
-        monkeypatch.setattr(fid_module, "generate", lambda *args, chosen=images[picks], **kw: chosen)
+        monkeypatch.setattr(sampling, "generate", lambda *args, chosen=images[picks], **kw: chosen)
         path = milestone(smoke_workdir, outcomes[0], 30)
         metrics, _, facts = score_checkpoint(path, manifest, fid, smoke_workdir, progress=False)
         ceiling = float(facts["fid.classifier_real_accuracy"])
@@ -255,10 +242,8 @@ def test_class_accuracy_judges_each_sample_by_its_own_label(fast_smoke, smoke_wo
 def test_a_step_budget_gives_the_same_extractor_on_every_run(smoke_workdir, tmp_path):
     """A time budget trains as many steps as the machine manages; `classifier_steps` makes the extractor (and so
     every FID) reproducible across machines, under a cache key of its own."""
-    from pipeline.fid import extractor_weights
-    from pipeline.fid_extractors import train_classifier
 
-    manifest = load_manifest(f"{smoke_workdir}/shards/smoke")
+    manifest = Manifest.load(f"{smoke_workdir}/shards/smoke")
     images, labels = real_images(manifest)
     facts = [train_classifier(images, labels, tmp_path / f"c{i}.pt", steps=12) for i in range(2)]
     assert facts[0]["steps"] == facts[1]["steps"] == 12
@@ -273,25 +258,23 @@ def test_a_step_budget_gives_the_same_extractor_on_every_run(smoke_workdir, tmp_
 
 def test_bad_inputs_give_clear_errors(fast_smoke, smoke_workdir, tmp_path):
     experiment, outcomes = fast_smoke
-    manifest = load_manifest(f"{smoke_workdir}/shards/smoke")
+    manifest = Manifest.load(f"{smoke_workdir}/shards/smoke")
     path = milestone(smoke_workdir, outcomes[0], 30)
     with pytest.raises(FileNotFoundError, match="does not exist"):
         score_checkpoint(str(tmp_path / "nope.pt"), manifest, experiment.fid, smoke_workdir, progress=False)
-    other = {**manifest, "latent_shape": [4, 32, 32]}
+    other = replace(manifest, latent_shape=(4, 32, 32))
     with pytest.raises(ValueError, match="latents are 4x32x32"):
         score_checkpoint(path, other, experiment.fid, smoke_workdir, progress=False)
     with pytest.raises(ValueError, match="rank-deficient covariance"):
         score_checkpoint(path, manifest, replace(experiment.fid, num_samples=100), smoke_workdir, progress=False)
     np.savez(tmp_path / "ref.npz", mu=np.zeros(2048), sigma=np.eye(2048))
     with pytest.raises(ValueError, match="2048-d statistics"):
-        score_checkpoint(path, manifest, replace(experiment.fid, reference_npz=str(tmp_path / "ref.npz")),
-                         smoke_workdir, progress=False)  # fmt: skip
+        score_checkpoint(
+            path,
+            manifest,
+            replace(experiment.fid, reference_npz=str(tmp_path / "ref.npz")),
+            smoke_workdir,
+            progress=False,
+        )
     with pytest.raises(ConfigError, match="classifier_steps"):
-        from pipeline.config import validate_experiment
-
-        validate_experiment(load_experiment("smoke", ["fid.classifier_steps=-1"]))
-    with pytest.raises(ConfigError, match="fid.labels"):
-        from pipeline.config import validate_experiment
-
-        validate_experiment(load_experiment("smoke", ["fid.labels=some"]))
-    assert isinstance(FidConfig(), FidConfig)
+        FidConfig(classifier_steps=-1, classifier_seconds=0)

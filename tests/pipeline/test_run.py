@@ -4,17 +4,28 @@ import json
 from pathlib import Path
 
 from pipeline import tracking
-from pipeline.config import load_experiment
+from pipeline.experiment_files import load_experiment
 from pipeline.run import run_all
 
 MINI = [
-    "name=quickstart-mini", "data.shards=shards/qs-mini", "data.val_shards=shards/qs-mini-val",
-    "data.toy_classes=4", "data.toy_per_class=40", "data.toy_val_per_class=4", "data.samples_per_shard=80",
-    "train.global_batch_size=16", "train.steps=20", "train.milestone_steps=[10, 20]", "train.ckpt_every_steps=10",
+    "name=quickstart-mini",
+    "data.shards=shards/qs-mini",
+    "data.val_shards=shards/qs-mini-val",
+    "data.toy.num_classes=4",
+    "data.toy.per_class=40",
+    "data.toy_val_per_class=4",
+    "data.prepare.samples_per_shard=80",
+    "train.global_batch_size=16",
+    "train.steps=20",
+    "train.milestone_steps=[10, 20]",
+    "train.ckpt_every_steps=10",
     "train.log_every_steps=5",
-    "train.val_every_steps=10", "fid.num_samples=150", "fid.classifier_seconds=3", "fid.slice_size=75",
+    "train.val_every_steps=10",
+    "fid.num_samples=150",
+    "fid.classifier_seconds=3",
+    "fid.slice_size=75",
     "fid.batch_size=75",
-]  # fmt: skip
+]
 
 
 def test_run_chains_every_stage_and_resumes(ray_session, mlflow_uri, tmp_path, capsys):

@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 
 from pipeline import tracking
-from pipeline.config import load_experiment
-from pipeline.sweep import plan_sweep, run_sweep
-from pipeline.train import DONE_FILE, MILESTONE_DIR
+from pipeline.experiment_files import load_experiment
+from pipeline.plan import plan_sweep
+from pipeline.sweep import run_sweep
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -28,13 +28,15 @@ def smoke(smoke_sweep):
 def test_smoke_sweep_runs_every_trial_to_the_end(smoke, smoke_workdir, mlflow_uri):
     experiment, outcomes = smoke
     assert [o.status for o in outcomes] == ["done"] * 4
-    assert {o.trial.preset for o in outcomes} == {"DiT-Ti/4", "DiT-Ti/8", "DiT-Mi/4", "DiT-Mi/8"}
+    assert {o.trial.preset for o in outcomes} == {"DiT-d2w64/4", "DiT-d2w64/8", "DiT-d4w128/4", "DiT-d4w128/8"}
     plan = plan_sweep(experiment, smoke_workdir)
     for o in outcomes:
-        trial_dir = Path(plan.trial_dir(o.trial))
-        assert json.loads((trial_dir / DONE_FILE).read_text())["step"] == 30
-        assert sorted(p.name for p in (trial_dir / MILESTONE_DIR).iterdir()) == ["ema-0000015.pt", "ema-0000030.pt"]
-        assert len(glob.glob(str(trial_dir / "checkpoint_*" / "checkpoint.pt"))) == experiment.train.keep_checkpoints
+        layout = plan.layout(o.trial)
+        assert layout.done_step() == 30 and layout.status(30) == "done"
+        milestones = layout.milestones()
+        assert sorted(milestones) == [15, 30] and all(Path(p).is_file() for p in milestones.values())
+        assert Path(milestones[30]).name == "ema-0000030.pt"
+        assert len(glob.glob(f"{layout.root}/checkpoint_*/checkpoint.pt")) == experiment.train.keep_checkpoints
 
 
 def test_mlflow_has_one_parent_and_a_child_per_trial(smoke, mlflow_uri):
@@ -53,8 +55,18 @@ def test_mlflow_has_one_parent_and_a_child_per_trial(smoke, mlflow_uri):
         assert p["train.lr"] == "0.001" and p["model.hidden_size"] in ("64", "128") and p["preset"].startswith("DiT-")
         assert float(p["gflops"]) > 0 and int(p["params"]) > 0 and "eps" in p["objective"]
         metrics = child.data.metrics
-        for key in ("loss", "mse", "vb", "grad_norm", "lr", "img_per_s", "step_time_s", "peak_memory_gib",
-                    "val_loss", "val_loss_ema"):  # fmt: skip
+        for key in (
+            "loss",
+            "mse",
+            "vb",
+            "grad_norm",
+            "lr",
+            "img_per_s",
+            "step_time_s",
+            "peak_memory_gib",
+            "val_loss",
+            "val_loss_ema",
+        ):
             assert key in metrics, key
         history = tracking.metric_history(mlflow_uri, child.info.run_id, "loss")
         assert [s for s, _ in history] == [5, 10, 15, 20, 25, 30]
@@ -81,17 +93,24 @@ def test_killed_worker_is_replaced_and_the_trial_finishes(smoke_workdir, mlflow_
     """SIGKILL the Ray Train worker after its first checkpoint: Train restarts it from that checkpoint."""
     experiment = load_experiment(
         "smoke",
-        ["name=smoke-kill", "grid.presets=[DiT-Mi/4]", "train.steps=160", "train.ckpt_every_steps=20",
-         "train.log_every_steps=10", "train.milestone_steps=[160]", "train.global_batch_size=32"],
-    )  # fmt: skip
-    trial = plan_sweep(experiment, smoke_workdir).trials[0]
-    trial_dir = Path(plan_sweep(experiment, smoke_workdir).trial_dir(trial))
+        [
+            "name=smoke-kill",
+            "grid.presets=[DiT-d4w128/4]",
+            "train.steps=160",
+            "train.ckpt_every_steps=20",
+            "train.log_every_steps=10",
+            "train.milestone_steps=[160]",
+            "train.global_batch_size=32",
+        ],
+    )
+    layout = plan_sweep(experiment, smoke_workdir).layout(plan_sweep(experiment, smoke_workdir).trials[0])
+    trial_dir = Path(layout.root)
     killed = {}
 
     def killer():
         deadline = time.time() + 240
         while time.time() < deadline:
-            info = trial_dir / "workers" / "rank0.json"
+            info = Path(layout.worker_file(0))
             snapshot = trial_dir / "checkpoint_manager_snapshot.json"  # written once Train has registered one
             if info.exists() and snapshot.exists() and "checkpoint_" in snapshot.read_text():
                 pid = json.loads(info.read_text())["pid"]
@@ -106,7 +125,7 @@ def test_killed_worker_is_replaced_and_the_trial_finishes(smoke_workdir, mlflow_
     thread.join(timeout=5)
     assert "pid" in killed, "the worker was never killed"
     assert outcomes[0].status == "done" and outcomes[0].step == 160
-    restarted = json.loads((trial_dir / "workers" / "rank0.json").read_text())
+    restarted = layout.worker(0)
     assert restarted["pid"] != killed["pid"] and restarted["start_step"] >= 20  # resumed from a checkpoint
     history = tracking.metric_history(mlflow_uri, outcomes[0].mlflow_run_id, "loss")
     assert history[-1][0] == 160
@@ -116,18 +135,26 @@ def test_killed_worker_is_replaced_and_the_trial_finishes(smoke_workdir, mlflow_
 
 def test_interrupted_sweep_resumes(smoke_workdir, mlflow_uri):
     """Kill the whole `ditscale sweep` process (and its Ray) mid-trial, then run the same command again."""
-    overrides = ["name=smoke-resume", "grid.presets=[DiT-Mi/4]", "train.steps=120", "train.ckpt_every_steps=20",
-                 "train.log_every_steps=10", "train.milestone_steps=[120]", "train.global_batch_size=32"]  # fmt: skip
+    overrides = [
+        "name=smoke-resume",
+        "grid.presets=[DiT-d4w128/4]",
+        "train.steps=120",
+        "train.ckpt_every_steps=20",
+        "train.log_every_steps=10",
+        "train.milestone_steps=[120]",
+        "train.global_batch_size=32",
+    ]
     experiment = load_experiment("smoke", overrides)
     plan = plan_sweep(experiment, smoke_workdir)
-    trial_dir = Path(plan.trial_dir(plan.trials[0]))
+    trial_dir = Path(plan.layout(plan.trials[0]).root)
     cmd = [sys.executable, "-m", "pipeline.cli", "sweep", "smoke", "--workdir", smoke_workdir]
     for item in overrides:
         cmd += ["--set", item]
     env = {**os.environ, "MLFLOW_TRACKING_URI": mlflow_uri}
     env.pop("RAY_ADDRESS", None)
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, start_new_session=True,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    proc = subprocess.Popen(
+        cmd, cwd=ROOT, env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     snapshot = trial_dir / "checkpoint_manager_snapshot.json"  # written once Train has registered a checkpoint
     deadline = time.time() + 240
     while time.time() < deadline and not (snapshot.exists() and "checkpoint_" in snapshot.read_text()):
@@ -135,32 +162,34 @@ def test_interrupted_sweep_resumes(smoke_workdir, mlflow_uri):
         time.sleep(0.05)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
-    assert not (trial_dir / DONE_FILE).exists()
+    assert plan.layout(plan.trials[0]).done_step() is None
     assert plan.status(plan.trials[0]) == "resumable"
 
     outcomes = run_sweep(experiment, smoke_workdir)
     assert outcomes[0].status == "done" and outcomes[0].step == 120
-    assert json.loads((trial_dir / "workers" / "rank0.json").read_text())["start_step"] >= 20
+    assert plan.layout(plan.trials[0]).worker(0)["start_step"] >= 20
 
 
 TWO_NODE_SCRIPT = r"""
 import json, sys
 import ray
 from ray.cluster_utils import Cluster
-from pipeline.config import load_experiment
-from pipeline.sweep import plan_sweep, run_sweep
+from pipeline.experiment_files import load_experiment
+from pipeline.plan import plan_sweep
+from pipeline.sweep import run_sweep
 from pipeline import tracking
 
 workdir = sys.argv[1]
 cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
 cluster.add_node(num_cpus=1)
 ray.init(address=cluster.address, log_to_driver=False)
-experiment = load_experiment("smoke", ["name=smoke-2node", "grid.presets=[DiT-Ti/4]", "resources.workers_per_trial=2",
-    "train.steps=20", "train.milestone_steps=[20]", "resources.max_concurrent_trials=1"])
+experiment = load_experiment("smoke", ["name=smoke-2node", "grid.presets=[DiT-d2w64/4]",
+    "resources.workers_per_trial=2", "train.steps=20", "train.milestone_steps=[20]",
+    "resources.max_concurrent_trials=1"])
 outcomes = run_sweep(experiment, workdir)
 plan = plan_sweep(experiment, workdir)
-folder = plan.trial_dir(plan.trials[0])
-nodes = [json.load(open(f"{folder}/workers/rank{r}.json"))["node_id"] for r in range(2)]
+layout = plan.layout(plan.trials[0])
+nodes = [layout.worker(r)["node_id"] for r in range(2)]
 uri = __import__("os").environ["MLFLOW_TRACKING_URI"]
 run_id = outcomes[0].mlflow_run_id
 series = {k: tracking.metric_history(uri, run_id, k) for k in ("loss", "loss_rank0", "loss_rank1")}
@@ -174,8 +203,14 @@ cluster.shutdown()
 def test_two_node_cluster_one_worker_per_node_and_loss_is_the_rank_mean(smoke_workdir, mlflow_uri):
     env = {**os.environ, "MLFLOW_TRACKING_URI": mlflow_uri}
     env.pop("RAY_ADDRESS", None)
-    out = subprocess.run([sys.executable, "-c", TWO_NODE_SCRIPT, smoke_workdir], cwd=ROOT, env=env,
-                         capture_output=True, text=True, timeout=600)  # fmt: skip
+    out = subprocess.run(
+        [sys.executable, "-c", TWO_NODE_SCRIPT, smoke_workdir],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     lines = [line for line in out.stdout.splitlines() if line.startswith("RESULT ")]
     assert lines, out.stdout[-3000:] + out.stderr[-3000:]
     result = json.loads(lines[0][len("RESULT ") :])

@@ -1,0 +1,39 @@
+"""What the toy studies share: toy images in pixel space at 16 px (no VAE, no download), one CPU worker per trial
+and two trials at a time (a 2-core machine), and the download-free FID protocol."""
+
+from pipeline.codecs import CodecConfig
+from pipeline.config import DataConfig, FidConfig, ResourcesConfig
+from pipeline.prepare import PrepareConfig
+from pipeline.toy import ToyDataConfig
+
+RESOLUTION = 16  # pixels, for the toy images and the shards alike
+
+CPU_TRIALS = ResourcesConfig(workers_per_trial=1, gpus_per_worker=0, cpus_per_worker=1, max_concurrent_trials=2)
+
+# 500 DDIM-20 samples per checkpoint with balanced labels and no guidance, scored with the classifier extractor,
+# whose logits also give the samples' class accuracy.
+TOY_FID = FidConfig(
+    num_samples=500,
+    sampler="ddim",
+    sampling_steps=20,
+    labels="balanced",
+    extractor="ditscale-classifier",
+    classifier_seconds=25,
+    slice_size=125,
+    batch_size=125,
+)
+
+
+def toy_data(name: str, toy: ToyDataConfig, val_per_class: int, samples_per_shard: int = 1000) -> DataConfig:
+    """Shards shards/<name> and shards/<name>-val made from toy images (validation: seed + 1)."""
+    return DataConfig(
+        shards=f"shards/{name}",
+        val_shards=f"shards/{name}-val",
+        source="toy",
+        val_source="toy",
+        prepare=PrepareConfig(
+            resolution=RESOLUTION, codec=CodecConfig(kind="pixel"), samples_per_shard=samples_per_shard
+        ),
+        toy=toy,
+        toy_val_per_class=val_per_class,
+    )

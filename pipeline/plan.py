@@ -1,0 +1,337 @@
+"""Planning a study: an experiment and its data -> trials with stable run names, checked before any work.
+
+No Ray and no MLflow here: the sweep runs a plan, the fid stage scores one, the dry run prints one.
+
+A trial's run name (e.g. `B_4-1c9e27d0`) is its size, its patch and a hash of everything that shapes its training
+trajectory: the model, the diffusion objective, the optimiser recipe, the seed, the data and the worker count. The
+same sweep run again finds the same runs (and resumes them); a new learning rate makes new ones. The step budget and
+the checkpoint and logging intervals are not part of the name (unless the learning-rate schedule depends on the
+step budget): raising `train.steps` continues the existing runs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from typing import Any
+
+from dit_core.config import DiTConfig, dit_config, parse_preset
+from dit_core.flops import H200_BF16_PEAK_FLOPS, gflops, param_count, training_compute
+from pipeline.config import ConfigError, ExperimentConfig, TrainConfig, config_to_dict, flatten
+from pipeline.layout import TrialLayout, Workspace
+from pipeline.manifest import Manifest
+from pipeline.storage import list_names
+
+# ---------------------------------------------------------------------------------------------------------------
+# What planning needs to know of the data
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class DataSpec:
+    """The latents and classes trials are built for: read off a shard manifest, or implied by the config."""
+
+    latent_shape: tuple[int, int, int]  # (C, h, w)
+    num_classes: int
+    identity: dict[str, Any] | None  # what of the data enters run names; None = not prepared yet (names provisional)
+    total: int | None = None  # samples in the shards (None: not prepared yet)
+    basis: str = "the shard manifest"  # where the shape and the classes come from
+
+    @classmethod
+    def of(cls, manifest: Manifest) -> DataSpec:
+        return cls(manifest.latent_shape, manifest.num_classes, manifest.identity(), manifest.total)
+
+
+def implied_data(experiment: ExperimentConfig, workspace: Workspace) -> DataSpec:
+    """What data.shards will hold once prepared: the codec's latent shape at data.prepare.resolution, and the class
+    count of the toy data, of a local source folder, or ImageNet's 1000."""
+    d = experiment.data
+    shape, shape_basis = d.prepare.codec.implied_latent_shape(d.prepare.resolution)
+    if d.source == "toy":
+        classes, class_basis = d.toy.num_classes, "data.toy.num_classes"
+    elif d.source and (folders := [n for n in list_names(workspace.path(d.source)) if not n.startswith(".")]):
+        classes, class_basis = len(folders), f"the class folders of {d.source}"
+    else:
+        classes, class_basis = 1000, "assumed: ImageNet's 1000 classes"
+    basis = f"latents {'x'.join(map(str, shape))} ({shape_basis}), {classes} classes ({class_basis})"
+    return DataSpec(shape, classes, None, None, basis)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Trials
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Trial:
+    """One grid point: a model preset trained with the experiment's recipe."""
+
+    preset: str
+    model: DiTConfig
+    run_name: str  # stable: same config -> same name -> same storage folder and MLflow run
+
+    @property
+    def size(self) -> str:
+        return parse_preset(self.preset)[0]
+
+    @property
+    def patch(self) -> int:
+        return parse_preset(self.preset)[1]
+
+    @property
+    def gflops(self) -> float:
+        return gflops(self.model)
+
+    @property
+    def params(self) -> int:
+        return param_count(self.model, include_pos_embed=False)
+
+
+def trajectory_identity(experiment: ExperimentConfig, model: DiTConfig, data: dict[str, Any] | None) -> dict:
+    """Everything that shapes a trial's training trajectory (hashed into its run name)."""
+    train = {k: v for k, v in config_to_dict(experiment.train).items() if k not in TrainConfig.RUNTIME_FIELDS}
+    if experiment.train.lr_schedule == "constant":
+        train.pop("steps")  # more steps continue the same run
+    model_fields = {k: v for k, v in config_to_dict(model).items() if k not in DiTConfig.RUNTIME_FIELDS}
+    return {
+        "model": model_fields,
+        "diffusion": config_to_dict(experiment.diffusion),
+        "train": train,
+        "data": data,
+        "workers": experiment.resources.workers_per_trial,
+    }
+
+
+def run_name(preset: str, identity: dict[str, Any]) -> str:
+    size, patch = parse_preset(preset)
+    digest = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:8]
+    return f"{size}_{patch}-{digest}"
+
+
+def expand_trials(experiment: ExperimentConfig, data: DataSpec) -> list[Trial]:
+    """The trials of an experiment for data of `data.latent_shape` and `data.num_classes`."""
+    channels, height, _ = data.latent_shape
+    trials = []
+    for preset in experiment.grid.preset_names():
+        try:
+            model = dit_config(
+                preset,
+                experiment.model,
+                input_size=height,
+                in_channels=channels,
+                num_classes=data.num_classes,
+                learn_sigma=experiment.diffusion.learn_sigma,
+            )
+        except ValueError as exc:
+            raise ConfigError(f"{preset}: {exc}") from None
+        trials.append(Trial(preset, model, run_name(preset, trajectory_identity(experiment, model, data.identity))))
+    return trials
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Checks against the data (before any trial starts)
+# ---------------------------------------------------------------------------------------------------------------
+
+
+class MissingShardsError(ConfigError):
+    """data.shards does not exist yet (a dry run can still plan the study from the config)."""
+
+
+def check_data(experiment: ExperimentConfig, manifest: Manifest, shards: str) -> None:
+    """The shards are what the experiment expects: codec, resolution, latents the patch sizes tile, one batch."""
+    wanted = experiment.data.prepare
+    if manifest.codec.kind != wanted.codec.kind:
+        raise ConfigError(
+            f"shards in {shards} were made with the {manifest.codec.kind!r} codec but the experiment expects "
+            f"{wanted.codec.kind!r}: set data.prepare.codec.kind={manifest.codec.kind} or point data.shards elsewhere"
+        )
+    if manifest.resolution != wanted.resolution:
+        raise ConfigError(
+            f"shards in {shards} are at {manifest.resolution} px but the experiment expects {wanted.resolution} px: "
+            f"set data.prepare.resolution={manifest.resolution} or prepare shards at {wanted.resolution} px"
+        )
+    latent = manifest.latent_shape[1]
+    for preset in experiment.grid.preset_names():
+        patch = parse_preset(preset)[1]
+        if latent % patch:
+            raise ConfigError(
+                f"{preset}: patch size {patch} does not divide the {latent}x{latent} latents of {shards}; "
+                f"drop it from the grid or use another resolution"
+            )
+    if manifest.total < experiment.train.global_batch_size:
+        raise ConfigError(
+            f"{shards} holds {manifest.total} samples, fewer than one global batch "
+            f"({experiment.train.global_batch_size}): lower train.global_batch_size"
+        )
+
+
+def check_validation_data(experiment: ExperimentConfig, train: Manifest, val: Manifest, val_shards: str) -> None:
+    if (val.codec, val.latent_shape) != (train.codec, train.latent_shape):
+        raise ConfigError(f"validation shards {val_shards} were made with another codec or latent shape")
+    per_worker = experiment.train.global_batch_size // experiment.resources.workers_per_trial
+    if val.total < per_worker:
+        raise ConfigError(
+            f"validation shards {val_shards} hold {val.total} samples, fewer than one per-worker batch "
+            f"({per_worker}): prepare more validation images or set data.val_shards=null"
+        )
+
+
+def _load_shards(path: str, field: str) -> Manifest:
+    try:
+        return Manifest.load(path)
+    except FileNotFoundError:
+        raise MissingShardsError(
+            f"no shards at {path} ({field}): run `ditscale prepare SRC {path}` first, or `ditscale run` with "
+            f"data.source (or data.val_source) set to build them"
+        ) from None
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The plan
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SweepPlan:
+    experiment: ExperimentConfig
+    workspace: Workspace
+    shards: str  # resolved data.shards
+    val_shards: str | None  # resolved data.val_shards
+    data: DataSpec
+    trials: tuple[Trial, ...]
+    manifest: Manifest | None  # None: planned from the config before the shards exist
+
+    @property
+    def storage(self) -> str:
+        return self.workspace.runs(self.experiment.name)
+
+    def layout(self, trial: Trial) -> TrialLayout:
+        return self.workspace.trial(self.experiment.name, trial.run_name)
+
+    def status(self, trial: Trial) -> str:
+        """ "done", "resumable" (has a checkpoint) or "new"."""
+        return self.layout(trial).status(self.experiment.train.steps)
+
+
+def plan_sweep(experiment: ExperimentConfig, workdir: str) -> SweepPlan:
+    """The experiment's trials for its shards, checked against them; raises ConfigError before any work."""
+    workspace = Workspace(workdir)
+    shards = workspace.path(experiment.data.shards)
+    manifest = _load_shards(shards, "data.shards")
+    check_data(experiment, manifest, shards)
+    val_shards = None
+    if experiment.data.val_shards:
+        val_shards = workspace.path(experiment.data.val_shards)
+        check_validation_data(experiment, manifest, _load_shards(val_shards, "data.val_shards"), val_shards)
+    data = DataSpec.of(manifest)
+    return SweepPlan(experiment, workspace, shards, val_shards, data, tuple(expand_trials(experiment, data)), manifest)
+
+
+def plan_study(experiment: ExperimentConfig, workdir: str) -> SweepPlan:
+    """The plan from the shards if they exist, else from what the config implies (run names then provisional)."""
+    try:
+        return plan_sweep(experiment, workdir)
+    except MissingShardsError:
+        workspace = Workspace(workdir)
+        data = implied_data(experiment, workspace)
+        val = workspace.path(experiment.data.val_shards) if experiment.data.val_shards else None
+        trials = tuple(expand_trials(experiment, data))
+        return SweepPlan(experiment, workspace, workspace.path(experiment.data.shards), val, data, trials, None)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# What a trial's workers get, and what MLflow records of it
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TrialJob:
+    """Everything the workers of one trial need (Ray pickles it to each worker)."""
+
+    experiment: ExperimentConfig
+    trial: Trial
+    layout: TrialLayout
+    shards: str
+    val_shards: str | None
+    tracking_uri: str
+    mlflow_run_id: str
+
+
+def trial_job(plan: SweepPlan, trial: Trial, tracking_uri: str, mlflow_run_id: str) -> TrialJob:
+    return TrialJob(
+        plan.experiment, trial, plan.layout(trial), plan.shards, plan.val_shards, tracking_uri, mlflow_run_id
+    )
+
+
+def objective_name(experiment: ExperimentConfig) -> str:
+    """e.g. 'eps+learned-sigma (hybrid)'."""
+    d = experiment.diffusion
+    return f"{d.prediction}{'+learned-sigma' if d.learn_sigma else ''} ({d.loss})"
+
+
+def trial_params(plan: SweepPlan, trial: Trial) -> dict[str, Any]:
+    """MLflow params of a trial's run: the flattened experiment config and the trial's model facts."""
+    params = flatten(config_to_dict(plan.experiment))
+    params.pop("grid.presets", None)
+    params.update(flatten({"model": config_to_dict(trial.model)}))
+    params.update(
+        {
+            "preset": trial.preset,
+            "size": trial.size,
+            "patch": trial.patch,
+            "params": trial.params,
+            "gflops": trial.gflops,
+            "run_name": trial.run_name,
+            "objective": objective_name(plan.experiment),
+            "data.manifest_total": plan.data.total,
+        }
+    )
+    return params
+
+
+def describe_plan(plan: SweepPlan, mfu: float = 0.4) -> str:
+    """The dry-run report: one row per trial with params, Gflops, training compute and, for GPU runs, the expected
+    accelerator-hours of training and of FID sampling at `mfu` of train.peak_tflops (0 = the H200's 790)."""
+    e, t, f = plan.experiment, plan.experiment.train, plan.experiment.fid
+    gpu = e.resources.gpus_per_worker > 0
+    peak = (t.peak_tflops or H200_BF16_PEAK_FLOPS / 1e12) * 1e12
+    cost = f"{'train GPU-h':>12} {'FID GPU-h':>10}" if gpu else ""
+    lines = [
+        f"experiment {e.name}: {len(plan.trials)} trials x {t.steps:,} steps at global batch {t.global_batch_size} "
+        f"on {e.resources.workers_per_trial} worker(s) each; objective {objective_name(e)}",
+        f"{'run':<18} {'preset':<13} {'params':>12} {'Gflops':>9} {'tokens':>6} {'train PFLOP':>12} "
+        f"{'paper GMACs':>12} {cost}".rstrip(),
+    ]
+    total, hours = 0.0, [0.0, 0.0]
+    evaluations = f.num_samples * f.sampling_steps * len(t.milestone_steps) * (2 if f.cfg_scale != 1 else 1)
+    for trial in plan.trials:
+        compute = training_compute(trial.model, t.global_batch_size, t.steps)
+        total += compute["flops"]
+        row = (
+            f"{trial.run_name:<18} {trial.preset:<13} {trial.params:>12,} {trial.gflops:>9.4g} "
+            f"{trial.model.num_tokens:>6} {compute['flops'] / 1e15:>12.4g} {compute['paper_gflops']:>12.4g}"
+        )
+        if gpu:
+            train_h = compute["flops"] / (mfu * peak) / 3600
+            fid_h = evaluations * 2e9 * trial.gflops / (mfu * peak) / 3600
+            hours[0], hours[1] = hours[0] + train_h, hours[1] + fid_h
+            row += f" {train_h:>12.3g} {fid_h:>10.3g}"
+        lines.append(row)
+    lines.append(f"total training compute: {total / 1e15:.4g} PFLOP ({total / 8.64e19:.4g} PF-days; 6 x MACs)")
+    if gpu:
+        lines.append(
+            f"expected cost at {mfu:.0%} MFU of {peak / 1e12:.0f} TFLOP/s: {hours[0]:,.1f} GPU-hours of training + "
+            f"{hours[1]:,.1f} of FID sampling ({f.num_samples:,} samples x {f.sampling_steps} steps x "
+            f"{len(t.milestone_steps)} milestones); the peers measured 16-50% MFU on an H200, small models at the "
+            f"low end"
+        )
+    if plan.manifest is None:
+        lines.append(
+            f"(no shards at {plan.shards} yet: planned from the config, {plan.data.basis}; run names are provisional)"
+        )
+    else:
+        lines.append("status: " + ", ".join(f"{t.run_name} {plan.status(t)}" for t in plan.trials))
+        lines.append(f"shards: {plan.shards} ({plan.data.total} samples, latents {list(plan.data.latent_shape)})")
+    lines.append(f"storage: {plan.storage}")
+    return "\n".join(lines)
