@@ -1,0 +1,198 @@
+"""The README's cluster path, for real: a head started with `ray start --head`, token authentication, a small
+`ditscale run` submitted with `ray job submit --working-dir .`, its runs read back from MLflow.
+
+The cluster is this test's own: a temporary HOME (so the token it generates is not the user's), its own temp dir
+and ports on 127.0.0.1, and it is stopped by ending the `ray start --block` process that owns it, which stops that
+cluster's processes and nothing else (`ray stop` would stop every Ray instance on the machine).
+"""
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+BIN = Path(sys.executable).parent
+JOB = [
+    "ditscale",
+    "run",
+    "smoke",
+    "--set",
+    "name=cluster-smoke",
+    "grid.presets=[DiT-d2w64/8]",
+    "train.steps=10",
+    "train.milestone_steps=[10]",
+    "train.ckpt_every_steps=10",
+    "train.val_every_steps=10",
+    "fid.extractor=ditscale-classifier",
+    "fid.classifier_steps=20",
+    "fid.num_samples=150",
+    "fid.sampler=ddim",
+    "fid.sampling_steps=5",
+    "fid.slice_size=75",
+    "fid.batch_size=75",
+]
+
+
+STARTED: list[Path] = []  # temp dirs of the clusters this module started
+
+
+def free_ports(n: int) -> list[int]:
+    sockets = [socket.socket() for _ in range(n)]
+    for s in sockets:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in sockets]
+    for s in sockets:
+        s.close()
+    return ports
+
+
+def processes_of(temp_dir: Path) -> list[int]:
+    """The processes whose command line names this cluster's temp dir (its GCS, raylet, dashboard, agents)."""
+    pids = []
+    for proc in Path("/proc").iterdir():
+        try:
+            if proc.name.isdigit() and str(temp_dir).encode() in (proc / "cmdline").read_bytes():
+                pids.append(int(proc.name))
+        except OSError:
+            continue
+    return pids
+
+
+def ray_cli(*args: str, env: dict, timeout: float = 120, check: bool = True) -> subprocess.CompletedProcess:
+    out = subprocess.run([str(BIN / "ray"), *args], env=env, capture_output=True, text=True, timeout=timeout)
+    if check and out.returncode:
+        raise AssertionError(
+            f"ray {' '.join(args)} failed ({out.returncode}):\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}"
+        )
+    return out
+
+
+@pytest.fixture()
+def head(tmp_path):
+    """A Ray head on 127.0.0.1 with token authentication; yields (dashboard address, client environment)."""
+    home = tmp_path / "home"
+    home.mkdir()
+    temp_dir = Path("/tmp") / f"ray-ditscale-{os.getpid()}-{time.monotonic_ns() % 10**8}"  # short: socket paths
+    STARTED.append(temp_dir)
+    env = {**os.environ, "HOME": str(home), "RAY_AUTH_MODE": "token", "PATH": f"{BIN}:{os.environ['PATH']}"}
+    for var in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH"):
+        env.pop(var, None)
+    ray_cli("get-auth-token", "--generate", env=env)  # writes $HOME/.ray/auth_token, as the README says
+    assert (home / ".ray" / "auth_token").is_file()
+    gcs, dashboard, client, agent, agent_grpc, metrics, runtime_env, node_manager, object_manager = free_ports(9)
+    cmd = [
+        str(BIN / "ray"),
+        "start",
+        "--head",
+        "--block",
+        "--node-ip-address",
+        "127.0.0.1",
+        "--port",
+        str(gcs),
+        "--dashboard-host",
+        "127.0.0.1",
+        "--dashboard-port",
+        str(dashboard),
+        "--include-dashboard",
+        "true",
+        "--ray-client-server-port",
+        str(client),
+        "--dashboard-agent-listen-port",
+        str(agent),
+        "--dashboard-agent-grpc-port",
+        str(agent_grpc),
+        "--metrics-export-port",
+        str(metrics),
+        "--runtime-env-agent-port",
+        str(runtime_env),
+        "--node-manager-port",
+        str(node_manager),
+        "--object-manager-port",
+        str(object_manager),
+        "--temp-dir",
+        str(temp_dir),
+        "--num-cpus",
+        "2",
+        "--disable-usage-stats",
+    ]
+    log = open(tmp_path / "ray-start.log", "w")
+    proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    address = f"http://127.0.0.1:{dashboard}"
+    try:
+        while ray_cli("job", "list", "--address", address, env=env, check=False).returncode:
+            assert proc.poll() is None, (tmp_path / "ray-start.log").read_text()[-3000:]
+            time.sleep(2)
+        yield address, env
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)  # `ray start --block` stops its node's processes when it ends
+        try:
+            proc.wait(timeout=120)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        for pid in processes_of(temp_dir):  # anything of this cluster that outlived it (and nothing else)
+            os.kill(pid, signal.SIGKILL)
+        log.close()
+        shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+@pytest.mark.slow
+def test_ray_job_submit_runs_a_study_on_a_token_authenticated_cluster(head, tmp_path):
+    address, env = head
+    workdir = tmp_path / "work"
+    without_token = {k: v for k, v in env.items() if k != "RAY_AUTH_MODE"}
+    refused = ray_cli("job", "list", "--address", address, env=without_token, check=False)
+    assert refused.returncode != 0 and "auth" in (refused.stdout + refused.stderr).lower()  # the token is required
+
+    job_id = f"ditscale-test-{os.getpid()}"
+    ray_cli(
+        "job",
+        "submit",
+        "--address",
+        address,
+        "--working-dir",
+        str(ROOT),
+        "--submission-id",
+        job_id,
+        "--no-wait",
+        "--",
+        *JOB,
+        "--workdir",
+        str(workdir),
+        env=env,
+        timeout=300,
+    )
+    status = ""
+    deadline = time.monotonic() + 3600  # (a guard against a job that never ends, not a speed requirement)
+    while not any(word in status for word in ("succeeded", "failed", "stopped")):
+        assert time.monotonic() < deadline, ray_cli("job", "logs", "--address", address, job_id, env=env).stdout
+        time.sleep(5)
+        status = ray_cli("job", "status", "--address", address, job_id, env=env).stdout.lower()
+    logs = ray_cli("job", "logs", "--address", address, job_id, env=env).stdout
+    assert f"job '{job_id}' succeeded" in status, status + logs[-6000:]
+    assert "1/1 trials done" in logs and "ditscale run cluster-smoke: done" in logs
+
+    from pipeline import tracking
+
+    uri = f"sqlite:///{workdir / 'mlflow.db'}"
+    exp_id = tracking.experiment_id(uri, "cluster-smoke")
+    parent = tracking.find_run(uri, exp_id, {tracking.TAG_ROLE: "sweep", tracking.TAG_SWEEP: "cluster-smoke"})
+    children = tracking.trial_runs(uri, exp_id, "cluster-smoke")
+    assert parent is not None and parent.info.status == "FINISHED" and len(children) == 1
+    child = children[0]
+    assert child.info.status == "FINISHED" and child.data.params["preset"] == "DiT-d2w64/8"
+    assert [s for s, _ in tracking.metric_history(uri, child.info.run_id, "loss")][-1] == 10
+    assert [s for s, _ in tracking.metric_history(uri, child.info.run_id, "fid")] == [10]
+
+
+def test_the_cluster_is_gone_and_nothing_else_was_stopped(ray_session):
+    """After the cluster test, none of its processes is left, and the test session's own Ray still works."""
+    assert STARTED and not [pid for temp_dir in STARTED for pid in processes_of(temp_dir)]
+    assert ray_session.get(ray_session.put(41)) + 1 == 42
