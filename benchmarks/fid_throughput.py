@@ -1,11 +1,11 @@
 """Throughput of the FID stage and the share of its time spent in the DiT forward, through the stage's own code.
 
-The stage's sampler (pipeline.fid.SliceSampler: checkpoint load, sampling, decoding, compiled on a GPU as the stage
-compiles it) draws one slice, then torch-fidelity extracts the features. Every DiT call is timed as it runs (CUDA
-events on a GPU, so no host sync is added; wall time on a CPU), and `DiT forward` = time in those calls / the
-stage's time: the issue's target is at least 85% on a GPU. Two samplers: DDPM-250 (the paper) and DDIM-25.
+The stage's sampler (pipeline.fid.sampling.SliceSampler: checkpoint load, sampling, decoding, compiled on a GPU as
+the stage compiles it) draws one slice, then torch-fidelity extracts the features. Every DiT call is timed as it
+runs (CUDA events on a GPU, so no host sync is added; wall time on a CPU), and `DiT forward` = time in those calls /
+the stage's time: the issue's target is at least 85% on a GPU. Two samplers: DDPM-250 (the paper) and DDIM-25.
 
-CPU (default): DiT-Mi/4 at 16 px (pixel codec), ditscale-classifier extractor, eager, fp32.
+CPU (default): DiT-d4w128/4 at 16 px (pixel codec), ditscale-classifier extractor, eager, fp32.
 GPU (--device cuda): DiT-XL/2 at 256 px (32x32x4 latents), bf16, compiled; an SD-architecture VAE saved with
 save_pretrained and loaded as the stage loads it, and torch-fidelity's InceptionV3, both with random weights (the
 real compute, without downloads: the device machine reaches no network). The first slice of each run is a warm-up
@@ -29,14 +29,17 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from prepare_throughput import build_vae  # noqa: E402  (benchmarks/, the script's own folder)
+
 from dit_core.checkpoint import save_checkpoint  # noqa: E402
 from dit_core.diffusion import DiffusionConfig  # noqa: E402
 from dit_core.model import DiT  # noqa: E402
-from pipeline.codecs import PixelCodec  # noqa: E402
+from pipeline.codecs import CodecInfo, PixelCodec  # noqa: E402
 from pipeline.config import FidConfig  # noqa: E402
-from pipeline.fid import SliceSampler, compile_sampling, features, make_extractor  # noqa: E402
-from pipeline.fid_extractors import NAME as CLASSIFIER  # noqa: E402
-from pipeline.fid_extractors import train_classifier  # noqa: E402
+from pipeline.fid.classifier import NAME as CLASSIFIER  # noqa: E402
+from pipeline.fid.classifier import train_classifier  # noqa: E402
+from pipeline.fid.reference import features, make_extractor  # noqa: E402
+from pipeline.fid.sampling import SliceSampler, compile_sampling  # noqa: E402
 
 
 def random_inception_weights(folder: str) -> str:
@@ -59,21 +62,12 @@ def random_inception_weights(folder: str) -> str:
     return str(path)
 
 
-def sd_vae_codec(folder: str) -> dict:
+def sd_vae_codec(folder: str) -> CodecInfo:
     """An SD-architecture AutoencoderKL with random weights, saved as a local folder; its codec description."""
-    from diffusers import AutoencoderKL
-
-    vae = AutoencoderKL(
-        block_out_channels=(128, 256, 512, 512),
-        down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4,
-        latent_channels=4,
-        layers_per_block=2,
-        scaling_factor=0.18215,
+    build_vae(Path(folder) / "vae", sd_architecture=True)
+    return CodecInfo(
+        "vae", latent_channels=4, scale_factor=0.18215, stores_moments=True, vae=f"{folder}/vae", downsample=8
     )
-    vae.save_pretrained(f"{folder}/vae")
-    return {"kind": "vae", "vae": f"{folder}/vae", "revision": None, "subfolder": None, "latent_channels": 4,
-            "scale_factor": 0.18215, "stores_moments": True}  # fmt: skip
 
 
 def synchronize(device: str) -> None:
@@ -138,7 +132,7 @@ def main() -> None:
         fid = FidConfig(extractor="inception-v3-compat", batch_size=n, compile=compile_flag)
         extractor = make_extractor(fid, random_inception_weights(tmp), True, ["2048"])
     else:
-        preset, size, channels, classes = "DiT-Mi/4", 16, 3, 10
+        preset, size, channels, classes = "DiT-d4w128/4", 16, 3, 10
         codec = PixelCodec().describe()
         fid = FidConfig(extractor=CLASSIFIER, batch_size=n, compile=compile_flag)
         rng = np.random.default_rng(0)
@@ -153,10 +147,10 @@ def main() -> None:
     results = []
     for sampler_name, steps in (("ddpm", 250), ("ddim", 25)):
         cfg = replace(fid, sampler=sampler_name, sampling_steps=steps, num_samples=n, slice_size=n)
-        sampler.sample(checkpoint, asdict(replace(cfg, sampling_steps=2)), 0, n)  # warm-up: compile, allocate
+        sampler.sample(checkpoint, replace(cfg, sampling_steps=2), 0, n)  # warm-up: compile, allocate
         sampler.forward_seconds()
         start = time.perf_counter()
-        images = sampler.sample(checkpoint, asdict(cfg), 0, n)  # sampling + decoding (+ load: cached here)
+        images = sampler.sample(checkpoint, cfg, 0, n)  # sampling + decoding (+ load: cached here)
         synchronize(args.device)
         t_slice = time.perf_counter() - start
         t_forward = sampler.forward_seconds()
@@ -165,17 +159,28 @@ def main() -> None:
         synchronize(args.device)
         t_feat = time.perf_counter() - start
         total = t_slice + t_feat
-        results.append({"sampler": f"{sampler_name}-{steps}", "preset": preset, "samples": n,
-                        "compiled": sampler.compile, "samples_per_s": n / total,
-                        "share_dit_forward": t_forward / total, "share_features": t_feat / total,
-                        "share_sampler_and_decode_other": (t_slice - t_forward) / total,
-                        "seconds": total, "config": asdict(cfg)})  # fmt: skip
+        results.append(
+            {
+                "sampler": f"{sampler_name}-{steps}",
+                "preset": preset,
+                "samples": n,
+                "compiled": sampler.compile,
+                "samples_per_s": n / total,
+                "share_dit_forward": t_forward / total,
+                "share_features": t_feat / total,
+                "share_sampler_and_decode_other": (t_slice - t_forward) / total,
+                "seconds": total,
+                "config": asdict(cfg),
+            }
+        )
     name = torch.cuda.get_device_name() if gpu else "cpu"
     print(f"FID stage on {name}: {preset}, {n} samples per measurement, compiled: {sampler.compile}")
     print(f"{'sampler':<10} {'samples/s':>10} {'DiT forward':>12} {'rest of slice':>14} {'features':>9}")
     for r in results:
-        print(f"{r['sampler']:<10} {r['samples_per_s']:>10.1f} {r['share_dit_forward']:>12.1%} "
-              f"{r['share_sampler_and_decode_other']:>14.1%} {r['share_features']:>9.1%}")  # fmt: skip
+        print(
+            f"{r['sampler']:<10} {r['samples_per_s']:>10.1f} {r['share_dit_forward']:>12.1%} "
+            f"{r['share_sampler_and_decode_other']:>14.1%} {r['share_features']:>9.1%}"
+        )
     out = Path(args.json)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"device": name, "torch": torch.__version__, "results": results}, indent=2))

@@ -5,7 +5,7 @@
    mirror, VAE-encode, sample the posterior, every time a sample is used. Printed as a ratio.
 3. VAE encode images/s through the pipeline's encoder (ShardEncoder.encode_shard: decode, crop, encode image and
    mirror, write) against diffusers' AutoencoderKL.encode alone on the same images. With --device cuda the VAE has
-   the Stable Diffusion architecture at 256 px in bf16 (dit_facts.md section 8: 746 img/s on an H200); the pipeline
+   the Stable Diffusion architecture at 256 px in bf16 (746 img/s measured for a bare encode on an H200); the pipeline
    should reach at least 80% of the bare encode, counting both the image and its mirror.
 
     python benchmarks/prepare_throughput.py [--device cuda]
@@ -27,7 +27,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pipeline.codecs import CodecConfig, VaeCodec, images_to_tensor, latent_from_stored  # noqa: E402
 from pipeline.data import LatentShardStream  # noqa: E402
-from pipeline.prepare import PrepareConfig, ShardEncoder, list_source, load_image, prepare  # noqa: E402
+from pipeline.images import list_source, load_image  # noqa: E402
+from pipeline.prepare import PrepareConfig, ShardEncoder, prepare  # noqa: E402
 from pipeline.toy import ToyDataConfig, write_toy_dataset  # noqa: E402
 
 
@@ -37,14 +38,22 @@ def build_vae(path: Path, sd_architecture: bool) -> Path:
     torch.manual_seed(0)
     if sd_architecture:  # the Stable Diffusion VAE's architecture (sd-vae-ft-ema), random weights
         vae = AutoencoderKL(
-            block_out_channels=(128, 256, 512, 512), down_block_types=("DownEncoderBlock2D",) * 4,
-            up_block_types=("UpDecoderBlock2D",) * 4, latent_channels=4, layers_per_block=2, sample_size=256,
-        )  # fmt: skip
+            block_out_channels=(128, 256, 512, 512),
+            down_block_types=("DownEncoderBlock2D",) * 4,
+            up_block_types=("UpDecoderBlock2D",) * 4,
+            latent_channels=4,
+            layers_per_block=2,
+            sample_size=256,
+        )
     else:  # small: 2 levels, /2 downsampling
         vae = AutoencoderKL(
-            block_out_channels=(32, 64), down_block_types=("DownEncoderBlock2D",) * 2,
-            up_block_types=("UpDecoderBlock2D",) * 2, latent_channels=4, layers_per_block=1, norm_num_groups=8,
-        )  # fmt: skip
+            block_out_channels=(32, 64),
+            down_block_types=("DownEncoderBlock2D",) * 2,
+            up_block_types=("UpDecoderBlock2D",) * 2,
+            latent_channels=4,
+            layers_per_block=1,
+            norm_num_groups=8,
+        )
     vae.save_pretrained(path)
     return path
 
@@ -52,7 +61,7 @@ def build_vae(path: Path, sd_architecture: bool) -> Path:
 def time_prepare(src: Path, out: Path, config: PrepareConfig) -> float:
     start = time.perf_counter()
     manifest = prepare(str(src), str(out), config, progress=False)
-    return manifest["total"] / (time.perf_counter() - start)
+    return manifest.total / (time.perf_counter() - start)
 
 
 def reader_rate(shards: Path, batch: int, epochs: int = 3) -> float:
@@ -86,8 +95,9 @@ def on_the_fly_rate(src: Path, vae_path: Path, resolution: int, batch: int, num_
 
 def encoder_vs_bare(src: Path, out: Path, vae_path: Path, resolution: int, batch: int, device: str) -> dict:
     listing = list_source(str(src))
-    config = PrepareConfig(resolution=resolution, codec=CodecConfig(kind="vae", vae=str(vae_path)),
-                           encode_batch_size=batch)  # fmt: skip
+    config = PrepareConfig(
+        resolution=resolution, codec=CodecConfig(kind="vae", vae=str(vae_path)), encode_batch_size=batch
+    )
     encoder = ShardEncoder(config, str(src), str(out), device=device)
     items = [(i, *listing.files[i]) for i in range(len(listing.files))]
     encoder.encode_shard(0, items[: batch * 2])  # warm-up
@@ -110,8 +120,11 @@ def encoder_vs_bare(src: Path, out: Path, vae_path: Path, resolution: int, batch
         if device == "cuda":
             torch.cuda.synchronize()
     bare_img_s = batch * rounds / (time.perf_counter() - start)
-    return {"pipeline_encode_img_s": pipeline_img_s, "bare_encode_img_s": bare_img_s,
-            "encode_ratio": pipeline_img_s / bare_img_s}  # fmt: skip
+    return {
+        "pipeline_encode_img_s": pipeline_img_s,
+        "bare_encode_img_s": bare_img_s,
+        "encode_ratio": pipeline_img_s / bare_img_s,
+    }
 
 
 def main() -> None:

@@ -8,7 +8,7 @@ nothing were fused); attention FLOPs are 4 B T^2 D per layer (x3 for a training 
 time, share, GFLOP, GB, achieved TFLOP/s and GB/s: matmuls should run near the peak FLOP rate, elementwise and norm
 kernels near the memory bandwidth, and their share is what fusion (torch.compile) can remove.
 
-    python benchmarks/profile_step.py                                 # CPU: DiT-Pico/4 and DiT-Nano/2, 16 px, fp32
+    python benchmarks/profile_step.py                                 # CPU: DiT-d2w48/4 and DiT-d6w128/2, 16 px, fp32
     python benchmarks/profile_step.py --device cuda                   # GPU: DiT-XL/2 at 32x32x4, batch 64, bf16
     python benchmarks/profile_step.py --device cuda --compiled --kind sample --batch 256
 """
@@ -30,7 +30,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from train_step import make_sample_step, make_train_step  # noqa: E402  (benchmarks/, the script's own folder)
 
-from dit_core.model import DiT, dit_config  # noqa: E402
+from dit_core.config import dit_config  # noqa: E402
+from dit_core.model import DiT  # noqa: E402
 from dit_core.training import COMPILE_MODES  # noqa: E402
 
 # "other": views, allocation, Python-side op overhead
@@ -41,15 +42,72 @@ RULES = [
     ("fused", ("compiledfxgraph", "cpp_fused", "triton_")),  # inductor's kernels: norm + elementwise, fused
     ("attention", ("scaled_dot_product", "flash", "fmha", "efficient_attention", "cudnn_attention", "attention")),
     ("optimizer+ema", ("adam", "_foreach", "multi_tensor_apply", "lerp")),
-    ("matmul", ("addmm", "aten::mm", "aten::bmm", "baddbmm", "gemm", "matmul", "convolution", "conv2d", "cutlass",
-                "xmma", "sm90_", "sm80_", "cublas", "nvjet", "mkldnn_", "_mm_")),
+    (
+        "matmul",
+        (
+            "addmm",
+            "aten::mm",
+            "aten::bmm",
+            "baddbmm",
+            "gemm",
+            "matmul",
+            "convolution",
+            "conv2d",
+            "cutlass",
+            "xmma",
+            "sm90_",
+            "sm80_",
+            "cublas",
+            "nvjet",
+            "mkldnn_",
+            "_mm_",
+        ),
+    ),
     ("norm", ("layer_norm", "native_layer_norm", "layernorm", "_norm_", "norm_backward")),
     ("copy", ("copy_", "memcpy", "memset", "aten::to", "_to_copy", "clone", "contiguous", "cat", "fill_", "zero_")),
-    ("elementwise", ("add", "mul", "sub", "div", "gelu", "silu", "exp", "log", "pow", "where", "sum", "mean", "tanh",
-                     "sigmoid", "neg", "sqrt", "rsqrt", "clamp", "elementwise", "vectorized", "reduce",
-                     "unrolled", "abs", "max", "min", "cos", "sin", "normal", "rand", "erf", "aten::gt", "aten::lt",
-                     "aten::eq", "aten::ne", "index", "gather", "addc")),
-]  # fmt: skip
+    (
+        "elementwise",
+        (
+            "add",
+            "mul",
+            "sub",
+            "div",
+            "gelu",
+            "silu",
+            "exp",
+            "log",
+            "pow",
+            "where",
+            "sum",
+            "mean",
+            "tanh",
+            "sigmoid",
+            "neg",
+            "sqrt",
+            "rsqrt",
+            "clamp",
+            "elementwise",
+            "vectorized",
+            "reduce",
+            "unrolled",
+            "abs",
+            "max",
+            "min",
+            "cos",
+            "sin",
+            "normal",
+            "rand",
+            "erf",
+            "aten::gt",
+            "aten::lt",
+            "aten::eq",
+            "aten::ne",
+            "index",
+            "gather",
+            "addc",
+        ),
+    ),
+]
 
 
 def op_class(name: str) -> str:
@@ -132,7 +190,7 @@ def attention_flops(config, batch: int, kind: str) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    parser.add_argument("--presets", nargs="+", default=None, help="default Pico/4 Nano/2 (CPU), XL/2 (GPU)")
+    parser.add_argument("--presets", nargs="+", default=None, help="default d2w48/4 d6w128/2 (CPU), XL/2 (GPU)")
     parser.add_argument("--kind", default="train", choices=["train", "sample"])
     parser.add_argument("--compiled", action="store_true", help="profile the torch.compile'd step")
     parser.add_argument("--compile-mode", default="default", choices=COMPILE_MODES, help="torch.compile mode")
@@ -146,14 +204,21 @@ def main() -> None:
     gpu = args.device == "cuda"
     if gpu and not torch.cuda.is_available():
         raise SystemExit("--device cuda given but no CUDA device is visible")
-    args.presets = args.presets or (["DiT-XL/2"] if gpu else ["DiT-Pico/4", "DiT-Nano/2"])
+    args.presets = args.presets or (["DiT-XL/2"] if gpu else ["DiT-d2w48/4", "DiT-d6w128/2"])
     args.input_size = args.input_size or (32 if gpu else 16)
     args.in_channels = args.in_channels or (4 if gpu else 3)
     args.precision = args.precision or ("bf16" if gpu else "fp32")
     device = torch.device(args.device)
     name = torch.cuda.get_device_name() if gpu else "cpu"
-    report = {"device": name, "torch": torch.__version__, "kind": args.kind, "compiled": args.compiled,
-              "precision": args.precision, "batch": args.batch, "presets": {}}  # fmt: skip
+    report = {
+        "device": name,
+        "torch": torch.__version__,
+        "kind": args.kind,
+        "compiled": args.compiled,
+        "precision": args.precision,
+        "batch": args.batch,
+        "presets": {},
+    }
     for preset in args.presets:
         config, step = make_step(preset, args, device)
         for _ in range(3):
@@ -163,8 +228,10 @@ def main() -> None:
         flops["attention"] = attention_flops(config, args.batch, args.kind)  # the counter misses CPU SDPA kernels
         total = sum(seconds.values())
         mode = "compiled" if args.compiled else "eager"
-        print(f"\n{preset} {args.kind} step, {mode}, {args.precision}, batch {args.batch}, {name}: "
-              f"{total * 1e3:.1f} ms profiled per step (FLOPs and bytes counted eagerly, per aten op)")  # fmt: skip
+        print(
+            f"\n{preset} {args.kind} step, {mode}, {args.precision}, batch {args.batch}, {name}: "
+            f"{total * 1e3:.1f} ms profiled per step (FLOPs and bytes counted eagerly, per aten op)"
+        )
         print(f"{'class':<14} {'ms':>8} {'share':>7} {'GFLOP':>9} {'GB':>8} {'TFLOP/s':>8} {'GB/s':>8}")
         rows = {}
         for cls in CLASSES:
@@ -175,8 +242,10 @@ def main() -> None:
             rate = f"{f / s / 1e12:>8.2f}" if s and f else f"{'-':>8}"
             # eager traffic over compiled time would overstate bandwidth: only eager steps get GB/s
             bandwidth = f"{b / s / 1e9:>8.1f}" if s and b and not args.compiled else f"{'-':>8}"
-            print(f"{cls:<14} {s * 1e3:>8.2f} {rows[cls]['share']:>7.1%} {f / 1e9:>9.2f} {b / 1e9:>8.3f} "
-                  f"{rate} {bandwidth}")  # fmt: skip
+            print(
+                f"{cls:<14} {s * 1e3:>8.2f} {rows[cls]['share']:>7.1%} {f / 1e9:>9.2f} {b / 1e9:>8.3f} "
+                f"{rate} {bandwidth}"
+            )
         report["presets"][preset] = {"ms_per_step": total * 1e3, "classes": rows}
         del step
         if gpu:

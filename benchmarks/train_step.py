@@ -18,7 +18,7 @@ compiled-model (the model alone; what compiling the loss adds).
     python benchmarks/train_step.py                    # CPU: the quickstart presets at 16 px, fp32, eager
     python benchmarks/train_step.py --device cuda      # GPU: S/2 B/2 L/2 XL/2 at 256 px (32x32x4), batch 64, bf16,
                                                        # eager and compiled; XL/2 against diffusers; sampling at 256
-    python benchmarks/train_step.py --modes eager compiled-model compiled --sample-presets DiT-Nano/2   # CPU
+    python benchmarks/train_step.py --modes eager compiled-model compiled --sample-presets DiT-d6w128/2   # CPU
 
 MFU = 6 x paper Gflops x img/s / peak for training, 2 x paper Gflops x evaluations/s / peak for sampling (peak: the
 H200's 790 TFLOP/s bf16 unless --peak-flops).
@@ -38,14 +38,15 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from dit_core.config import dit_config  # noqa: E402
 from dit_core.diffusion import GaussianDiffusion  # noqa: E402
 from dit_core.ema import create_ema  # noqa: E402
 from dit_core.flops import H200_BF16_PEAK_FLOPS, gflops  # noqa: E402
 from dit_core.interop import to_diffusers  # noqa: E402
-from dit_core.model import DiT, dit_config  # noqa: E402
+from dit_core.model import DiT  # noqa: E402
 from dit_core.training import COMPILE_MODES, TrainStep, adamw  # noqa: E402
 
-QUICKSTART = ["DiT-Pico/4", "DiT-Pico/2", "DiT-Nano/4", "DiT-Nano/2"]
+QUICKSTART = ["DiT-d2w48/4", "DiT-d2w48/2", "DiT-d6w128/4", "DiT-d6w128/2"]
 GRID = ["DiT-S/2", "DiT-B/2", "DiT-L/2", "DiT-XL/2"]
 
 
@@ -74,10 +75,16 @@ def make_train_step(model, device: torch.device, batch: int, config, args, compi
     alone, the loss eager: how much compiling the loss adds)."""
     ema = create_ema(model)
     step = TrainStep(
-        model, GaussianDiffusion(), adamw(model), ema, ema_decay=0.9999,
+        model,
+        GaussianDiffusion(),
+        adamw(model),
+        ema,
+        ema_decay=0.9999,
         autocast_dtype=torch.bfloat16 if args.precision == "bf16" else None,
-        compile=compiled != "", compile_mode=args.compile_mode, compile_loss=compiled == "compiled",
-    )  # fmt: skip
+        compile=compiled != "",
+        compile_mode=args.compile_mode,
+        compile_loss=compiled == "compiled",
+    )
     x0, y, _ = _inputs(config, batch, device)
     return lambda: step(x0, y)
 
@@ -174,8 +181,16 @@ def bench(args, preset: str, kind: str, modes: list[str], with_peer: bool, devic
 
     results = []
     for mode in modes:
-        result = {"preset": preset, "kind": kind, "mode": mode, "batch": batch, "gflops": gflops(config),
-                  "precision": args.precision, "device": str(device), "seconds_incl_warmup": seconds}  # fmt: skip
+        result = {
+            "preset": preset,
+            "kind": kind,
+            "mode": mode,
+            "batch": batch,
+            "gflops": gflops(config),
+            "precision": args.precision,
+            "device": str(device),
+            "seconds_incl_warmup": seconds,
+        }
         for name in ("dit_core", "diffusers"):
             if (name, mode) not in per_round:
                 continue
@@ -213,8 +228,10 @@ def row(r: dict, gpu: bool) -> str:
     unit = "img/s" if r["kind"] == "train" else "eval/s"
     peer = f"{r['diffusers_per_s']:>12.1f}" if "diffusers_per_s" in r else f"{'-':>12}"
     ratio = f"{r['ratio']:>6.3f}" if "ratio" in r else f"{'-':>6}"
-    line = (f"{r['kind']:<6} {r['mode']:<14} {r['preset']:<11} {r['batch']:>5} {r['gflops']:>8.3f} "
-            f"{r['dit_core_per_s']:>12.1f} {peer} {ratio} {unit}")  # fmt: skip
+    line = (
+        f"{r['kind']:<6} {r['mode']:<14} {r['preset']:<11} {r['batch']:>5} {r['gflops']:>8.3f} "
+        f"{r['dit_core_per_s']:>12.1f} {peer} {ratio} {unit}"
+    )
     if gpu:
         peer_mfu = f"{r['diffusers_mfu']:>8.1%}" if "diffusers_mfu" in r else f"{'-':>8}"
         line += f"   MFU {r['dit_core_mfu']:>6.1%} {peer_mfu}   {r['peak_memory_gib_all_steps']:.1f} GiB"
@@ -225,16 +242,25 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--presets", nargs="+", default=None, help="default: the quickstart's (CPU), S/B/L/XL-2 (GPU)")
-    parser.add_argument("--peer-presets", nargs="+", default=None,
-                        help="presets also run with diffusers (default: all on CPU, DiT-XL/2 on GPU)")  # fmt: skip
+    parser.add_argument(
+        "--peer-presets",
+        nargs="+",
+        default=None,
+        help="presets also run with diffusers (default: all on CPU, DiT-XL/2 on GPU)",
+    )
     parser.add_argument(
         "--sample-presets",
         nargs="*",
         default=None,
         help="presets whose sampling forward is measured (default: none on CPU, DiT-XL/2 on GPU)",
     )
-    parser.add_argument("--modes", nargs="+", default=None, choices=["eager", "compiled", "compiled-model"],
-                        help="default eager (CPU), eager compiled (GPU); compiled-model: loss eager")  # fmt: skip
+    parser.add_argument(
+        "--modes",
+        nargs="+",
+        default=None,
+        choices=["eager", "compiled", "compiled-model"],
+        help="default eager (CPU), eager compiled (GPU); compiled-model: loss eager",
+    )
     parser.add_argument("--batch", type=int, default=64, help="training batch per device")
     parser.add_argument("--sample-batch", type=int, default=256, help="sampling batch")
     parser.add_argument("--input-size", type=int, default=None, help="latent side (default 16 CPU, 32 GPU)")
@@ -245,8 +271,9 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--peak-flops", type=float, default=H200_BF16_PEAK_FLOPS)
     parser.add_argument("--compile-mode", default="default", choices=COMPILE_MODES, help="torch.compile mode")
-    parser.add_argument("--budget-s", type=float, default=None,
-                        help="skip what would end after this many s (default 270 GPU, none CPU)")  # fmt: skip
+    parser.add_argument(
+        "--budget-s", type=float, default=None, help="skip what would end after this many s (default 270 GPU, none CPU)"
+    )
     parser.add_argument("--json", default="benchmarks/results/train_step.json")
     args = parser.parse_args()
     gpu = args.device == "cuda"
@@ -270,8 +297,10 @@ def main() -> None:
 
     name = torch.cuda.get_device_name() if gpu else "cpu"
     print(f"{name}, torch {torch.__version__}, {args.precision}, latents {args.in_channels}x{args.input_size}^2")
-    print(f"{'kind':<6} {'mode':<14} {'preset':<11} {'batch':>5} {'Gflops':>8} {'dit_core':>12} {'diffusers':>12} "
-          f"{'ratio':>6}" + ("   MFU ours / diffusers" if gpu else ""))  # fmt: skip
+    print(
+        f"{'kind':<6} {'mode':<14} {'preset':<11} {'batch':>5} {'Gflops':>8} {'dit_core':>12} {'diffusers':>12} "
+        f"{'ratio':>6}" + ("   MFU ours / diffusers" if gpu else "")
+    )
     results, skipped, took, start = [], [], {}, time.perf_counter()
     for kind, preset in plan_measurements(args.presets, peers, sample_presets):
         modes = [m for m in args.modes if kind == "train" or m != "compiled-model"]  # no loss in a sampling step
@@ -296,10 +325,13 @@ def main() -> None:
                 print(f"{r['kind']} {r['preset']}: {r['mode']} / {base} = {r[key]:.2f}x (dit_core, same rounds)")
     if skipped:
         print(f"skipped to stay within --budget-s {args.budget_s:.0f}: {'; '.join(skipped)}")
-    out.write_text(json.dumps({"device": name, "torch": torch.__version__, "results": results, "skipped": skipped},
-                              indent=2))  # fmt: skip
-    print(f"ratio = dit_core / diffusers speed (median over {args.rounds} alternating rounds); "
-          f"{time.perf_counter() - start:.0f} s in all; wrote {out}")  # fmt: skip
+    out.write_text(
+        json.dumps({"device": name, "torch": torch.__version__, "results": results, "skipped": skipped}, indent=2)
+    )
+    print(
+        f"ratio = dit_core / diffusers speed (median over {args.rounds} alternating rounds); "
+        f"{time.perf_counter() - start:.0f} s in all; wrote {out}"
+    )
 
 
 if __name__ == "__main__":
