@@ -147,8 +147,6 @@ class GaussianDiffusion:
         self.alpha_bar_prev = torch.cat([torch.ones(1, dtype=torch.float64), self.alpha_bar[:-1]])
         self.sqrt_alpha_bar = self.alpha_bar.sqrt()
         self.sqrt_one_minus_alpha_bar = (1 - self.alpha_bar).sqrt()
-        self.sqrt_recip_alpha_bar = (1 / self.alpha_bar).sqrt()
-        self.sqrt_recipm1_alpha_bar = (1 / self.alpha_bar - 1).sqrt()
         # Posterior q(x_{t-1} | x_t, x_0) = N(coef1 x_0 + coef2 x_t, beta_tilde_t)   (DDPM eq. 6-7)
         self.posterior_variance = betas * (1 - self.alpha_bar_prev) / (1 - self.alpha_bar)
         # beta_tilde_0 = 0: clip the log at t = 0 to the t = 1 value, as improved DDPM does
@@ -170,10 +168,6 @@ class GaussianDiffusion:
             if isinstance(value, torch.Tensor) and value.device != device:
                 setattr(self, name, value.to(device))
         return self
-
-    def respaced(self, respacing: str) -> GaussianDiffusion:
-        """The same process sampled over fewer steps ("250", "ddim50", ...)."""
-        return GaussianDiffusion(self.config, respacing)
 
     @staticmethod
     def _at(coef: torch.Tensor, t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:

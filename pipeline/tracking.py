@@ -334,13 +334,6 @@ def metric_history(uri: str, run_id: str, key: str) -> list[tuple[int, float]]:
     return sorted((m.step, m.value) for m in client(uri).get_metric_history(run_id, key))
 
 
-def trial_runs(uri: str, exp_id: str, sweep: str) -> list:
-    """All child runs of a sweep."""
-    return client(uri).search_runs(
-        [exp_id], filter_string=f"tags.`{TAG_ROLE}` = 'trial' and tags.`{TAG_SWEEP}` = '{sweep}'", max_results=10000
-    )
-
-
 def log_analysis(uri: str, run_id: str, folder: str, metrics: dict[str, float], step: int) -> None:
     """The analysis folder as artifacts under `analysis/` of the sweep's run, and its headline fits as metrics."""
     c = client(uri)

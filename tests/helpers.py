@@ -58,3 +58,13 @@ def pixel_manifest():
         latent_shape=(3, 16, 16),
         stored_shape=(3, 16, 16),
     )
+
+
+def trial_runs(uri: str, sweep: str) -> list:
+    """The MLflow child runs of a sweep (its trials), read with MLflow's own client."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=uri)
+    experiments = [e.experiment_id for e in client.search_experiments()]
+    query = f"tags.`ditscale.role` = 'trial' and tags.`ditscale.sweep` = '{sweep}'"
+    return client.search_runs(experiments, filter_string=query, max_results=1000)

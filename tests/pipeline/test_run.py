@@ -6,6 +6,7 @@ from pathlib import Path
 from pipeline import tracking
 from pipeline.experiment_files import load_experiment
 from pipeline.run import run_all
+from tests.helpers import trial_runs
 
 MINI = [
     "name=quickstart-mini",
@@ -38,8 +39,7 @@ def test_run_chains_every_stage_and_resumes(ray_session, mlflow_uri, tmp_path, c
     analysis = Path(workdir) / "analysis" / "quickstart-mini"
     assert (analysis / "fid_vs_gflops.png").exists() and (analysis / "table4.md").exists()
     assert json.loads((analysis / "summary.json").read_text())["fid_vs_gflops"]["n"] == 4
-    exp_id = tracking.experiment_id(mlflow_uri, experiment.mlflow_experiment)
-    for run in tracking.trial_runs(mlflow_uri, exp_id, "quickstart-mini"):
+    for run in trial_runs(mlflow_uri, "quickstart-mini"):
         assert [s for s, _ in tracking.metric_history(mlflow_uri, run.info.run_id, "fid")] == [10, 20]
     # Everything is done: a second run trains and scores nothing and gives the same analysis.
     again = run_all(experiment, workdir)

@@ -16,6 +16,7 @@ from pipeline import tracking
 from pipeline.experiment_files import load_experiment
 from pipeline.plan import plan_sweep
 from pipeline.sweep import run_sweep
+from tests.helpers import trial_runs
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -46,7 +47,7 @@ def test_mlflow_has_one_parent_and_a_child_per_trial(smoke, mlflow_uri):
     parents = client.search_runs([exp_id], "tags.`ditscale.role` = 'sweep' and tags.`ditscale.sweep` = 'smoke'")
     assert len(parents) == 1 and parents[0].info.status == "FINISHED"
     assert parents[0].data.tags["git_commit"] and parents[0].data.tags["manifest_hash"]
-    children = tracking.trial_runs(mlflow_uri, exp_id, "smoke")
+    children = trial_runs(mlflow_uri, "smoke")
     assert len(children) == 4
     for child in children:
         assert child.data.tags["mlflow.parentRunId"] == parents[0].info.run_id
