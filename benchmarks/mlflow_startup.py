@@ -26,7 +26,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pipeline.layout import Workspace  # noqa: E402
-from pipeline.tracking import _free_port, embedded_server  # noqa: E402
+from pipeline.tracking import _free_port, embedded_server, mlflow_server_command  # noqa: E402
 
 
 def children_cpu() -> float:
@@ -37,22 +37,8 @@ def children_cpu() -> float:
 def mlflow_cli(folder: Path) -> tuple[float, float]:
     """(seconds to /health, CPU seconds of the server's processes by then) for `mlflow server`."""
     port = _free_port()
-    cmd = [
-        sys.executable,
-        "-m",
-        "mlflow",
-        "server",
-        "--backend-store-uri",
-        f"sqlite:///{folder / 'mlflow.db'}",
-        "--artifacts-destination",
-        str(folder / "art"),
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
-        "--workers",
-        "1",
-    ]
+    command = mlflow_server_command(folder / "mlflow.db", folder / "art", port)
+    cmd = [sys.executable, "-m", "mlflow", *command, "--workers", "1"]
     start = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     while True:

@@ -38,15 +38,27 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def mlflow_server_command(db: str | Path, artifacts: str | Path, port: int) -> list[str]:
+    """`mlflow server` over the SQLite file `db` and the artifact folder `artifacts`, on 127.0.0.1:`port`."""
+    return [
+        "server",
+        "--backend-store-uri",
+        f"sqlite:///{db}",
+        "--artifacts-destination",
+        str(artifacts),
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+    ]
+
+
 def ui_command(workdir: str) -> str:
     """The command that opens the MLflow UI over the embedded store of `workdir`."""
     ws = Workspace(workdir)
     beside = Path(sys.executable).parent / "mlflow"  # this environment's mlflow, even when it is not on PATH
     mlflow = str(beside) if beside.exists() and shutil.which("mlflow") != str(beside) else "mlflow"
-    return (
-        f"{mlflow} server --backend-store-uri sqlite:///{ws.mlflow_db} --artifacts-destination {ws.mlflow_artifacts} "
-        f"--host 127.0.0.1 --port 5000"
-    )
+    return " ".join([mlflow, *mlflow_server_command(ws.mlflow_db, ws.mlflow_artifacts, 5000)])
 
 
 # What the embedded server needs of MLflow: the tracking app alone, in one process. `mlflow server` would import
@@ -65,7 +77,7 @@ def serve(db: str, artifacts: str, port: int) -> None:
     --artifacts-destination artifacts --workers 1` does. Falls back to that command on an MLflow whose server
     internals differ."""
     os.environ.update(SERVER_ENV)
-    backend, artifact_root = f"sqlite:///{db}", "mlflow-artifacts:/"
+    backend, artifact_root = f"sqlite:///{db}", "mlflow-artifacts:/"  # (the artifact root `mlflow server` uses)
     start = time.perf_counter()
     phase = lambda what: print(f"[{time.perf_counter() - start:6.2f} s] {what}", flush=True)  # noqa: E731
     try:
@@ -91,22 +103,7 @@ def serve(db: str, artifacts: str, port: int) -> None:
         phase("imported the tracking app; serving")
     except (ImportError, AttributeError) as exc:
         print(f"falling back to `mlflow server` ({type(exc).__name__}: {exc})", flush=True)
-        cmd = [
-            sys.executable,
-            "-m",
-            "mlflow",
-            "server",
-            "--backend-store-uri",
-            backend,
-            "--artifacts-destination",
-            artifacts,
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--workers",
-            "1",
-        ]
+        cmd = [sys.executable, "-m", "mlflow", *mlflow_server_command(db, artifacts, port), "--workers", "1"]
         os.execv(sys.executable, cmd)
     uvicorn.run(app, host="127.0.0.1", port=port, workers=1, log_level="warning")
 
