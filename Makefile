@@ -16,7 +16,7 @@ $(VENV)/.installed: pyproject.toml
 
 setup: $(VENV)/.installed
 
-# The main job: a small scaling study on the toy data (local Ray, local MLflow), about 9 minutes on 2 cores.
+# The main job: a small scaling study on the toy data (local Ray, local MLflow), about 14 minutes on 2 cores.
 quickstart: setup
 	$(VENV)/bin/ditscale run quickstart
 
