@@ -10,6 +10,13 @@ from __future__ import annotations
 from dataclasses import dataclass, fields, replace
 from typing import ClassVar
 
+# The values of each block option; the first is the paper's (the default).
+OPTION_CHOICES: dict[str, tuple[str, ...]] = {
+    "positions": ("sincos", "rope"),
+    "mlp": ("gelu", "swiglu"),
+    "norm": ("layernorm", "rmsnorm"),
+}
+
 
 @dataclass(frozen=True)
 class DiTOptions:
@@ -21,9 +28,13 @@ class DiTOptions:
 
     RUNTIME_FIELDS: ClassVar[tuple[str, ...]] = ("grad_checkpointing",)  # change the cost, not the weights
 
-    mlp_ratio: float = 4.0  # MLP hidden width = mlp_ratio * D
+    mlp_ratio: float = 4.0  # MLP hidden width = mlp_ratio * D (SwiGLU: 2/3 of it, for the same parameters)
     class_dropout_prob: float = 0.1  # probability, in training mode, that a label is replaced by the null class
     grad_checkpointing: bool = False  # recompute each block in backward (saves activation memory, costs ~1/3 time)
+    positions: str = "sincos"  # "sincos": fixed 2D sin-cos added to the tokens (the paper); "rope": 2D axial RoPE
+    mlp: str = "gelu"  # "gelu": Linear-GELU(tanh)-Linear (the paper); "swiglu": Linear-(SiLU(gate) * value)-Linear
+    norm: str = "layernorm"  # "layernorm" (the paper) or "rmsnorm": the norm before attention, MLP and final layer
+    qk_norm: bool = False  # RMS-normalise q and k per head (learned gain) before the attention logits
 
     def __post_init__(self) -> None:
         self.validate_options()
@@ -33,6 +44,11 @@ class DiTOptions:
             raise ValueError(f"mlp_ratio must be positive, got {self.mlp_ratio}")
         if not 0.0 <= self.class_dropout_prob < 1.0:
             raise ValueError(f"class_dropout_prob must be in [0, 1), got {self.class_dropout_prob}")
+        for name, choices in OPTION_CHOICES.items():
+            if getattr(self, name) not in choices:
+                raise ValueError(f"unknown {name} {getattr(self, name)!r}; choose one of {', '.join(choices)}")
+        if not isinstance(self.qk_norm, bool):
+            raise ValueError(f"qk_norm must be true or false, got {self.qk_norm!r}")
 
     @property
     def options(self) -> DiTOptions:
@@ -83,8 +99,21 @@ class DiTConfig(DiTOptions):
             )
         if self.hidden_size % self.num_heads:
             raise ValueError(f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
-        if self.hidden_size % 4:
+        if self.positions == "sincos" and self.hidden_size % 4:
             raise ValueError(f"hidden_size {self.hidden_size} must be a multiple of 4 (2D sin-cos position embedding)")
+        if self.positions == "rope" and self.head_dim % 4:
+            raise ValueError(
+                f"positions='rope' rotates pairs of each head's dims along two axes, so the head dimension must be a "
+                f"multiple of 4; hidden_size {self.hidden_size} / num_heads {self.num_heads} = {self.head_dim}: "
+                f"change num_heads or use positions='sincos'"
+            )
+
+    @property
+    def mlp_hidden_size(self) -> int:
+        """The MLP's hidden width: int(mlp_ratio * D) for GELU; for SwiGLU int(2/3 of that), so that its three
+        matrices (value, gate: D x h; out: h x D) hold as many weights as GELU's two (exactly when 3 divides it)."""
+        hidden = int(self.hidden_size * self.mlp_ratio)
+        return hidden if self.mlp == "gelu" else int(2 * hidden / 3)
 
 
 # Model sizes: (depth, hidden size D, heads). The paper's four (Table 1), then a tiny family for CPU studies and tests

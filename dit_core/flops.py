@@ -4,7 +4,9 @@ Convention (paper section 4, confirmed by its authors): forward pass only, one m
 (MACs), attention matmuls included, VAE and elementwise ops excluded. Per block with T tokens of width D:
     qkv 3*T*D^2 + attention (QK^T and AV) 2*T^2*D + out proj T*D^2 + MLP 8*T*D^2 + adaLN 6*D^2
   = 12*T*D^2 + 2*T^2*D + 6*D^2
-plus the patch embedding, the timestep MLP and the final layer. Training compute in the paper = Gflops x batch x
+plus the patch embedding, the timestep MLP and the final layer. The block options change only the MLP term: SwiGLU's
+three D x h matrices give 3*T*D*h, with h = 2/3 of GELU's hidden width (the same count when 3 divides 4D); RoPE,
+RMSNorm and QK-norm are elementwise and add nothing in this convention. Training compute in the paper = Gflops x batch x
 steps x 3 (forward + backward, still MACs); multiply by 2 for true FLOPs, the unit of 6*N*D estimates and of MFU.
 """
 
@@ -35,8 +37,7 @@ class ComputeBreakdown:
 def forward_macs(config: DiTConfig) -> ComputeBreakdown:
     """Forward MACs of one image through `config`, split by part."""
     D, T, p, L = config.hidden_size, config.num_tokens, config.patch_size, config.depth
-    mlp_hidden = int(D * config.mlp_ratio)
-    per_block_linear = T * (3 * D * D + D * D + 2 * D * mlp_hidden) + 6 * D * D
+    per_block_linear = T * (3 * D * D + D * D + _mlp_matrices(config) * D * config.mlp_hidden_size) + 6 * D * D
     per_block_attention = 2 * T * T * D
     return ComputeBreakdown(
         patch_embed=T * D * config.in_channels * p * p,
@@ -55,9 +56,11 @@ def gflops(config: DiTConfig) -> float:
 def param_count(config: DiTConfig, include_pos_embed: bool = True) -> int:
     """Parameter count without building the model (675,129,632 for DiT-XL/2 with its fixed pos_embed)."""
     D, C, p, L = config.hidden_size, config.in_channels, config.patch_size, config.depth
-    mlp_hidden = int(D * config.mlp_ratio)
+    h = config.mlp_hidden_size
     linear = lambda n_in, n_out: n_in * n_out + n_out  # noqa: E731
-    block = linear(D, 3 * D) + linear(D, D) + linear(D, mlp_hidden) + linear(mlp_hidden, D) + linear(D, 6 * D)
+    mlp = linear(D, (_mlp_matrices(config) - 1) * h) + linear(h, D)  # GELU: D -> h -> D; SwiGLU: D -> 2h, h -> D
+    qk_norm = 2 * config.head_dim if config.qk_norm else 0  # the gains of q's and k's RMSNorm
+    block = linear(D, 3 * D) + linear(D, D) + mlp + linear(D, 6 * D) + qk_norm
     total = (
         (C * p * p * D + D)  # patch embed conv
         + linear(TIMESTEP_FREQUENCY_SIZE, D)
@@ -67,9 +70,14 @@ def param_count(config: DiTConfig, include_pos_embed: bool = True) -> int:
         + linear(D, 2 * D)
         + linear(D, p * p * config.out_channels)  # final layer
     )
-    if include_pos_embed:
+    if include_pos_embed and config.positions == "sincos":  # RoPE has no embedding table
         total += config.num_tokens * D
     return total
+
+
+def _mlp_matrices(config: DiTConfig) -> int:
+    """Weight matrices of width D x h in one MLP: 2 for GELU (in, out), 3 for SwiGLU (value, gate, out)."""
+    return 2 if config.mlp == "gelu" else 3
 
 
 def training_compute(config: DiTConfig, global_batch_size: int, steps: int) -> dict[str, float]:

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from dit_core.config import SIZES, DiTConfig
+from dit_core.config import SIZES, DiTConfig, DiTOptions
 from dit_core.ema import unwrap_model
 from dit_core.model import DiT
 
@@ -137,6 +137,16 @@ def diffusers_config(config: DiTConfig) -> dict[str, Any]:
     """DiTTransformer2DModel constructor arguments equivalent to a DiTConfig."""
     if config.mlp_ratio != 4.0:
         raise ValueError(f"diffusers' DiT has mlp_ratio 4; this model has {config.mlp_ratio}")
+    changed = {
+        k: getattr(config, k)
+        for k in ("positions", "mlp", "norm", "qk_norm")
+        if getattr(config, k) != getattr(DiTOptions(), k)
+    }
+    if changed:
+        raise ValueError(
+            f"diffusers' DiTTransformer2DModel is the official block (sin-cos positions, GELU, LayerNorm, no "
+            f"QK-norm); this model sets {changed}: keep it as a dit_core checkpoint"
+        )
     return dict(
         num_attention_heads=config.num_heads,
         attention_head_dim=config.head_dim,

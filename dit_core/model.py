@@ -20,7 +20,7 @@ from torch.utils.checkpoint import checkpoint
 from dit_core.config import DiTConfig, dit_config
 
 # ---------------------------------------------------------------------------------------------------------------
-# Embedders: patches, timesteps, labels, fixed 2D sin-cos positions
+# Embedders: patches, timesteps, labels; positions (fixed 2D sin-cos, or 2D rotary); the norms
 # ---------------------------------------------------------------------------------------------------------------
 
 
@@ -110,24 +110,70 @@ def sincos_pos_embed_2d(hidden_size: int, grid_size: int) -> torch.Tensor:
     return torch.cat([encode(cols), encode(rows)], dim=1)  # (T, D)
 
 
+def rope_2d_tables(head_dim: int, grid_size: int, base: float = 10000.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin tables (T, head_dim) of 2D axial rotary embeddings (Su et al., RoFormer; axial as in LightningDiT).
+
+    The first head_dim/2 dims of q and k rotate with the token's row i, the last head_dim/2 with its column j. Within
+    each half of m = head_dim/2 dims, dim k and dim k + m/2 form a pair rotated by the angle pos * base^(-k / (m/2)).
+    """
+    m = head_dim // 2
+    freqs = base ** (-torch.arange(m // 2, dtype=torch.float64) / (m // 2))  # (m/2,)
+    rows, cols = torch.meshgrid(
+        torch.arange(grid_size, dtype=torch.float64), torch.arange(grid_size, dtype=torch.float64), indexing="ij"
+    )
+    angles = [pos.reshape(-1, 1) * freqs[None] for pos in (rows, cols)]  # 2 x (T, m/2)
+    angles = torch.cat([torch.cat([a, a], dim=1) for a in angles], dim=1)  # (T, head_dim): each pair's angle twice
+    return angles.cos().float(), angles.sin().float()
+
+
+def apply_rope_2d(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate (N, heads, T, hd) queries or keys by the tables of `rope_2d_tables`: x * cos + rotate(x) * sin."""
+    half = x.shape[-1] // 2
+    rotated = []
+    for part in (x[..., :half], x[..., half:]):  # the row half, the column half
+        a, b = part.chunk(2, dim=-1)
+        rotated.append(torch.cat([-b, a], dim=-1))
+    return x * cos.to(x.dtype) + torch.cat(rotated, dim=-1) * sin.to(x.dtype)
+
+
+def make_norm(kind: str, hidden_size: int) -> nn.Module:
+    """The pre-attention / pre-MLP norm, without affine parameters (adaLN supplies shift and scale)."""
+    if kind == "rmsnorm":
+        return nn.RMSNorm(hidden_size, eps=1e-6, elementwise_affine=False)
+    return nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # DiT block with adaLN-Zero conditioning (paper section 3.2)
 # ---------------------------------------------------------------------------------------------------------------
 
 
-class Attention(nn.Module):
-    """Multi-head self-attention with a fused qkv projection and torch SDPA (flash / memory-efficient kernels)."""
+Rope = tuple[torch.Tensor, torch.Tensor] | None  # the (cos, sin) tables of rope_2d_tables, or None (no RoPE)
 
-    def __init__(self, hidden_size: int, num_heads: int):
+
+class Attention(nn.Module):
+    """Multi-head self-attention with a fused qkv projection and torch SDPA (flash / memory-efficient kernels).
+
+    Options: `qk_norm` RMS-normalises q and k over each head's dims (one learned gain per dim, shared by the heads)
+    before the logits; `rope` tables rotate q and k by the tokens' 2D positions.
+    """
+
+    def __init__(self, hidden_size: int, num_heads: int, qk_norm: bool = False):
         super().__init__()
         self.num_heads = num_heads
         self.qkv = nn.Linear(hidden_size, 3 * hidden_size, bias=True)
         self.proj = nn.Linear(hidden_size, hidden_size, bias=True)
+        head_dim = hidden_size // num_heads
+        self.q_norm = nn.RMSNorm(head_dim, eps=1e-6) if qk_norm else nn.Identity()
+        self.k_norm = nn.RMSNorm(head_dim, eps=1e-6) if qk_norm else nn.Identity()
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rope: Rope = None) -> torch.Tensor:
         N, T, D = x.shape
         qkv = self.qkv(x).view(N, T, 3, self.num_heads, D // self.num_heads)  # (N, T, 3, heads, hd)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (N, heads, T, hd)
+        q, k = self.q_norm(q), self.k_norm(k)
+        if rope is not None:
+            q, k = apply_rope_2d(q, *rope), apply_rope_2d(k, *rope)
         x = F.scaled_dot_product_attention(q, k, v)  # (N, heads, T, hd)
         return self.proj(x.transpose(1, 2).reshape(N, T, D))
 
@@ -144,21 +190,35 @@ class Mlp(nn.Module):
         return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
 
 
+class SwiGLU(nn.Module):
+    """Linear(h, D)(SiLU(x W_gate) * (x W_value)) (Shazeer 2020); value and gate as one fused Linear(D, 2h)."""
+
+    def __init__(self, hidden_size: int, mlp_hidden_size: int):
+        super().__init__()
+        self.fc1 = nn.Linear(hidden_size, 2 * mlp_hidden_size, bias=True)  # [value, gate]
+        self.fc2 = nn.Linear(mlp_hidden_size, hidden_size, bias=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        value, gate = self.fc1(x).chunk(2, dim=-1)  # each (N, T, h)
+        return self.fc2(F.silu(gate) * value)
+
+
 class DiTBlock(nn.Module):
     """x = x + gate_msa * Attn(modulate(LN(x))); x = x + gate_mlp * MLP(modulate(LN(x))); modulation from c."""
 
-    def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float):
+    def __init__(self, config: DiTConfig):
         super().__init__()
-        self.norm1 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
-        self.attn = Attention(hidden_size, num_heads)
-        self.norm2 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
-        self.mlp = Mlp(hidden_size, int(hidden_size * mlp_ratio))
-        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 6 * hidden_size, bias=True))
+        D = config.hidden_size
+        self.norm1 = make_norm(config.norm, D)
+        self.attn = Attention(D, config.num_heads, config.qk_norm)
+        self.norm2 = make_norm(config.norm, D)
+        self.mlp = (Mlp if config.mlp == "gelu" else SwiGLU)(D, config.mlp_hidden_size)
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(D, 6 * D, bias=True))
 
-    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, c: torch.Tensor, rope: Rope = None) -> torch.Tensor:
         # x: (N, T, D) tokens; c: (N, D) timestep + label conditioning
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(6, dim=1)
-        x = x + gate_msa.unsqueeze(1) * self.attn(modulate(self.norm1(x), shift_msa, scale_msa))
+        x = x + gate_msa.unsqueeze(1) * self.attn(modulate(self.norm1(x), shift_msa, scale_msa), rope)
         x = x + gate_mlp.unsqueeze(1) * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
         return x
 
@@ -166,9 +226,9 @@ class DiTBlock(nn.Module):
 class FinalLayer(nn.Module):
     """adaLN (shift, scale) then Linear(D, p*p*out_channels) per token."""
 
-    def __init__(self, hidden_size: int, patch_size: int, out_channels: int):
+    def __init__(self, hidden_size: int, patch_size: int, out_channels: int, norm: str = "layernorm"):
         super().__init__()
-        self.norm_final = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+        self.norm_final = make_norm(norm, hidden_size)
         self.linear = nn.Linear(hidden_size, patch_size * patch_size * out_channels, bias=True)
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 2 * hidden_size, bias=True))
 
@@ -197,11 +257,18 @@ class DiT(nn.Module):
         self.x_embedder = PatchEmbed(config.patch_size, config.in_channels, D)
         self.t_embedder = TimestepEmbedder(D)
         self.y_embedder = LabelEmbedder(config.num_classes, D, config.class_dropout_prob)
-        # Fixed, not trained, but kept in the state_dict as the official checkpoints have it.
-        pos = sincos_pos_embed_2d(D, config.input_size // config.patch_size).float().unsqueeze(0)  # (1, T, D)
-        self.pos_embed = nn.Parameter(pos, requires_grad=False)
-        self.blocks = nn.ModuleList([DiTBlock(D, config.num_heads, config.mlp_ratio) for _ in range(config.depth)])
-        self.final_layer = FinalLayer(D, config.patch_size, config.out_channels)
+        grid = config.input_size // config.patch_size
+        if config.positions == "sincos":
+            # Fixed, not trained, but kept in the state_dict as the official checkpoints have it.
+            pos = sincos_pos_embed_2d(D, grid).float().unsqueeze(0)  # (1, T, D)
+            self.pos_embed = nn.Parameter(pos, requires_grad=False)
+        else:  # RoPE: no additive embedding; the rotation tables are derived, not state
+            self.pos_embed = None
+            cos, sin = rope_2d_tables(config.head_dim, grid)  # (T, hd) each
+            self.register_buffer("rope_cos", cos, persistent=False)
+            self.register_buffer("rope_sin", sin, persistent=False)
+        self.blocks = nn.ModuleList([DiTBlock(config) for _ in range(config.depth)])
+        self.final_layer = FinalLayer(D, config.patch_size, config.out_channels, config.norm)
         self.initialize_weights()
 
     @classmethod
@@ -218,9 +285,10 @@ class DiT(nn.Module):
                 nn.init.zeros_(module.bias)
 
         self.apply(xavier_linear)
-        with torch.no_grad():
-            pos = sincos_pos_embed_2d(self.config.hidden_size, self.config.input_size // self.config.patch_size)
-            self.pos_embed.copy_(pos.float().unsqueeze(0))
+        if self.pos_embed is not None:
+            with torch.no_grad():
+                pos = sincos_pos_embed_2d(self.config.hidden_size, self.config.input_size // self.config.patch_size)
+                self.pos_embed.copy_(pos.float().unsqueeze(0))
         # Patch embedding like a Linear on its flattened (D, C*p*p) view.
         w = self.x_embedder.proj.weight
         nn.init.xavier_uniform_(w.view(w.shape[0], -1))
@@ -271,13 +339,18 @@ class DiT(nn.Module):
         """x (N, C, H, W), t (N,), y (N,) -> (N, out_channels, H, W). force_drop (N,) bool forces the null label."""
         if not torch.compiler.is_compiling():
             self._check_inputs(x, t, y)
-        x = self.x_embedder(x) + self.pos_embed.to(x.dtype)  # (N, T, D)
+        x = self.x_embedder(x)  # (N, T, D)
+        rope = None
+        if self.pos_embed is not None:
+            x = x + self.pos_embed.to(x.dtype)
+        else:
+            rope = (self.rope_cos, self.rope_sin)  # (T, hd) each
         c = self.t_embedder(t) + self.y_embedder(y, self.training, force_drop)  # (N, D)
         for block in self.blocks:
             if self.config.grad_checkpointing and self.training and torch.is_grad_enabled():
-                x = checkpoint(block, x, c, use_reentrant=False)
+                x = checkpoint(block, x, c, rope, use_reentrant=False)
             else:
-                x = block(x, c)
+                x = block(x, c, rope)
         x = self.final_layer(x, c)  # (N, T, p*p*out)
         return self.unpatchify(x)  # (N, out, H, W)
 

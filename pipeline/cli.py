@@ -3,7 +3,7 @@
 ditscale toy-data OUT [--classes 10 ...]                 the built-in toy images (ImageNet layout)
 ditscale prepare SRC OUT [--set resolution=32 ...]      shards of latents (fields of PrepareConfig)
 ditscale sweep|fid|analyze|run EXPERIMENT [--set ...]    the stages of a study (fields of ExperimentConfig)
-ditscale presets [--input-size 32] [--in-channels 4]    the DiT presets with params and Gflops
+ditscale presets [--preset P ...] [--all-options]       the DiT presets with params and Gflops
 ditscale demo [--seconds 60]                            dit_core on its own: train, sample, score on the CPU
 """
 
@@ -14,16 +14,34 @@ import sys
 
 
 def _cmd_presets(args: argparse.Namespace) -> int:
-    from dit_core.config import PRESETS, dit_config
-    from dit_core.flops import gflops, param_count
+    import itertools
 
-    print(f"{'preset':<10} {'depth':>5} {'width':>6} {'heads':>5} {'tokens':>6} {'params':>14} {'Gflops':>9}")
-    for name in PRESETS:
-        cfg = dit_config(name, input_size=args.input_size, in_channels=args.in_channels)
-        print(
-            f"{name:<10} {cfg.depth:>5} {cfg.hidden_size:>6} {cfg.num_heads:>5} {cfg.num_tokens:>6} "
-            f"{param_count(cfg):>14,} {gflops(cfg):>9.3f}"
-        )
+    from dit_core.config import OPTION_CHOICES, PRESETS, DiTOptions, dit_config
+    from dit_core.flops import gflops, param_count
+    from pipeline.experiment_files import apply_overrides
+
+    base = apply_overrides(DiTOptions(), args.set)
+    names = [n for n in PRESETS if not args.preset or n in args.preset]
+    if args.preset and len(names) != len(set(args.preset)):
+        raise ValueError(f"unknown presets {sorted(set(args.preset) - set(names))}; see `ditscale presets`")
+    if args.all_options:  # every combination of the block options, on each preset
+        values = [*OPTION_CHOICES.values(), (False, True)]
+        choices = [dict(zip([*OPTION_CHOICES, "qk_norm"], combo)) for combo in itertools.product(*values)]
+    else:
+        choices = [{}]
+    print(
+        f"{'preset':<13} {'positions':<9} {'mlp':<6} {'norm':<9} {'qk_norm':<7} {'depth':>5} {'width':>6} "
+        f"{'heads':>5} {'tokens':>6} {'params':>14} {'Gflops':>9}"
+    )
+    for name in names:
+        for choice in choices:
+            options = DiTOptions(**{**vars(base), **choice})
+            cfg = dit_config(name, options, input_size=args.input_size, in_channels=args.in_channels)
+            print(
+                f"{name:<13} {cfg.positions:<9} {cfg.mlp:<6} {cfg.norm:<9} {str(cfg.qk_norm).lower():<7} "
+                f"{cfg.depth:>5} {cfg.hidden_size:>6} {cfg.num_heads:>5} {cfg.num_tokens:>6} "
+                f"{param_count(cfg):>14,} {gflops(cfg):>9.3f}"
+            )
     return 0
 
 
@@ -175,6 +193,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("presets", help="list the DiT presets with parameter counts and Gflops")
     p.add_argument("--input-size", type=int, default=32, help="latent side in latent pixels (32 for 256 px + SD VAE)")
     p.add_argument("--in-channels", type=int, default=4, help="latent channels")
+    p.add_argument("--preset", nargs="+", default=(), help="only these presets (e.g. DiT-XL/2 DiT-d2w48/4)")
+    p.add_argument(
+        "--set", nargs="+", default=(), metavar="FIELD=VALUE", help="model options (DiTOptions), e.g. mlp=swiglu"
+    )
+    p.add_argument("--all-options", action="store_true", help="every combination of positions, mlp, norm, qk_norm")
     p.set_defaults(func=_cmd_presets)
 
     p = sub.add_parser("demo", help="train a tiny DiT on a synthetic distribution on the CPU and check its samples")
