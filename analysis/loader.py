@@ -10,7 +10,9 @@ import numpy as np
 import pandas as pd
 
 FID_METRICS = ("fid", "isc", "kid", "precision", "recall", "class_accuracy")  # class_accuracy: classifier extractor
-MODEL = ["run_name", "preset", "size", "patch", "params", "gflops"]  # what identifies a trial's model
+# What identifies a trial: its model, and its variant (the design axes' values; "default" in a study without any).
+# `label` names it in tables and legends: the preset, followed by the variant where the study has several.
+MODEL = ["run_name", "label", "variant", "preset", "size", "patch", "params", "gflops"]
 CURVE_COLUMNS = [*MODEL, "step", "compute_flops", "loss", "val_loss"]
 CHECKPOINT_COLUMNS = [
     *MODEL,
@@ -43,10 +45,11 @@ def load_runs(
 ) -> tuple[pd.DataFrame, pd.DataFrame, list[str]]:
     """(checkpoints, curves, notes).
 
-    checkpoints: run_name, run_id, preset, size, patch, params, gflops, global_batch_size, step, compute_gmacs
+    checkpoints: run_name, run_id, label, variant, preset, size, patch, params, gflops, global_batch_size, step,
+    compute_gmacs
     (paper convention: Gflops x batch x steps x 3), compute_flops (true FLOPs, 2x), fid and friends, loss and
     val_loss at that step, final_loss, extractor, status.
-    curves: run_name, preset, size, patch, params, gflops, step, compute_flops, loss, val_loss.
+    curves: run_name, label, variant, preset, size, patch, params, gflops, step, compute_flops, loss, val_loss.
     """
     from mlflow.tracking import MlflowClient
 
@@ -65,6 +68,8 @@ def load_runs(
         facts = {
             "run_name": name,
             "run_id": run.info.run_id,
+            "label": p["preset"],
+            "variant": p.get("variant", "default"),  # runs from before design axes have none
             "preset": p["preset"],
             "size": p["size"],
             "patch": int(p["patch"]),
@@ -106,6 +111,9 @@ def load_runs(
             )
     frame = pd.DataFrame(rows, columns=CHECKPOINT_COLUMNS).sort_values(["gflops", "step"], ignore_index=True)
     curves_frame = pd.DataFrame(curves, columns=CURVE_COLUMNS)
+    for table in (frame, curves_frame):
+        if table["variant"].nunique() > 1:
+            table["label"] = table["preset"] + " " + table["variant"]
     extractors = set(frame["extractor"]) - {""}
     if len(extractors) > 1:
         raise ValueError(f"runs of {experiment_name} were scored with different extractors {sorted(extractors)}")

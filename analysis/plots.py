@@ -33,13 +33,21 @@ def _curves(axes: list, frame: pd.DataFrame, xs: list[str], y: str, **style) -> 
     """One line per preset, in order of its Gflops (colour: its size, marker: its patch), of `y` against `xs[k]` on
     `axes[k]`."""
     colours = size_colours(frame)
-    order = frame.groupby("preset")["gflops"].first().sort_values().index
-    groups = dict(tuple(frame.groupby("preset")))
-    for preset in order:
-        rows = groups[preset].sort_values("step")
+    dashes = variant_styles(frame)
+    order = frame.groupby("label")["gflops"].first().sort_values().index
+    groups = dict(tuple(frame.groupby("label")))
+    for label in order:
+        rows = groups[label].sort_values("step")
         look = dict(color=colours[rows["size"].iloc[0]], marker=MARKERS.get(int(rows["patch"].iloc[0]), "o"), **style)
+        look["linestyle"] = dashes[rows["variant"].iloc[0]]
         for ax, x in zip(axes, xs):
-            ax.plot(rows[x], rows[y], label=preset, **look)
+            ax.plot(rows[x], rows[y], label=label, **look)
+
+
+def variant_styles(frame: pd.DataFrame) -> dict[str, str]:
+    """A line style per variant, in order of first appearance."""
+    styles = ["-", "--", ":", "-."]
+    return {v: styles[i % len(styles)] for i, v in enumerate(dict.fromkeys(frame["variant"]))}
 
 
 def _save(fig, out: Path, name: str) -> str:
@@ -77,7 +85,7 @@ def fid_vs_gflops(at_step: pd.DataFrame, out: Path, step: int, fit=None, samples
             zorder=3,
         )
         ax.annotate(
-            row["preset"].removeprefix("DiT-"),
+            row["label"].removeprefix("DiT-"),
             (row["gflops"], row["fid"]),
             textcoords="offset points",
             xytext=(5, 4),
@@ -143,3 +151,54 @@ def loss_curves(curves: pd.DataFrame, out: Path) -> str:
         ax.grid(alpha=0.3, which="both")
     axes[0].legend(fontsize=8)
     return _save(fig, out, "loss_curves")
+
+
+def variants_fid_vs_gflops(at_step: pd.DataFrame, out: Path, step: int, fits: dict) -> str:
+    """FID against Gflops with one colour, one fitted line and one band per variant."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6.4, 4.4))
+    palette = plt.get_cmap("tab10")
+    xs = np.geomspace(at_step["gflops"].min() / 1.5, at_step["gflops"].max() * 1.5, 100)
+    for i, (variant, rows) in enumerate(at_step.groupby("variant")):
+        colour = palette(i % 10)
+        for _, row in rows.iterrows():
+            ax.scatter(row["gflops"], row["fid"], s=50, color=colour, marker=MARKERS.get(row["patch"], "o"),
+                       edgecolor="black", zorder=3)  # fmt: skip
+        label = variant
+        if variant in fits:
+            fit, samples = fits[variant]
+            label = f"{variant}: FID = {fit.a:.3g} * Gflops^{fit.b:.3f} [{fit.b_ci[0]:.3f}, {fit.b_ci[1]:.3f}]"
+            ax.plot(xs, fit(xs), color=colour, lw=1.3, label=label)
+            if samples is not None and len(samples):
+                lo, hi = fit.band(xs, samples)
+                ax.fill_between(xs, lo, hi, color=colour, alpha=0.12)
+        else:
+            ax.scatter([], [], color=colour, label=f"{variant} (no fit)")
+    ax.set(xscale="log", yscale="log", xlabel="forward Gflops (paper convention)", ylabel="FID",
+           title=f"FID vs Gflops by variant at step {step:,} (bands: 95% bootstrap)")  # fmt: skip
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=7)
+    return _save(fig, out, "variants_fid_vs_gflops")
+
+
+def variants_loss_vs_compute(final: pd.DataFrame, out: Path, fits: dict) -> str:
+    """Each trial's final training loss against its training compute, one colour and fitted line per variant."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6.4, 4.4))
+    palette = plt.get_cmap("tab10")
+    xs = np.geomspace(final["compute_flops"].min() / 1.5, final["compute_flops"].max() * 1.5, 100)
+    for i, (variant, rows) in enumerate(final.groupby("variant")):
+        colour = palette(i % 10)
+        ax.scatter(rows["compute_flops"], rows["loss"], s=45, color=colour, edgecolor="black", zorder=3)
+        if variant in fits:
+            fit, samples = fits[variant]
+            ax.plot(xs, fit(xs), color=colour, lw=1.3, label=f"{variant}: loss ~ C^{fit.b:.3f}")
+            lo, hi = fit.band(xs, samples)
+            ax.fill_between(xs, lo, hi, color=colour, alpha=0.12)
+        else:
+            ax.scatter([], [], color=colour, label=f"{variant} (no fit)")
+    ax.set(xscale="log", yscale="log", xlabel="training compute (FLOPs)", ylabel="final training loss",
+           title="final loss vs training compute by variant")  # fmt: skip
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=7)
+    return _save(fig, out, "variants_loss_vs_compute")

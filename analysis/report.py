@@ -23,6 +23,7 @@ from analysis import plots
 from analysis.config import AnalysisConfig
 from analysis.fits import FitError, compute_frontier, correlation, fit_power_law, isoflop_optimum
 from analysis.loader import load_runs
+from analysis.variants import describe_variants, fit_variants, variants_table
 
 # Table 4 of the paper (ImageNet 256, 400K steps, no guidance, FID-50K).
 PAPER_TABLE4 = pd.DataFrame(
@@ -42,16 +43,18 @@ def choose_step(frame: pd.DataFrame, step: int | None) -> int:
         if step not in set(frame["step"]):
             raise FitError(f"no checkpoint was scored at step {step}; scored steps: {sorted(set(frame['step']))}")
         return step
-    common = set.intersection(*(set(rows["step"]) for _, rows in frame.groupby("preset")))
+    common = set.intersection(*(set(rows["step"]) for _, rows in frame.groupby("label")))
     return max(common) if common else int(frame["step"].max())
 
 
 def table4(at_step: pd.DataFrame, with_paper: bool) -> pd.DataFrame:
-    columns = ["preset", "gflops", "params", "fid", "loss"]
+    columns = ["label", "preset", "variant", "gflops", "params", "fid", "loss"]
     if "class_accuracy" in at_step and at_step["class_accuracy"].notna().any():
         columns.append("class_accuracy")
     table = at_step[columns].copy()
     table["params_M"] = table.pop("params") / 1e6
+    if table["variant"].nunique() <= 1:
+        table = table.drop(columns=["label", "variant"])
     if with_paper:
         table = table.merge(
             PAPER_TABLE4.rename(columns={"gflops": "paper_gflops", "fid": "paper_fid_400k"}), on="preset", how="left"
@@ -60,10 +63,13 @@ def table4(at_step: pd.DataFrame, with_paper: bool) -> pd.DataFrame:
 
 
 def summarize(frame: pd.DataFrame, curves: pd.DataFrame, step: int | None) -> dict[str, Any]:
-    """Fits and correlations (each one's reason instead where the data cannot support it)."""
+    """Fits and correlations (each one's reason instead where the data cannot support it); per variant too, where
+    the study has several."""
+    frame = with_identity(frame)
+    curves = with_identity(curves)
     chosen = choose_step(frame, step)
     at = frame[frame["step"] == chosen]
-    summary: dict[str, Any] = {"step": chosen, "presets": int(at["preset"].nunique())}
+    summary: dict[str, Any] = {"step": chosen, "presets": int(at["label"].nunique())}
     try:
         fit, samples = fit_power_law(at["gflops"], at["fid"], what=f"FID vs Gflops at step {chosen}")
         corr = correlation(at["gflops"], at["fid"], what=f"FID vs Gflops at step {chosen}")
@@ -82,7 +88,7 @@ def summarize(frame: pd.DataFrame, curves: pd.DataFrame, step: int | None) -> di
     except FitError as exc:
         summary["fid_vs_gflops"] = {"skipped": str(exc)}
     progress = {}
-    for preset, rows in frame.sort_values("step").groupby("preset"):
+    for preset, rows in frame.sort_values("step").groupby("label"):
         if rows["step"].nunique() >= 2:
             first, last = rows.iloc[0], rows.iloc[-1]
             progress[preset] = {
@@ -95,7 +101,7 @@ def summarize(frame: pd.DataFrame, curves: pd.DataFrame, step: int | None) -> di
         worse = sorted(p for p, v in progress.items() if not v["last_fid"] < v["first_fid"])
         summary["fid_first_to_last"] = {"presets": progress, "improved": len(progress) - len(worse), "not": worse}
     if "class_accuracy" in at and at["class_accuracy"].notna().any():
-        summary["class_accuracy"] = {row.preset: float(row.class_accuracy) for row in at.itertuples()}
+        summary["class_accuracy"] = {row.label: float(row.class_accuracy) for row in at.itertuples()}
     frontier = frame.iloc[compute_frontier(frame["compute_flops"], frame["fid"])] if len(frame) else frame
     try:
         cfit, _ = fit_power_law(frontier["compute_flops"], frontier["fid"], what="FID vs training compute frontier")
@@ -104,22 +110,39 @@ def summarize(frame: pd.DataFrame, curves: pd.DataFrame, step: int | None) -> di
     except FitError as exc:
         summary["fid_vs_compute"] = {"skipped": str(exc)}
     if len(curves):
-        final = curves.sort_values("step").groupby("preset").tail(1)
+        final = curves.sort_values("step").groupby("label").tail(1)
         try:
             corr = correlation(final["gflops"], final["loss"], what="final loss vs Gflops")
             summary["loss_vs_gflops"] = {"spearman": corr.spearman, "pearson_r_log_gflops": corr.pearson}
         except FitError as exc:
             summary["loss_vs_gflops"] = {"skipped": str(exc)}
-        summary["isoflop"] = isoflop_from_curves(curves)
+        if curves["variant"].nunique() <= 1:
+            summary["isoflop"] = isoflop_from_curves(curves)
+    if frame["variant"].nunique() > 1:
+        summary["by_variant"] = fit_variants(at, curves, chosen)
+        for variant, entry in summary["by_variant"]["variants"].items():
+            entry["isoflop"] = isoflop_from_curves(curves[curves["variant"] == variant])
     return summary
+
+
+def with_identity(frame: pd.DataFrame) -> pd.DataFrame:
+    """A frame with `variant` and `label` columns (frames built by hand may hold only presets)."""
+    if len(frame.columns) == 0:
+        return frame
+    if "variant" not in frame:
+        frame = frame.assign(variant="default")
+    if "label" not in frame:
+        frame = frame.assign(label=frame["preset"])
+    return frame
 
 
 def isoflop_from_curves(curves: pd.DataFrame, num_budgets: int = 8) -> dict[str, Any]:
     """Compute-optimal model size per budget (Liang et al.'s isoFLOP profiles): each model's training loss is read
     off its curve at shared compute budgets; budgets reached by at least 3 model sizes get a parabola fit."""
+    curves = with_identity(curves)
     budgets = np.geomspace(curves["compute_flops"].min(), curves["compute_flops"].max(), num_budgets)
     points = []
-    for _, rows in curves.groupby("preset"):
+    for _, rows in curves.groupby("label"):
         rows = rows.sort_values("compute_flops")
         logc = np.log10(rows["compute_flops"].to_numpy())
         for budget in budgets:
@@ -169,6 +192,15 @@ def analyze(
     ]
     if len(curves):
         figures.append(plots.loss_curves(curves, out))
+    by_variant = summary.get("by_variant")
+    if by_variant:
+        figures.append(plots.variants_fid_vs_gflops(at, out, summary["step"], by_variant["_fits"]))
+        if len(curves):
+            final = curves.sort_values("step").groupby("label").tail(1)
+            figures.append(plots.variants_loss_vs_compute(final, out, by_variant["_loss_fits"]))
+        table = variants_table(by_variant)
+        table.to_csv(out / "variants.csv", index=False)
+        (out / "variants.md").write_text(_markdown(table))
     figures += _sample_grids(tracking_uri, at, out, summary["step"], notes)
     table = table4(at, config.reference == "dit-table4")
     table.to_csv(out / "table4.csv", index=False)
@@ -176,6 +208,8 @@ def analyze(
         table.to_markdown(index=False, floatfmt=".4g") if _has_tabulate() else _markdown(table)
     )
     public = {k: v for k, v in summary.items() if not k.startswith("_")}
+    if by_variant:
+        public["by_variant"] = {k: v for k, v in by_variant.items() if not k.startswith("_")}
     public["notes"] = notes
     (out / "summary.json").write_text(json.dumps(public, indent=2, default=float))
     print(describe(public))
@@ -196,10 +230,10 @@ def _sample_grids(tracking_uri: str, at_step: pd.DataFrame, out: Path, step: int
         try:
             local = client.download_artifacts(row.run_id, f"samples/{name}", str(out / "samples"))
         except Exception as exc:  # an artifact store that is gone must not stop the analysis
-            notes.append(f"{row.run_name} ({row.preset}): no sample grid at step {step} ({type(exc).__name__})")
+            notes.append(f"{row.run_name} ({row.label}): no sample grid at step {step} ({type(exc).__name__})")
             print(f"analyze: {notes[-1]}")
             continue
-        target = out / "samples" / f"{row.preset.replace('/', '_')}.png"
+        target = out / "samples" / f"{row.label.replace('/', '_').replace(' ', '_')}.png"
         Path(local).replace(target)
         found.append(str(target))
     return found
@@ -238,6 +272,9 @@ def describe(summary: dict[str, Any]) -> str:
     loss = summary.get("loss_vs_gflops", {})
     if "spearman" in loss:
         lines.append(f"  final loss vs Gflops: Spearman {loss['spearman']:.2f}")
+    if summary.get("by_variant"):
+        lines.append("  by variant (each fitted on its own trials):")
+        lines += describe_variants(summary["by_variant"])
     iso = summary.get("isoflop", {})
     if "optima" in iso:
         optima = [f"{o['optimal_params'] / 1e6:.3g}M params at {o['compute_flops']:.2g} FLOPs" for o in iso["optima"]]
@@ -269,9 +306,15 @@ def _markdown(table: pd.DataFrame) -> str:
 def headline_metrics(summary: dict[str, Any]) -> dict[str, float]:
     """The FID-vs-Gflops fit as metrics for the sweep's run (none when there is no fit)."""
     f = summary["fid_vs_gflops"]
+    per_variant = {
+        f"scaling_fid_gflops_b.{variant}": entry["fid_vs_gflops"]["b"]
+        for variant, entry in summary.get("by_variant", {}).get("variants", {}).items()
+        if "b" in entry["fid_vs_gflops"]
+    }
     if "skipped" in f:
-        return {}
+        return per_variant
     return {
+        **per_variant,
         "scaling_fid_gflops_b": f["b"],
         "scaling_fid_gflops_b_lo": f["b_ci"][0],
         "scaling_fid_gflops_b_hi": f["b_ci"][1],

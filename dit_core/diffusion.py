@@ -1,4 +1,5 @@
 """Gaussian diffusion: noise schedules, q_sample, the reverse-process parameterisation and the training losses.
+(`DiffusionConfig` also selects flow matching, `objective="flow"`, which lives in flow.py.)
 
 Notation (Ho et al. 2020; Nichol & Dhariwal 2021, "improved DDPM"): beta_t the noise schedule, alpha_bar_t the
 cumulative product of (1 - beta), x_t = sqrt(alpha_bar_t) x_0 + sqrt(1 - alpha_bar_t) eps.
@@ -23,6 +24,8 @@ import torch
 PREDICTIONS = ("eps", "x0", "v")
 SCHEDULES = ("linear", "cosine")
 LOSSES = ("hybrid", "mse")
+OBJECTIVES = ("ddpm", "flow")
+TIMESTEP_SAMPLING = ("uniform", "logit_normal")
 
 
 @dataclass(frozen=True)
@@ -36,11 +39,32 @@ class DiffusionConfig:
     prediction: str = "eps"  # what the model's first C channels predict: "eps", "x0" or "v"
     learn_sigma: bool = True  # the model's last C channels interpolate the reverse variance
     loss: str = "hybrid"  # "hybrid" = MSE + L_vlb (needs learn_sigma), "mse" = MSE on the prediction alone
+    objective: str = "ddpm"  # "ddpm": this discrete process; "flow": flow matching on the linear path (flow.py)
+    timestep_sampling: str = "uniform"  # flow: "uniform" t ~ U(0, 1), or "logit_normal" t = sigmoid(m + s n)
+    logit_normal_mean: float = 0.0  # m of logit_normal (SD3: 0)
+    logit_normal_std: float = 1.0  # s of logit_normal (SD3: 1)
 
     def __post_init__(self) -> None:
         self.validate()
 
     def validate(self) -> None:
+        if self.objective not in OBJECTIVES:
+            raise ValueError(f"unknown objective {self.objective!r}; choose one of {OBJECTIVES}")
+        if self.timestep_sampling not in TIMESTEP_SAMPLING:
+            raise ValueError(f"unknown timestep_sampling {self.timestep_sampling!r}; choose one of {TIMESTEP_SAMPLING}")
+        if self.logit_normal_std <= 0:
+            raise ValueError(f"logit_normal_std must be positive, got {self.logit_normal_std}")
+        if self.objective == "flow" and (self.learn_sigma or self.loss != "mse" or self.prediction != "v"):
+            raise ValueError(
+                "objective='flow' trains a velocity with a plain MSE and no learned variance: set "
+                "prediction='v', learn_sigma=False, loss='mse' "
+                f"(got prediction={self.prediction!r}, learn_sigma={self.learn_sigma}, loss={self.loss!r})"
+            )
+        if self.objective == "ddpm" and self.timestep_sampling != "uniform":
+            raise ValueError(
+                f"timestep_sampling={self.timestep_sampling!r} is for objective='flow'; the DDPM objective draws its "
+                f"timesteps uniformly"
+            )
         if self.schedule not in SCHEDULES:
             raise ValueError(f"unknown schedule {self.schedule!r}; choose one of {SCHEDULES}")
         if self.prediction not in PREDICTIONS:
@@ -168,6 +192,20 @@ class GaussianDiffusion:
             if isinstance(value, torch.Tensor) and value.device != device:
                 setattr(self, name, value.to(device))
         return self
+
+    # --- time (the interface FlowMatching shares) -----------------------------------------------------------------
+
+    def sample_timesteps(self, n: int, device: torch.device | str = "cpu", generator=None) -> torch.Tensor:
+        """t ~ Uniform{0, ..., T-1}, (n,) long."""
+        return sample_timesteps(n, self.config.num_timesteps, device=device, generator=generator)
+
+    def spread_timesteps(self, n: int) -> torch.Tensor:
+        """n timesteps evenly spread over [0, T-1] (rounded): the validation loss's fixed grid."""
+        return torch.linspace(0, self.config.num_timesteps - 1, n).round().long()
+
+    def model_time(self, t: torch.Tensor) -> torch.Tensor:
+        """What the DiT sees: the timestep itself."""
+        return t
 
     @staticmethod
     def _at(coef: torch.Tensor, t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:

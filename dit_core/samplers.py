@@ -6,6 +6,8 @@ timesteps (0..T-1) and the output is what the DiT returns (prediction, plus vari
 
 - DDPMSampler: ancestral sampling with the learned (or fixed) variance over respaced steps: the paper's 250 steps.
 - DDIMSampler: DDIM (Song et al. 2021), deterministic at eta = 0.
+- FlowSampler: the probability-flow ODE (Euler or Heun) or SiT's Euler-Maruyama SDE of a velocity model
+  (`objective="flow"`, dit_core/flow.py).
 - DiffusersSampler: any diffusers scheduler (DDPMScheduler, DDIMScheduler, DPMSolverMultistepScheduler, ...) driving
   the same denoiser, with betas and prediction type taken from our DiffusionConfig.
 
@@ -21,15 +23,45 @@ import torch
 from tqdm.auto import tqdm
 
 from dit_core.diffusion import DiffusionConfig, GaussianDiffusion, make_betas
+from dit_core.flow import FlowMatching
 
 Denoiser = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
-def make_denoiser(model: torch.nn.Module, cfg_scale: float = 1.0, guidance_channels: int | None = None) -> Denoiser:
-    """denoise(x_t, t, y) for a DiT; with cfg_scale != 1 the conditional and unconditional passes run batched."""
+def make_denoiser(
+    model: torch.nn.Module,
+    cfg_scale: float = 1.0,
+    guidance_channels: int | None = None,
+    guidance_interval: tuple[float, float] | None = None,
+) -> Denoiser:
+    """denoise(x_t, t, y) for a DiT; with cfg_scale != 1 the conditional and unconditional passes run batched.
+
+    guidance_interval (lo, hi) guides only the steps whose noise level t / T lies in [lo, hi] (T = the model's 1000
+    training timesteps; for a flow, t / T is the path time), the others take one unguided pass (Kynkaanniemi et al.
+    2024, "Applying guidance in a limited interval"). None guides every step.
+    """
     if cfg_scale == 1.0:
         return lambda x, t, y: model(x, t, y)
-    return lambda x, t, y: model.forward_with_cfg(x, t, y, cfg_scale, guidance_channels)
+    guided = lambda x, t, y: model.forward_with_cfg(x, t, y, cfg_scale, guidance_channels)  # noqa: E731
+    if guidance_interval is None:
+        return guided
+    lo, hi = guidance_interval
+    if not 0 <= lo <= hi <= 1:
+        raise ValueError(f"guidance_interval must be (lo, hi) with 0 <= lo <= hi <= 1, got {guidance_interval}")
+
+    def denoise(x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        level = t.float() / GUIDANCE_TIME_SCALE  # (N,)
+        inside = (level >= lo) & (level <= hi)
+        if bool(inside.all()):
+            return guided(x, t, y)
+        if not bool(inside.any()):
+            return model(x, t, y)
+        return torch.where(inside.view(-1, 1, 1, 1), guided(x, t, y), model(x, t, y))
+
+    return denoise
+
+
+GUIDANCE_TIME_SCALE = 1000.0  # the model's timestep range: t / 1000 is the noise level a guidance interval names
 
 
 def _randn_like(x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
@@ -43,6 +75,10 @@ class _ReverseChain:
     name = "reverse"
 
     def __init__(self, diffusion_config: DiffusionConfig, respacing: str, clip_x0: float | None):
+        if diffusion_config.objective != "ddpm":
+            raise ValueError(
+                f"{self.name} samples the DDPM objective; a flow model takes FlowSampler (euler, heun, sde)"
+            )
         self.diffusion = GaussianDiffusion(diffusion_config, respacing)
         self.clip_x0 = clip_x0
 
@@ -118,6 +154,66 @@ class DDIMSampler(_ReverseChain):
         return x
 
 
+class FlowSampler:
+    """Integrate a velocity model from noise (t = 1) to data (t = 0) over `num_steps` uniform steps of h = 1/N.
+
+    - "euler": x_{t-h} = x_t - h v(x_t, t)                                            (N evaluations)
+    - "heun": Euler, then the trapezoid with v at the Euler point (Heun's 2nd order)   (2N evaluations)
+    - "sde": Euler-Maruyama of the reverse SDE with the ODE's marginals (SiT),
+          dx = [v - 1/2 w(t) s(x, t)] dt + sqrt(w(t)) dW,  score s = -eps_hat / t,  w(t) = diffusion_norm * t
+      so x_{t-h} = x_t - h (v + 1/2 diffusion_norm eps_hat) + sqrt(diffusion_norm t h) z; the last step takes the
+      drift alone (no noise), as SiT's "Mean" last step does.
+    The model is called at model time t * T (flow.py); only its first C output channels are read.
+    """
+
+    METHODS = ("euler", "heun", "sde")
+
+    def __init__(
+        self,
+        diffusion_config: DiffusionConfig,
+        method: str = "heun",
+        num_steps: int = 50,
+        diffusion_norm: float = 1.0,
+    ):
+        if method not in self.METHODS:
+            raise ValueError(f"unknown flow sampler {method!r}; choose one of {', '.join(self.METHODS)}")
+        if num_steps < 1 or diffusion_norm < 0:
+            raise ValueError(f"need num_steps >= 1 and diffusion_norm >= 0, got {num_steps}, {diffusion_norm}")
+        self.flow = FlowMatching(diffusion_config)
+        self.method, self.num_steps, self.diffusion_norm = method, num_steps, diffusion_norm
+        self.name = f"flow-{method}"
+
+    def velocity(self, denoise: Denoiser, x: torch.Tensor, t: float, y: torch.Tensor) -> torch.Tensor:
+        time = torch.full((x.shape[0],), t, device=x.device, dtype=torch.float32)
+        return denoise(x, self.flow.model_time(time), y)[:, : x.shape[1]].float()
+
+    @torch.no_grad()
+    def sample(
+        self,
+        denoise: Denoiser,
+        noise: torch.Tensor,
+        y: torch.Tensor,
+        generator: torch.Generator | None = None,
+        progress: bool = False,
+    ) -> torch.Tensor:
+        """noise x_1 (N, C, H, W), labels y (N,) -> x_0 (N, C, H, W)."""
+        x, h = noise.float(), 1.0 / self.num_steps
+        for i in tqdm(range(self.num_steps), disable=not progress, desc=self.name):
+            t = 1.0 - i * h
+            v = self.velocity(denoise, x, t, y)
+            if self.method == "euler":
+                x = x - h * v
+            elif self.method == "heun":
+                x_euler = x - h * v
+                x = x - h * 0.5 * (v + self.velocity(denoise, x_euler, t - h, y))
+            else:
+                eps_hat = x + (1 - t) * v  # flow.predict_x0_eps: eps implied by v at x_t
+                x = x - h * (v + 0.5 * self.diffusion_norm * eps_hat)
+                if i < self.num_steps - 1:
+                    x = x + (self.diffusion_norm * t * h) ** 0.5 * _randn_like(x, generator)
+        return x
+
+
 _DIFFUSERS_PREDICTION = {"eps": "epsilon", "x0": "sample", "v": "v_prediction"}
 
 
@@ -129,6 +225,8 @@ def diffusers_scheduler(name: str, diffusion_config: DiffusionConfig = Diffusion
     """
     import diffusers
 
+    if diffusion_config.objective != "ddpm":
+        raise ValueError(f"the diffusers schedulers here drive DDPM models; a flow model takes FlowSampler, not {name}")
     cls = getattr(diffusers, name, None)
     if cls is None or not hasattr(cls, "set_timesteps"):
         raise ValueError(

@@ -15,8 +15,8 @@ from contextlib import nullcontext
 import torch
 from torch import nn
 
-from dit_core.diffusion import GaussianDiffusion, sample_timesteps
 from dit_core.ema import update_ema
+from dit_core.flow import Process
 
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
@@ -41,7 +41,7 @@ class TrainStep:
 
     Args:
         model: the DiT whose parameters the optimizer holds (unwrapped).
-        diffusion: the process that defines the loss (`training_losses`).
+        diffusion: the process that defines the loss: GaussianDiffusion or FlowMatching (`make_process`).
         optimizer: built over `model`'s parameters, e.g. by `adamw`.
         ema: EMA copy of `model` updated after every step, or None.
         ema_decay: EMA decay per step (the paper: 0.9999).
@@ -57,7 +57,7 @@ class TrainStep:
     def __init__(
         self,
         model: nn.Module,
-        diffusion: GaussianDiffusion,
+        diffusion: Process,
         optimizer: torch.optim.Optimizer,
         ema: nn.Module | None = None,
         *,
@@ -106,12 +106,12 @@ class TrainStep:
         hybrid loss) and "grad_norm" (the norm before clipping) when clipping or `measure_grad_norm`.
         """
         if t is None:
-            t = sample_timesteps(x0.shape[0], self.diffusion.config.num_timesteps, device=x0.device)
+            t = self.diffusion.sample_timesteps(x0.shape[0], device=x0.device)
         if noise is None:
             noise = torch.randn_like(x0)
         with self.autocast:  # diffusion.training_losses, in three parts so that the loss can be compiled apart
             x_t = self.q_sample(x0, t, noise)
-            terms = self.loss_terms(self.forward(x_t, t, y), x0, x_t, t, noise)
+            terms = self.loss_terms(self.forward(x_t, self.diffusion.model_time(t), y), x0, x_t, t, noise)
         loss = terms["loss"].mean()
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()

@@ -3,7 +3,7 @@
     name, description
     data        shard folders, where `ditscale run` makes them from; data.prepare (PrepareConfig: resolution,
                 data.prepare.codec (CodecConfig), shard size), data.toy (ToyDataConfig) for the built-in toy data
-    grid        which models: sizes x patch sizes, or a list of presets
+    grid        which trials: sizes x patch sizes (or a list of presets) x design axes, per variant
     model       dit_core's DiTOptions: design options shared by every trial (mlp_ratio, label dropout, ...)
     diffusion   dit_core's DiffusionConfig: schedule, prediction target, learned variance, loss
     train       the optimisation recipe and its intervals
@@ -27,9 +27,12 @@ from typing import Any, ClassVar
 from analysis.config import AnalysisConfig
 from dit_core.config import PRESETS, DiTOptions, parse_preset
 from dit_core.diffusion import DiffusionConfig
+from dit_core.samplers import FlowSampler
 from dit_core.training import COMPILE_MODES
 from pipeline.prepare import PrepareConfig
 from pipeline.toy import ToyDataConfig
+
+FLOW_SAMPLERS = FlowSampler.METHODS
 
 
 class ConfigError(ValueError):
@@ -65,15 +68,69 @@ class DataConfig:
             )
 
 
+# The sections a grid axis or a variant may set: what shapes a training run, and how the fid stage samples it.
+AXIS_SECTIONS = ("model", "diffusion", "train")
+AXIS_FID_FIELDS = ("sampler", "sampling_steps", "cfg_scale", "guidance_channels", "guidance_interval")
+
+
+def _check_axis_path(path: str, where: str) -> None:
+    section, _, rest = path.partition(".")
+    fid_ok = section == "fid" and rest in AXIS_FID_FIELDS
+    if not rest or (section not in AXIS_SECTIONS and not fid_ok):
+        raise ConfigError(
+            f"{where}: {path!r} cannot vary between trials; an axis or a variant sets fields of "
+            f"{', '.join(s + '.*' for s in AXIS_SECTIONS)} or fid.{{{', '.join(AXIS_FID_FIELDS)}}}"
+        )
+
+
+def flatten_settings(settings: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{'model': {'mlp': 'swiglu'}, 'train.lr': 1e-3} -> {'model.mlp': 'swiglu', 'train.lr': 1e-3}."""
+    out = {}
+    for key, value in settings.items():
+        if isinstance(value, dict):
+            out.update(flatten_settings(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
 @dataclass(frozen=True)
 class GridConfig:
-    """Which models: sizes x patch sizes, or an explicit list of presets."""
+    """Which trials: model sizes x patch sizes (or a list of presets) x design axes, for each variant.
+
+    `axes` sweep config fields next to the models, `{"model.mlp": ["gelu", "swiglu"]}`: every combination of their
+    values is a trial of every preset. `variants` are named bundles of fields set together, `{"modern":
+    {"model.mlp": "swiglu", "diffusion.objective": "flow", ...}}`: each preset is trained once per variant (and
+    per axis combination). Both are checked against the experiment's fields when it is built.
+    """
 
     sizes: tuple[str, ...] = ("S", "B", "L", "XL")  # model sizes (dit_core.model.SIZES)
     patch_sizes: tuple[int, ...] = (2, 4, 8)  # patch sizes in latent pixels
     presets: tuple[str, ...] = ()  # explicit preset names ("DiT-XL/2", ...); overrides sizes x patch_sizes
+    axes: dict[str, tuple[Any, ...]] = field(default_factory=dict)  # config path -> the values it takes
+    variants: dict[str, dict[str, Any]] = field(default_factory=dict)  # variant name -> {config path: value}
 
     def __post_init__(self) -> None:
+        # nested or dotted spellings ({"model": {"mlp": [...]}} or {"model.mlp": [...]}) become dotted paths
+        axes = {path: tuple(v) if isinstance(v, list) else v for path, v in flatten_settings(dict(self.axes)).items()}
+        object.__setattr__(self, "axes", axes)
+        variants = {name: flatten_settings(v) if isinstance(v, dict) else v for name, v in dict(self.variants).items()}
+        object.__setattr__(self, "variants", variants)
+        for path, values in self.axes.items():
+            _check_axis_path(path, "grid.axes")
+            if not isinstance(values, (list, tuple)) or not values:
+                raise ConfigError(f"grid.axes: {path} needs a non-empty list of values, got {values!r}")
+            if len({json.dumps(v, sort_keys=True) for v in values}) != len(values):
+                raise ConfigError(f"grid.axes: {path} lists a value twice: {list(values)}")
+        for name, settings in self.variants.items():
+            if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", str(name)):
+                raise ConfigError(f"grid.variants: name {name!r} must be letters, digits, '_', '-' or '.'")
+            if not isinstance(settings, dict):
+                raise ConfigError(f"grid.variants: {name} must map config paths to values, got {settings!r}")
+            for path in flatten_settings(settings):
+                _check_axis_path(path, f"grid.variants.{name}")
+                if path in self.axes:
+                    raise ConfigError(f"grid.variants.{name} sets {path}, which grid.axes sweeps: keep one of them")
         names = self.preset_names()
         if not names:
             raise ConfigError("the grid is empty: set grid.sizes and grid.patch_sizes, or grid.presets")
@@ -183,10 +240,12 @@ class FidConfig:
     the learned variance, no guidance, labels drawn uniformly at random."""
 
     num_samples: int = 50_000  # generated images per scored checkpoint (FID-50K)
-    sampler: str = "ddpm"  # "ddpm" (learned variance, the paper), "ddim", or a diffusers scheduler class name
-    sampling_steps: int = 250  # reverse steps (the paper: 250 DDPM steps)
+    sampler: str = "ddpm"  # DDPM objective: "ddpm" (learned variance, the paper), "ddim", or a diffusers scheduler
+    # class name; flow objective: "euler" or "heun" (ODE), "sde" (SiT's Euler-Maruyama)
+    sampling_steps: int = 250  # reverse steps (the paper: 250 DDPM steps); ODE/SDE steps for a flow
     cfg_scale: float = 1.0  # classifier-free guidance scale (1.0 = none, the scaling study)
     guidance_channels: int = 0  # latent channels guided; 0 = all, 3 = the official sampler
+    guidance_interval: tuple[float, ...] = ()  # (lo, hi): guide only at noise levels t/T in [lo, hi]; () = always
     labels: str = "uniform"  # "uniform" random labels (the paper) or "balanced" (equal count per class)
     extractor: str = "inception-v3-compat"  # torch-fidelity extractor; "ditscale-classifier" needs no download
     extractor_weights: str = ""  # local Inception weights file (air-gapped clusters); "" = torch-fidelity's URL
@@ -214,6 +273,13 @@ class FidConfig:
             raise ConfigError(f"fid.metrics must include 'fid' and only 'fid', 'isc', 'kid', 'prc'; got {self.metrics}")
         if self.guidance_channels < 0 or self.workers < 0 or self.reference_images < 0:
             raise ConfigError("fid.guidance_channels, fid.workers and fid.reference_images must be >= 0")
+        if self.guidance_interval and (
+            len(self.guidance_interval) != 2 or not 0 <= self.guidance_interval[0] <= self.guidance_interval[1] <= 1
+        ):
+            raise ConfigError(
+                f"fid.guidance_interval must be [lo, hi] with 0 <= lo <= hi <= 1 (noise levels t/T), or [] to "
+                f"guide every step; got {list(self.guidance_interval)}"
+            )
 
 
 @dataclass(frozen=True)
@@ -235,6 +301,13 @@ class ExperimentConfig:
     def __post_init__(self) -> None:
         if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", self.name):
             raise ConfigError(f"name {self.name!r} must be letters, digits, '_', '-' or '.' (it names folders)")
+        flow_sampler = self.fid.sampler in FLOW_SAMPLERS
+        if (self.diffusion.objective == "flow") != flow_sampler:
+            wanted = "one of " + ", ".join(FLOW_SAMPLERS) if not flow_sampler else "'ddpm', 'ddim' or a diffusers class"
+            raise ConfigError(
+                f"fid.sampler {self.fid.sampler!r} cannot sample diffusion.objective={self.diffusion.objective!r}: "
+                f"set fid.sampler to {wanted}"
+            )
         if self.train.global_batch_size % self.resources.workers_per_trial:
             raise ConfigError(
                 f"train.global_batch_size {self.train.global_batch_size} is not divisible by "

@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import itertools
 import json
+import re
 import types
 import typing
 from dataclasses import fields, replace
@@ -58,7 +60,9 @@ def load_experiment(name_or_path: str, overrides: list[str] | tuple[str, ...] = 
             f"unknown experiment {name_or_path!r}: give one of {', '.join(available_experiments())} "
             f"or a .json/.yaml file"
         )
-    return apply_overrides(config, overrides)
+    config = apply_overrides(config, overrides)
+    variants(config)  # every variant and axis value checked now, before any stage starts
+    return config
 
 
 def _from_file(path: Path) -> ExperimentConfig:
@@ -145,6 +149,10 @@ def _coerce(value: Any, hint: Any, where: str) -> Any:
         if len(item_types) != len(value):
             raise ConfigError(f"{where}: expected {len(item_types)} values, got {len(value)}")
         return tuple(_coerce(v, t, where) for v, t in zip(value, item_types))
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
+        return value
     if hint is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if hint is bool and not isinstance(value, bool):
@@ -152,6 +160,54 @@ def _coerce(value: Any, hint: Any, where: str) -> Any:
     if hint in (int, float, str) and (not isinstance(value, hint) or isinstance(value, bool) and hint is not bool):
         raise ConfigError(f"{where}: expected {hint.__name__}, got {value!r} ({type(value).__name__})")
     return value
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Design axes and variants: the experiment each trial trains
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Variant:
+    """One point of the grid's variants x axes: the fields it sets and the experiment they give."""
+
+    label: str  # "" for an experiment without variants or axes; else e.g. "modern" or "mlp=swiglu+objective=flow"
+    settings: dict[str, Any]  # config path -> value, of the variant and the axes together
+    experiment: ExperimentConfig  # the base experiment with `settings` applied (and no axes or variants of its own)
+
+
+def variants(experiment: ExperimentConfig) -> list[Variant]:
+    """Every combination of the grid's variants and axis values, in declaration order, each checked as a whole
+    experiment (a combination that cannot work is refused here, before any trial starts)."""
+    grid = experiment.grid
+    if not grid.axes and not grid.variants:
+        return [Variant("", {}, experiment)]
+    base = replace(experiment, grid=replace(grid, axes={}, variants={}))
+    named = list(grid.variants.items()) or [("", {})]
+    leaves = [path.rsplit(".", 1)[-1] for path in grid.axes]
+    short = {path: leaf if leaves.count(leaf) == 1 else path for path, leaf in zip(grid.axes, leaves)}
+    out = []
+    for name, fixed in named:
+        for values in itertools.product(*grid.axes.values()):
+            chosen = dict(zip(grid.axes, values))
+            parts = [name] * bool(name) + [f"{short[path]}={_label_value(v)}" for path, v in chosen.items()]
+            label = "+".join(parts)
+            settings = {**fixed, **chosen}
+            nested: dict[str, Any] = {}
+            for path, value in settings.items():
+                cursor = nested
+                *parents, last = path.split(".")
+                for part in parents:
+                    cursor = cursor.setdefault(part, {})
+                cursor[last] = value
+            where = f"grid variant {label!r}"
+            out.append(Variant(label, settings, merge(base, nested, where=where)))
+    return out
+
+
+def _label_value(value: Any) -> str:
+    text = json.dumps(value) if not isinstance(value, str) else value
+    return re.sub(r"[^A-Za-z0-9._-]", "_", text)
 
 
 def _looks_numeric(text: str) -> bool:

@@ -13,12 +13,14 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
-from dit_core.config import DiTConfig, dit_config, parse_preset
+from dit_core.config import DiTConfig, DiTOptions, dit_config, parse_preset
+from dit_core.diffusion import DiffusionConfig
 from dit_core.flops import H200_BF16_PEAK_FLOPS, gflops, param_count, training_compute
 from pipeline.config import ConfigError, ExperimentConfig, TrainConfig, config_to_dict, flatten
+from pipeline.experiment_files import variants
 from pipeline.layout import TrialLayout, Workspace
 from pipeline.manifest import Manifest
 from pipeline.storage import list_names
@@ -65,11 +67,14 @@ def implied_data(experiment: ExperimentConfig, workspace: Workspace) -> DataSpec
 
 @dataclass(frozen=True)
 class Trial:
-    """One grid point: a model preset trained with the experiment's recipe."""
+    """One grid point: a model preset trained with the experiment's recipe, as its variant sets it."""
 
     preset: str
     model: DiTConfig
     run_name: str  # stable: same config -> same name -> same storage folder and MLflow run
+    experiment: ExperimentConfig  # what this trial trains and how it is scored: the study with its variant applied
+    variant: str = ""  # the variant and axis values, e.g. "modern" or "mlp=swiglu" ("": the study has none)
+    settings: dict[str, Any] = field(default_factory=dict)  # config path -> value, set by the variant and axes
 
     @property
     def size(self) -> str:
@@ -88,6 +93,22 @@ class Trial:
         return param_count(self.model, include_pos_embed=False)
 
 
+# Fields added after run names were first published enter the hash only when set off their defaults, so that the
+# runs made before them keep their names (and resume).
+LATER_FIELDS = {
+    "model": {name: getattr(DiTOptions(), name) for name in ("positions", "mlp", "norm", "qk_norm")},
+    "diffusion": {
+        name: getattr(DiffusionConfig(), name)
+        for name in ("objective", "timestep_sampling", "logit_normal_mean", "logit_normal_std")
+    },
+}
+
+
+def _without_later_defaults(section: str, values: dict[str, Any]) -> dict[str, Any]:
+    later = LATER_FIELDS[section]
+    return {k: v for k, v in values.items() if not (k in later and v == later[k])}
+
+
 def trajectory_identity(experiment: ExperimentConfig, model: DiTConfig, data: dict[str, Any] | None) -> dict:
     """Everything that shapes a trial's training trajectory (hashed into its run name)."""
     train = {k: v for k, v in config_to_dict(experiment.train).items() if k not in TrainConfig.RUNTIME_FIELDS}
@@ -95,37 +116,51 @@ def trajectory_identity(experiment: ExperimentConfig, model: DiTConfig, data: di
         train.pop("steps")  # more steps continue the same run
     model_fields = {k: v for k, v in config_to_dict(model).items() if k not in DiTConfig.RUNTIME_FIELDS}
     return {
-        "model": model_fields,
-        "diffusion": config_to_dict(experiment.diffusion),
+        "model": _without_later_defaults("model", model_fields),
+        "diffusion": _without_later_defaults("diffusion", config_to_dict(experiment.diffusion)),
         "train": train,
         "data": data,
         "workers": experiment.resources.workers_per_trial,
     }
 
 
-def run_name(preset: str, identity: dict[str, Any]) -> str:
+def run_name(preset: str, identity: dict[str, Any], variant: str = "") -> str:
+    """`<size>_<patch>[-<variant>]-<hash>`, e.g. `B_4-1c9e27d0` or `d2w48_4-modern-5f0e1a2b`."""
     size, patch = parse_preset(preset)
     digest = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:8]
-    return f"{size}_{patch}-{digest}"
+    return f"{size}_{patch}-{variant}-{digest}" if variant else f"{size}_{patch}-{digest}"
 
 
 def expand_trials(experiment: ExperimentConfig, data: DataSpec) -> list[Trial]:
-    """The trials of an experiment for data of `data.latent_shape` and `data.num_classes`."""
+    """The trials of an experiment (variants x axis values x presets) for data of `data.latent_shape` and
+    `data.num_classes`."""
     channels, height, _ = data.latent_shape
-    trials = []
-    for preset in experiment.grid.preset_names():
-        try:
-            model = dit_config(
-                preset,
-                experiment.model,
-                input_size=height,
-                in_channels=channels,
-                num_classes=data.num_classes,
-                learn_sigma=experiment.diffusion.learn_sigma,
-            )
-        except ValueError as exc:
-            raise ConfigError(f"{preset}: {exc}") from None
-        trials.append(Trial(preset, model, run_name(preset, trajectory_identity(experiment, model, data.identity))))
+    trials, seen = [], {}
+    for variant in variants(experiment):
+        e = variant.experiment
+        for preset in e.grid.preset_names():
+            where = f"{preset} ({variant.label})" if variant.label else preset
+            try:
+                model = dit_config(
+                    preset,
+                    e.model,
+                    input_size=height,
+                    in_channels=channels,
+                    num_classes=data.num_classes,
+                    learn_sigma=e.diffusion.learn_sigma,
+                )
+            except ValueError as exc:
+                raise ConfigError(f"{where}: {exc}") from None
+            identity = trajectory_identity(e, model, data.identity)
+            key = json.dumps([preset, identity], sort_keys=True)
+            if key in seen:
+                raise ConfigError(
+                    f"{where} trains exactly what {seen[key]} trains (they differ only in fields that do not "
+                    f"shape training): drop one, or score both from one run"
+                )
+            seen[key] = where
+            name = run_name(preset, identity, variant.label)
+            trials.append(Trial(preset, model, name, e, variant.label, variant.settings))
     return trials
 
 
@@ -159,17 +194,19 @@ def check_data(experiment: ExperimentConfig, manifest: Manifest, shards: str) ->
                 f"{preset}: patch size {patch} does not divide the {latent}x{latent} latents of {shards}; "
                 f"drop it from the grid or use another resolution"
             )
-    if manifest.total < experiment.train.global_batch_size:
+    batch = max(v.experiment.train.global_batch_size for v in variants(experiment))
+    if manifest.total < batch:
         raise ConfigError(
-            f"{shards} holds {manifest.total} samples, fewer than one global batch "
-            f"({experiment.train.global_batch_size}): lower train.global_batch_size"
+            f"{shards} holds {manifest.total} samples, fewer than one global batch ({batch}): lower "
+            f"train.global_batch_size"
         )
 
 
 def check_validation_data(experiment: ExperimentConfig, train: Manifest, val: Manifest, val_shards: str) -> None:
     if (val.codec, val.latent_shape) != (train.codec, train.latent_shape):
         raise ConfigError(f"validation shards {val_shards} were made with another codec or latent shape")
-    per_worker = experiment.train.global_batch_size // experiment.resources.workers_per_trial
+    batch = max(v.experiment.train.global_batch_size for v in variants(experiment))
+    per_worker = batch // experiment.resources.workers_per_trial
     if val.total < per_worker:
         raise ConfigError(
             f"validation shards {val_shards} hold {val.total} samples, fewer than one per-worker batch "
@@ -211,7 +248,7 @@ class SweepPlan:
 
     def status(self, trial: Trial) -> str:
         """ "done", "resumable" (has a checkpoint) or "new"."""
-        return self.layout(trial).status(self.experiment.train.steps)
+        return self.layout(trial).status(trial.experiment.train.steps)
 
 
 def plan_sweep(experiment: ExperimentConfig, workdir: str) -> SweepPlan:
@@ -260,21 +297,29 @@ class TrialJob:
 
 def trial_job(plan: SweepPlan, trial: Trial, tracking_uri: str, mlflow_run_id: str) -> TrialJob:
     return TrialJob(
-        plan.experiment, trial, plan.layout(trial), plan.shards, plan.val_shards, tracking_uri, mlflow_run_id
+        trial.experiment, trial, plan.layout(trial), plan.shards, plan.val_shards, tracking_uri, mlflow_run_id
     )
 
 
 def objective_name(experiment: ExperimentConfig) -> str:
-    """e.g. 'eps+learned-sigma (hybrid)'."""
+    """e.g. 'eps+learned-sigma (hybrid)' or 'flow velocity (logit_normal(0, 1))'."""
     d = experiment.diffusion
+    if d.objective == "flow":
+        times = "uniform t" if d.timestep_sampling == "uniform" else (
+            f"logit_normal({d.logit_normal_mean:g}, {d.logit_normal_std:g})"
+        )  # fmt: skip
+        return f"flow velocity ({times})"
     return f"{d.prediction}{'+learned-sigma' if d.learn_sigma else ''} ({d.loss})"
 
 
 def trial_params(plan: SweepPlan, trial: Trial) -> dict[str, Any]:
-    """MLflow params of a trial's run: the flattened experiment config and the trial's model facts."""
-    params = flatten(config_to_dict(plan.experiment))
-    params.pop("grid.presets", None)
+    """MLflow params of a trial's run: its flattened experiment config, its variant and axis values (`variant`,
+    `axis.<path>`), and its model facts."""
+    params = flatten(config_to_dict(trial.experiment))
+    for key in ("grid.presets", "grid.axes", "grid.variants"):
+        params.pop(key, None)
     params.update(flatten({"model": config_to_dict(trial.model)}))
+    params.update({f"axis.{path}": value for path, value in trial.settings.items()})
     params.update(
         {
             "preset": trial.preset,
@@ -283,11 +328,15 @@ def trial_params(plan: SweepPlan, trial: Trial) -> dict[str, Any]:
             "params": trial.params,
             "gflops": trial.gflops,
             "run_name": trial.run_name,
-            "objective": objective_name(plan.experiment),
+            "variant": trial.variant or DEFAULT_VARIANT,
+            "objective": objective_name(trial.experiment),
             "data.manifest_total": plan.data.total,
         }
     )
     return params
+
+
+DEFAULT_VARIANT = "default"  # the `variant` param of a study without variants or axes
 
 
 def describe_plan(plan: SweepPlan, mfu: float = 0.4) -> str:
@@ -297,19 +346,29 @@ def describe_plan(plan: SweepPlan, mfu: float = 0.4) -> str:
     gpu = e.resources.gpus_per_worker > 0
     peak = (t.peak_tflops or H200_BF16_PEAK_FLOPS / 1e12) * 1e12
     cost = f"{'train GPU-h':>12} {'FID GPU-h':>10}" if gpu else ""
+    width = max([18] + [len(trial.run_name) for trial in plan.trials])
     lines = [
         f"experiment {e.name}: {len(plan.trials)} trials x {t.steps:,} steps at global batch {t.global_batch_size} "
         f"on {e.resources.workers_per_trial} worker(s) each; objective {objective_name(e)}",
-        f"{'run':<18} {'preset':<13} {'params':>12} {'Gflops':>9} {'tokens':>6} {'train PFLOP':>12} "
-        f"{'paper GMACs':>12} {cost}".rstrip(),
     ]
+    labels = list(dict.fromkeys(trial.variant for trial in plan.trials if trial.variant))
+    for label in labels:
+        trial = next(tr for tr in plan.trials if tr.variant == label)
+        settings = ", ".join(f"{path}={value}" for path, value in trial.settings.items()) or "the experiment's own"
+        lines.append(f"variant {label}: {settings}; objective {objective_name(trial.experiment)}")
+    lines.append(
+        f"{'run':<{width}} {'preset':<13} {'params':>12} {'Gflops':>9} {'tokens':>6} {'train PFLOP':>12} "
+        f"{'paper GMACs':>12} {cost}".rstrip()
+    )
     total, hours = 0.0, [0.0, 0.0]
-    evaluations = f.num_samples * f.sampling_steps * len(t.milestone_steps) * (2 if f.cfg_scale != 1 else 1)
     for trial in plan.trials:
-        compute = training_compute(trial.model, t.global_batch_size, t.steps)
+        tt, ff = trial.experiment.train, trial.experiment.fid
+        evaluations = ff.num_samples * ff.sampling_steps * len(tt.milestone_steps) * (2 if ff.cfg_scale != 1 else 1)
+        evaluations *= 2 if ff.sampler == "heun" else 1  # two velocity evaluations per step
+        compute = training_compute(trial.model, tt.global_batch_size, tt.steps)
         total += compute["flops"]
         row = (
-            f"{trial.run_name:<18} {trial.preset:<13} {trial.params:>12,} {trial.gflops:>9.4g} "
+            f"{trial.run_name:<{width}} {trial.preset:<13} {trial.params:>12,} {trial.gflops:>9.4g} "
             f"{trial.model.num_tokens:>6} {compute['flops'] / 1e15:>12.4g} {compute['paper_gflops']:>12.4g}"
         )
         if gpu:

@@ -189,6 +189,8 @@ def run_sweep(experiment: ExperimentConfig, workdir: str, progress_interval_s: f
             ensure_ray()
             check_cluster(experiment)
             os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # our one-line-per-trial progress instead of Tune's
+            # longest first: the largest trials start at once, so that none trains alone at the end
+            todo.sort(key=lambda t: -t.gflops * t.experiment.train.global_batch_size * t.experiment.train.steps)
             jobs = [trial_job(plan, t, uri, run_ids[t.run_name]) for t in todo]
             tuner = tune.Tuner(
                 tune.with_resources(run_trial_from_tune, {"CPU": 0, "memory": 1}),  # the driver needs no CPU
@@ -218,7 +220,7 @@ def _outcome(plan: SweepPlan, trial: Trial, result, run_id: str, uri: str) -> Tr
     from pipeline import tracking
 
     done_step = plan.layout(trial).done_step()
-    finished = done_step is not None and done_step >= plan.experiment.train.steps
+    finished = done_step is not None and done_step >= trial.experiment.train.steps
     error = None
     if result is not None and result.error is not None:
         error = str(result.error).strip().splitlines()[-1][:300] if str(result.error).strip() else repr(result.error)
@@ -236,14 +238,15 @@ def _outcome(plan: SweepPlan, trial: Trial, result, run_id: str, uri: str) -> Tr
 
 
 def summary_table(outcomes: list[TrialOutcome]) -> str:
-    lines = [f"{'run':<16} {'preset':<10} {'Gflops':>9} {'step':>9} {'loss':>8} {'img/s':>9}  status"]
+    width = max([16] + [len(o.trial.run_name) for o in outcomes])
+    lines = [f"{'run':<{width}} {'preset':<10} {'Gflops':>9} {'step':>9} {'loss':>8} {'img/s':>9}  status"]
     for o in outcomes:
         loss = f"{o.final_loss:.4f}" if o.final_loss is not None else "-"
         speed = f"{o.img_per_s:.1f}" if o.img_per_s is not None else "-"
         status = o.status if o.error is None else f"{o.status}: {o.error}"
         lines.append(
-            f"{o.trial.run_name:<16} {o.trial.preset:<10} {o.trial.gflops:>9.4f} {o.step:>9,} {loss:>8} {speed:>9}  "
-            f"{status}"
+            f"{o.trial.run_name:<{width}} {o.trial.preset:<10} {o.trial.gflops:>9.4f} {o.step:>9,} {loss:>8} "
+            f"{speed:>9}  {status}"
         )
     failed = [o for o in outcomes if o.status != "done"]
     lines.append(

@@ -27,9 +27,9 @@ import torch
 import torch.distributed as dist
 
 from dit_core.checkpoint import load_checkpoint, restore, save_checkpoint
-from dit_core.diffusion import GaussianDiffusion
 from dit_core.ema import create_ema, unwrap_model
 from dit_core.flops import H200_BF16_PEAK_FLOPS, train_mfu
+from dit_core.flow import Process, make_process
 from dit_core.model import DiT
 from dit_core.training import TrainStep, adamw
 from pipeline.config import TrainConfig, config_to_dict
@@ -67,22 +67,23 @@ def save_milestone(layout: TrialLayout, step: int, ema: torch.nn.Module, config:
     return path
 
 
-def fixed_validation_set(root: str, batch_size: int, num_batches: int, num_timesteps: int, device: torch.device):
-    """Fixed batches (z, y, t, noise) from held-out shards: the same every evaluation, timesteps evenly spread."""
+def fixed_validation_set(root: str, batch_size: int, num_batches: int, process: Process, device: torch.device):
+    """Fixed batches (z, y, t, noise) from held-out shards: the same every evaluation, timesteps evenly spread
+    over the process's range."""
     stream = iter(LatentShardStream(root, batch_size, seed=12345, random_flip=False, shuffle_buffer=1))
     g = torch.Generator().manual_seed(54321)
     batches = []
     for i in range(num_batches):
         z, y = next(stream)
         n = z.shape[0]
-        t = torch.linspace(0, num_timesteps - 1, n * num_batches).round().long()[i * n : (i + 1) * n]
+        t = process.spread_timesteps(n * num_batches)[i * n : (i + 1) * n]
         noise = torch.randn(z.shape, generator=g)
         batches.append(tuple(x.to(device) for x in (z, y, t, noise)))
     return batches
 
 
 @torch.no_grad()
-def validation_loss(model: torch.nn.Module, diffusion: GaussianDiffusion, batches, autocast) -> float:
+def validation_loss(model: torch.nn.Module, diffusion: Process, batches, autocast) -> float:
     was_training = model.training
     model.eval()
     total, count = 0.0, 0
@@ -124,7 +125,7 @@ def train_loop_per_worker(loop_config: dict[str, TrialJob]) -> None:
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if use_bf16 else nullcontext()
 
     model_config = job.trial.model
-    diffusion = GaussianDiffusion(e.diffusion)
+    diffusion = make_process(e.diffusion)  # DDPM or flow matching
     torch.manual_seed(train.seed)  # the same initial weights on every rank
     model = DiT(model_config).to(device)
     ema = create_ema(model)
@@ -175,9 +176,7 @@ def train_loop_per_worker(loop_config: dict[str, TrialJob]) -> None:
     batches = iter(loader)
     val_set = None
     if rank == 0 and job.val_shards:
-        val_set = fixed_validation_set(
-            job.val_shards, per_rank_batch, train.val_batches, e.diffusion.num_timesteps, device
-        )
+        val_set = fixed_validation_set(job.val_shards, per_rank_batch, train.val_batches, diffusion, device)
     logger = MetricLogger(job.tracking_uri, job.mlflow_run_id) if rank == 0 else None
     if logger is not None:
         set_status(job.tracking_uri, job.mlflow_run_id, "RUNNING")

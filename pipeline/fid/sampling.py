@@ -18,8 +18,11 @@ from pipeline.config import FidConfig
 
 
 def make_sampler(fid: FidConfig, diffusion_config):
-    from dit_core.samplers import DDIMSampler, DDPMSampler, DiffusersSampler, diffusers_scheduler
+    """The sampler `fid.sampler` names, for the checkpoint's diffusion config (DDPM or flow)."""
+    from dit_core.samplers import DDIMSampler, DDPMSampler, DiffusersSampler, FlowSampler, diffusers_scheduler
 
+    if fid.sampler in FlowSampler.METHODS:
+        return FlowSampler(diffusion_config, fid.sampler, fid.sampling_steps)
     if fid.sampler == "ddpm":
         return DDPMSampler(diffusion_config, respacing=str(fid.sampling_steps))
     if fid.sampler == "ddim":
@@ -92,7 +95,7 @@ class SliceSampler:
         """denoise(x_t, t, y) for the sampler (benchmarks/fid_throughput.py wraps it to time the DiT forward)."""
         from dit_core.samplers import make_denoiser
 
-        return make_denoiser(model, fid.cfg_scale, fid.guidance_channels or None)
+        return make_denoiser(model, fid.cfg_scale, fid.guidance_channels or None, fid.guidance_interval or None)
 
     def sample(self, checkpoint: str, fid: FidConfig, index: int, count: int) -> np.ndarray:
         """Slice `index` of the samples: `count` uint8 (H, W, 3) images."""

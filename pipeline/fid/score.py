@@ -111,6 +111,7 @@ def score_checkpoint(
         "fid.sampler": f"{fid.sampler}-{fid.sampling_steps}",
         "fid.cfg_scale": str(fid.cfg_scale),
         "fid.guidance_channels": str(fid.guidance_channels or "all"),
+        "fid.guidance_interval": str(list(fid.guidance_interval) or "all steps"),
         "fid.labels": fid.labels,
     }
     if classify:
@@ -123,7 +124,7 @@ def run_fid(experiment: ExperimentConfig, workdir: str, progress: bool = True) -
     from pipeline import tracking
 
     plan = plan_sweep(experiment, workdir)
-    fid = experiment.fid
+    fid = experiment.fid  # the extractor, reference and workers: one for the study; sampling per trial
     scored_now = []
     pool = None  # started at the first checkpoint to score, stopped at the end
     with contextlib.ExitStack() as stack, tracking.tracking_uri(experiment.tracking.tracking_uri, workdir) as uri:
@@ -146,7 +147,7 @@ def run_fid(experiment: ExperimentConfig, workdir: str, progress: bool = True) -
                 if pool is None:
                     pool = stack.enter_context(sampling.SamplerPool(plan.manifest.codec, fid))
                 metrics, samples, facts = score_checkpoint(
-                    available[step], plan.manifest, fid, workdir, progress=progress, pool=pool
+                    available[step], plan.manifest, trial.experiment.fid, workdir, progress=progress, pool=pool
                 )
                 with tempfile.TemporaryDirectory() as tmp:  # everything computed before anything is logged
                     grid = sampling.sample_grid(samples, Path(tmp) / f"samples_step{step:07d}.png")

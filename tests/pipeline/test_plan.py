@@ -79,3 +79,93 @@ def test_planning_before_the_shards_exist(tmp_path):
         (folder / name).mkdir(parents=True)
     plan = plan_study(load_experiment("smoke", [f"data.source={folder}"]), str(tmp_path))
     assert plan.data.num_classes == 3 and "class folders" in plan.data.basis
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Design axes and variants
+# ---------------------------------------------------------------------------------------------------------------
+
+MODERN = [
+    "grid.variants={dit2023: {}, modern: {model: {positions: rope, mlp: swiglu, norm: rmsnorm, qk_norm: true}, "
+    "diffusion: {objective: flow, prediction: v, learn_sigma: false, loss: mse, timestep_sampling: logit_normal}, "
+    "fid: {sampler: heun}}}"
+]
+
+
+def test_runs_from_before_design_axes_keep_their_names():
+    """Provisional names (no shards) of two shipped studies, as the code before the block options computed them
+    (commit 952bb17)."""
+    quickstart = [t.run_name for t in plan_study(load_experiment("quickstart"), "/nonexistent-workspace").trials]
+    assert quickstart == ["d2w48_4-d143917a", "d2w48_2-e06443d7", "d6w128_4-c2fbd24f", "d6w128_2-33f893c6"]
+    paper = [t.run_name for t in plan_study(load_experiment("paper_grid"), "/nonexistent-workspace").trials]
+    assert paper[:4] == ["S_2-63d2598e", "S_4-044757f5", "S_8-8c83167f", "B_2-c3fb60e1"]
+
+
+def test_axes_expand_into_every_combination_with_stable_labelled_names():
+    axes = ["grid.axes={model.mlp: [gelu, swiglu], train.lr: [0.001, 0.002]}"]
+    trials = expand_trials(load_experiment("smoke", axes), DATA)
+    assert len(trials) == 4 * 4
+    labels = list(dict.fromkeys(t.variant for t in trials))
+    assert labels == ["mlp=gelu+lr=0.001", "mlp=gelu+lr=0.002", "mlp=swiglu+lr=0.001", "mlp=swiglu+lr=0.002"]
+    for t in trials:
+        assert t.run_name.startswith(f"{t.size}_{t.patch}-{t.variant}-")
+        assert t.model.mlp == t.settings["model.mlp"] and t.experiment.train.lr == t.settings["train.lr"]
+    assert [t.run_name for t in expand_trials(load_experiment("smoke", axes), DATA)] == [t.run_name for t in trials]
+    assert len({t.run_name for t in trials}) == 16
+    # the gelu / lr=0.001 point is the base experiment with its field set to its own value: the same hash
+    base = {t.preset: t.run_name.rsplit("-", 1)[1] for t in expand_trials(load_experiment("smoke"), DATA)}
+    same = [t for t in trials if t.variant == "mlp=gelu+lr=0.001"]
+    assert {t.preset: t.run_name.rsplit("-", 1)[1] for t in same} == base
+
+
+def test_variants_set_several_fields_and_reach_the_trial_params():
+    from pipeline.layout import Workspace
+    from pipeline.plan import SweepPlan, trial_params
+
+    e = load_experiment("smoke", MODERN)
+    trials = expand_trials(e, DATA)
+    assert [t.variant for t in trials] == ["dit2023"] * 4 + ["modern"] * 4
+    modern = trials[-1]
+    assert (modern.model.positions, modern.model.mlp, modern.model.norm, modern.model.qk_norm) == (
+        "rope", "swiglu", "rmsnorm", True
+    )  # fmt: skip
+    assert modern.experiment.diffusion.objective == "flow" and modern.experiment.fid.sampler == "heun"
+    assert not modern.model.learn_sigma and trials[0].model.learn_sigma
+    plan = SweepPlan(e, Workspace("/tmp/x"), "s", None, DATA, tuple(trials), MANIFEST)
+    params = trial_params(plan, modern)
+    assert params["variant"] == "modern" and params["axis.model.positions"] == "rope"
+    assert params["model.mlp"] == "swiglu" and params["diffusion.objective"] == "flow"
+    assert params["objective"] == "flow velocity (logit_normal(0, 1))"
+    assert trial_params(plan, trials[0])["variant"] == "dit2023"
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("grid.axes={model.mlpp: [gelu]}", "unknown field 'model.mlpp'"),
+        ("grid.axes={model.mlp: [gelu, geglu]}", "unknown mlp 'geglu'"),
+        ("grid.axes={diffusion.objective: [ddpm, flow]}", "objective='flow' trains a velocity"),
+        ("grid.axes={data.shards: [a, b]}", "'data.shards' cannot vary between trials"),
+        ("grid.axes={model.mlp: []}", "needs a non-empty list"),
+        ("grid.axes={model.mlp: [gelu, gelu]}", "lists a value twice"),
+        ("grid.variants={rope: {model.positions: rope, model.mlp_ratio: 4.0}}", None),
+        ("grid.variants={bad name: {}}", "must be letters"),
+        ("grid.variants={a: {fid.sampler: heun}, b: {fid.sampler: ddim}}", "cannot sample"),
+        ("grid.variants={a: {fid.sampling_steps: 5}, b: {fid.sampling_steps: 6}}", "trains exactly what"),
+        ("grid.variants={a: {fid.extractor: x}}", "'fid.extractor' cannot vary between trials"),
+    ],
+)
+def test_bad_axes_and_variants_are_refused_before_any_trial(override, message):
+    if message is None:  # fine as a variant: RoPE with head dim 32
+        expand_trials(load_experiment("smoke", [override]), DATA)
+        return
+    with pytest.raises(ConfigError, match=message):
+        expand_trials(load_experiment("smoke", [override]), DATA)
+
+
+def test_dry_run_lists_the_variants(tmp_path):
+    from pipeline.plan import describe_plan
+
+    text = describe_plan(plan_study(load_experiment("smoke", MODERN), str(tmp_path)))
+    assert "variant modern: model.positions=rope, model.mlp=swiglu" in text
+    assert "objective flow velocity (logit_normal(0, 1))" in text and "-modern-" in text and "-dit2023-" in text

@@ -1,0 +1,105 @@
+"""Designs compared by how they scale: a fit per variant, their table, and where one overtakes another.
+
+For each variant of a study (its `grid.variants` or axis values): FID = a * Gflops^b over its trials at the chosen
+step, and final training loss = a * C^b over training compute C, each with its 95% bootstrap interval; the FID at
+its largest Gflops, measured and fitted. Two variants' FID lines cross where a1 x^b1 = a2 x^b2, at
+x* = (a2 / a1)^(1 / (b1 - b2)): below x* one is better, above it the other. The crossing is reported with whether
+it lies inside the measured range (an observation) or outside it (an extrapolation of the fits).
+"""
+
+from __future__ import annotations
+
+import itertools
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from analysis.fits import FitError, PowerLaw, fit_power_law
+
+
+def fit_variants(at_step: pd.DataFrame, curves: pd.DataFrame, step: int) -> dict[str, Any]:
+    """{"variants": {name: fits or their reasons}, "crossovers": [...], "_fits": {name: (fid fit, samples)}}."""
+    out: dict[str, Any] = {"variants": {}, "crossovers": [], "_fits": {}, "_loss_fits": {}}
+    final = curves.sort_values("step").groupby("label").tail(1) if len(curves) else curves
+    for variant, rows in at_step.groupby("variant"):
+        entry: dict[str, Any] = {"trials": int(len(rows))}
+        largest = rows.loc[rows["gflops"].idxmax()]
+        entry["largest"] = {"label": largest["label"], "gflops": float(largest["gflops"]), "fid": float(largest["fid"])}
+        try:
+            fit, samples = fit_power_law(rows["gflops"], rows["fid"], what=f"{variant}: FID vs Gflops at step {step}")
+            entry["fid_vs_gflops"] = {"a": fit.a, "b": fit.b, "a_ci": fit.a_ci, "b_ci": fit.b_ci, "r2": fit.r2}
+            entry["largest"]["fitted_fid"] = float(fit(largest["gflops"]))
+            out["_fits"][variant] = (fit, samples)
+        except FitError as exc:
+            entry["fid_vs_gflops"] = {"skipped": str(exc)}
+        mine = final[final["variant"] == variant] if len(final) else final
+        try:
+            lfit, lsamples = fit_power_law(mine["compute_flops"], mine["loss"], what=f"{variant}: loss vs compute")
+            entry["loss_vs_compute"] = {"a": lfit.a, "b": lfit.b, "b_ci": lfit.b_ci, "r2": lfit.r2}
+            out["_loss_fits"][variant] = (lfit, lsamples)
+        except FitError as exc:
+            entry["loss_vs_compute"] = {"skipped": str(exc)}
+        out["variants"][variant] = entry
+    lo, hi = float(at_step["gflops"].min()), float(at_step["gflops"].max())
+    for (v1, (f1, _)), (v2, (f2, _)) in itertools.combinations(out["_fits"].items(), 2):
+        out["crossovers"].append(crossover(v1, f1, v2, f2, lo, hi))
+    return out
+
+
+def crossover(v1: str, f1: PowerLaw, v2: str, f2: PowerLaw, lo: float, hi: float) -> dict[str, Any]:
+    """Where the FID lines of v1 and v2 cross, and which is better on either side."""
+    better_at = lambda x: v1 if f1(x) < f2(x) else v2  # noqa: E731
+    if np.isclose(f1.b, f2.b):
+        return {"between": [v1, v2], "gflops": None, "note": f"parallel fits: {better_at(hi)} is better everywhere"}
+    x = float((f2.a / f1.a) ** (1.0 / (f1.b - f2.b)))
+    below, above = better_at(x / 10), better_at(x * 10)
+    where = "inside the measured range" if lo <= x <= hi else "outside the measured range (an extrapolation)"
+    return {
+        "between": [v1, v2],
+        "gflops": x,
+        "inside": bool(lo <= x <= hi),
+        "note": f"{above} overtakes {below} at {x:.3g} Gflops, {where} [{lo:.3g}, {hi:.3g}]",
+    }
+
+
+def variants_table(summary: dict[str, Any]) -> pd.DataFrame:
+    rows = []
+    for variant, entry in summary["variants"].items():
+        f, loss, largest = entry["fid_vs_gflops"], entry["loss_vs_compute"], entry["largest"]
+        fitted = "skipped" not in f
+        rows.append(
+            {
+                "variant": variant,
+                "trials": entry["trials"],
+                "fid_exponent_b": f["b"] if fitted else np.nan,
+                "b_ci_lo": f["b_ci"][0] if fitted else np.nan,
+                "b_ci_hi": f["b_ci"][1] if fitted else np.nan,
+                "prefactor_a": f["a"] if fitted else np.nan,
+                "largest": largest["label"],
+                "fid_at_largest": largest["fid"],
+                "fitted_fid_at_largest": largest.get("fitted_fid", np.nan),
+                "loss_exponent": loss.get("b", np.nan),
+            }
+        )
+    return pd.DataFrame(rows)
+
+
+def describe_variants(summary: dict[str, Any]) -> list[str]:
+    lines = []
+    for variant, entry in summary["variants"].items():
+        f, largest = entry["fid_vs_gflops"], entry["largest"]
+        fit = f"no fit ({f['skipped']})" if "skipped" in f else (
+            f"FID = {f['a']:.4g} * Gflops^{f['b']:.3f} [{f['b_ci'][0]:.3f}, {f['b_ci'][1]:.3f}]"
+        )  # fmt: skip
+        loss = entry["loss_vs_compute"]
+        loss_text = (
+            "" if "skipped" in loss else f"; loss ~ C^{loss['b']:.3f} [{loss['b_ci'][0]:.3f}, {loss['b_ci'][1]:.3f}]"
+        )
+        lines.append(
+            f"  variant {variant} ({entry['trials']} trials): {fit}{loss_text}; FID {largest['fid']:.4g} at "
+            f"{largest['label']} ({largest['gflops']:.3g} Gflops)"
+        )
+    for c in summary["crossovers"]:
+        lines.append(f"  {' vs '.join(c['between'])}: {c['note']}")
+    return lines
