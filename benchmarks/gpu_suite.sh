@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
-# The GPU benchmarks in one call on a lent H200, each under its own time limit (about 9 minutes in all):
+# The GPU benchmarks in one call on a lent H200, each under its own time limit (about 9.5 minutes in all):
 #   1. train_step.py: S/2 B/2 L/2 XL/2 training step, eager and compiled, XL/2 against diffusers, XL/2 sampling
 #      forward at batch 256, host-sync check, SDPA kernel (270 s budget, most important measurements first);
 #   2. fid_throughput.py: the FID stage (DiT-XL/2 DDPM-250 and DDIM-25, SD-architecture VAE, InceptionV3), share of
 #      its time in the DiT forward;
-#   3. profile_step.py: time, FLOPs and bytes per kernel class of the compiled XL/2 training step.
+#   3. block_options.py: XL/2 training step and sampling forward with each block option (RoPE, SwiGLU, RMSNorm,
+#      QK-norm, all four) against the official block, eager;
+#   4. profile_step.py: time, FLOPs and bytes per kernel class of the compiled XL/2 training step.
 # Results (JSON) and the log go to $OUT (the device tool's output folder) or benchmarks/results.
 #
 # The device image has torch but neither diffusers nor torch-fidelity; bring them as wheels, from the repo root:
@@ -31,6 +33,7 @@ bench() {
     timeout "$limit" python3 "$@"
     echo "=== exit $?"
 }
-bench 290 benchmarks/train_step.py --device cuda --json "$out/train_step.json"
-bench 180 benchmarks/fid_throughput.py --device cuda --json "$out/fid_throughput.json"
-bench 90 benchmarks/profile_step.py --device cuda --compiled --json "$out/profile_step.json"
+bench 250 benchmarks/train_step.py --device cuda --budget-s 230 --json "$out/train_step.json"
+bench 160 benchmarks/fid_throughput.py --device cuda --json "$out/fid_throughput.json"
+bench 80 benchmarks/block_options.py --device cuda --modes eager --steps 5 --rounds 3 --json "$out/block_options.json"
+bench 70 benchmarks/profile_step.py --device cuda --compiled --json "$out/profile_step.json"
