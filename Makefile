@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 PYTEST_ARGS ?=
 
-.PHONY: setup quickstart toy-scaling demo test lint format bench clean
+.PHONY: setup quickstart toy-scaling toy-variants demo test lint format bench clean
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
@@ -16,13 +16,17 @@ $(VENV)/.installed: pyproject.toml
 
 setup: $(VENV)/.installed
 
-# The main job: a small scaling study on the toy data (local Ray, local MLflow), about 14 minutes on 2 cores.
+# The main job: a small scaling study on the toy data (local Ray, local MLflow), about 9 minutes on 2 cores.
 quickstart: setup
 	$(VENV)/bin/ditscale run quickstart
 
 # The longer toy study where FID itself falls with Gflops (6 trials), about 35 minutes on 2 cores.
 toy-scaling: setup
 	$(VENV)/bin/ditscale run toy_scaling
+
+# The 2023 DiT against a modern design (flow, RoPE, SwiGLU, RMSNorm, QK-norm), 12 trials, about 35 minutes on 2 cores.
+toy-variants: setup
+	$(VENV)/bin/ditscale run toy_variants
 
 demo: setup
 	$(PY) -m dit_core.demo

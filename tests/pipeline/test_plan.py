@@ -95,8 +95,9 @@ MODERN = [
 def test_runs_from_before_design_axes_keep_their_names():
     """Provisional names (no shards) of two shipped studies, as the code before the block options computed them
     (commit 952bb17)."""
-    quickstart = [t.run_name for t in plan_study(load_experiment("quickstart"), "/nonexistent-workspace").trials]
-    assert quickstart == ["d2w48_4-d143917a", "d2w48_2-e06443d7", "d6w128_4-c2fbd24f", "d6w128_2-33f893c6"]
+    toy = [t.run_name for t in plan_study(load_experiment("toy_scaling"), "/nonexistent-workspace").trials]
+    assert toy == ["d6w128_2-b6434e2d", "d6w128_4-aa1227bf", "d3w64_2-580ae117", "d3w64_4-4e6dda63",
+                   "d1w48_2-d352a330", "d1w48_4-1773f552"]  # fmt: skip
     paper = [t.run_name for t in plan_study(load_experiment("paper_grid"), "/nonexistent-workspace").trials]
     assert paper[:4] == ["S_2-63d2598e", "S_4-044757f5", "S_8-8c83167f", "B_2-c3fb60e1"]
 
