@@ -37,3 +37,13 @@ def toy_data(name: str, toy: ToyDataConfig, val_per_class: int, samples_per_shar
         toy=toy,
         toy_val_per_class=val_per_class,
     )
+
+
+def simple_shapes() -> DataConfig:
+    """The toy studies' data: 5,000 grey/white shapes (disc, square, triangle, plus, ring) on plain dark backgrounds
+    at 16 px, 200 validation images; shards shards/simple16, shared by toy_scaling, toy_variants and the quickstart."""
+    return toy_data(
+        "simple16",
+        ToyDataConfig(num_classes=5, per_class=1000, resolution=RESOLUTION, style="simple"),
+        val_per_class=40,
+    )

@@ -19,18 +19,13 @@ from dataclasses import replace
 
 from dit_core.config import DiTOptions
 from dit_core.diffusion import DiffusionConfig
-from experiments._toy import CPU_TRIALS, RESOLUTION, TOY_FID, toy_data
+from experiments._toy import CPU_TRIALS, TOY_FID, simple_shapes
 from pipeline.config import ExperimentConfig, GridConfig, TrainConfig
-from pipeline.toy import ToyDataConfig
 
 EXPERIMENT = ExperimentConfig(
     name="quickstart",
     description="toy scaling study: 4 tiny DiTs (modern recipe: flow, RoPE, SwiGLU, RMSNorm, QK-norm) on 16 px shapes",
-    data=toy_data(
-        "simple16",
-        ToyDataConfig(num_classes=5, per_class=1000, resolution=RESOLUTION, style="simple"),
-        val_per_class=40,
-    ),
+    data=simple_shapes(),
     grid=GridConfig(presets=("DiT-d6w128/4", "DiT-d3w64/2", "DiT-d3w64/4", "DiT-d1w48/4")),
     model=DiTOptions(positions="rope", mlp="swiglu", norm="rmsnorm", qk_norm=True),
     diffusion=DiffusionConfig(

@@ -15,18 +15,13 @@ Run a second seed as its own sweep, side by side in the same MLflow experiment:
 """
 
 from dit_core.diffusion import DiffusionConfig
-from experiments._toy import CPU_TRIALS, RESOLUTION, TOY_FID, toy_data
+from experiments._toy import CPU_TRIALS, TOY_FID, simple_shapes
 from pipeline.config import ExperimentConfig, GridConfig, TrainConfig
-from pipeline.toy import ToyDataConfig
 
 EXPERIMENT = ExperimentConfig(
     name="toy_scaling",
     description="toy scaling study where FID falls with Gflops: 3 sizes x 2 patch sizes, x0-prediction, CPU",
-    data=toy_data(
-        "simple16",
-        ToyDataConfig(num_classes=5, per_class=1000, resolution=RESOLUTION, style="simple"),
-        val_per_class=40,
-    ),
+    data=simple_shapes(),
     # largest first: the longest trial starts at once and the other five share the second CPU meanwhile
     grid=GridConfig(
         presets=("DiT-d6w128/2", "DiT-d6w128/4", "DiT-d3w64/2", "DiT-d3w64/4", "DiT-d1w48/2", "DiT-d1w48/4")

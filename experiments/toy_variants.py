@@ -13,9 +13,8 @@ extractor, which also reports the samples' class accuracy. The analysis fits eac
 """
 
 from dit_core.diffusion import DiffusionConfig
-from experiments._toy import CPU_TRIALS, RESOLUTION, TOY_FID, toy_data
+from experiments._toy import CPU_TRIALS, TOY_FID, simple_shapes
 from pipeline.config import ExperimentConfig, GridConfig, TrainConfig
-from pipeline.toy import ToyDataConfig
 
 MODERN = {
     "model": {"positions": "rope", "mlp": "swiglu", "norm": "rmsnorm", "qk_norm": True},
@@ -32,11 +31,7 @@ MODERN = {
 EXPERIMENT = ExperimentConfig(
     name="toy_variants",
     description="the 2023 DiT against flow + RoPE + SwiGLU + RMSNorm + QK-norm over 3 sizes x 2 patch sizes, CPU",
-    data=toy_data(
-        "simple16",
-        ToyDataConfig(num_classes=5, per_class=1000, resolution=RESOLUTION, style="simple"),
-        val_per_class=40,
-    ),
+    data=simple_shapes(),
     # largest first, so that the longest trials never run alone at the end
     grid=GridConfig(
         presets=("DiT-d6w128/2", "DiT-d6w128/4", "DiT-d3w64/2", "DiT-d3w64/4", "DiT-d1w48/2", "DiT-d1w48/4"),

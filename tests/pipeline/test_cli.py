@@ -16,6 +16,20 @@ def test_presets_lists_every_preset_with_paper_figures(capsys):
     assert sum(line.startswith("DiT-") for line in out.splitlines()) == 30  # 10 sizes x 3 patch sizes
 
 
+def test_presets_show_every_block_option_combination(capsys):
+    from dit_core.config import DiTOptions, dit_config
+    from dit_core.flops import param_count
+
+    assert main(["presets", "--preset", "DiT-XL/2", "DiT-S/2", "--all-options"]) == 0
+    rows = [line.split() for line in capsys.readouterr().out.splitlines() if line.startswith("DiT-")]
+    assert len(rows) == 2 * 16 and len({tuple(r[1:5]) for r in rows}) == 16
+    rope = next(r for r in rows if r[:5] == ["DiT-XL/2", "rope", "swiglu", "rmsnorm", "true"])
+    modern = DiTOptions(positions="rope", mlp="swiglu", norm="rmsnorm", qk_norm=True)
+    assert rope[-2] == f"{param_count(dit_config('DiT-XL/2', modern)):,}" and rope[-1] == "118.621"
+    assert main(["presets", "--preset", "DiT-XL/2", "--set", "mlp=geglu"]) == 2
+    assert "unknown mlp 'geglu'" in capsys.readouterr().err
+
+
 def test_presets_with_small_latent_and_bad_patch(capsys):
     assert main(["presets", "--input-size", "12"]) == 2  # patch 8 does not divide 12
     assert "patch size 8 does not divide the latent size 12" in capsys.readouterr().err
