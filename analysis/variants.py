@@ -42,8 +42,14 @@ def fit_variants(at_step: pd.DataFrame, curves: pd.DataFrame, step: int) -> dict
             entry["loss_vs_compute"] = {"skipped": str(exc)}
         out["variants"][variant] = entry
     lo, hi = float(at_step["gflops"].min()), float(at_step["gflops"].max())
+    recipes = at_step[["global_batch_size", "step"]].drop_duplicates() if "global_batch_size" in at_step else []
     for (v1, (f1, _)), (v2, (f2, _)) in itertools.combinations(out["_fits"].items(), 2):
-        out["crossovers"].append(crossover(v1, f1, v2, f2, lo, hi))
+        c = crossover(v1, f1, v2, f2, lo, hi)
+        if c["gflops"] is not None and len(recipes) == 1:  # one batch and step for all: Gflops -> training FLOPs
+            batch, steps = recipes.iloc[0]
+            c["training_flops"] = c["gflops"] * 1e9 * 6 * float(batch) * float(steps)
+            c["note"] += f" (a training compute of {c['training_flops']:.3g} FLOPs at {int(steps):,} steps)"
+        out["crossovers"].append(c)
     return out
 
 

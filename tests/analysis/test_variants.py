@@ -27,7 +27,8 @@ def frame_of(
             common = dict(run_name=f"{i}-{variant}", label=label, variant=variant, preset=preset, size=f"s{i}",
                           patch=2, params=10**6 * (i + 1), gflops=g)  # fmt: skip
             compute = g * 1e9 * 6 * 64 * 100
-            rows.append({**common, "step": 100, "fid": fid, "compute_flops": compute, "loss": 0.1, "val_loss": 0.1})
+            rows.append({**common, "step": 100, "fid": fid, "compute_flops": compute, "loss": 0.1, "val_loss": 0.1,
+                         "global_batch_size": 64})  # fmt: skip
             for step in (50, 100):
                 c = g * 1e9 * 6 * 64 * step
                 curves.append({**common, "step": step, "compute_flops": c, "loss": 0.5 * c**-0.05, "val_loss": np.nan})
@@ -49,6 +50,7 @@ def test_each_variant_recovers_its_own_exponent_and_the_crossover():
     (cross,) = summary["by_variant"]["crossovers"]
     assert cross["gflops"] == pytest.approx(0.5 ** (1 / 0.15), rel=0.3) and cross["inside"]
     assert cross["note"].startswith("modern overtakes dit2023")
+    assert cross["training_flops"] == pytest.approx(cross["gflops"] * 1e9 * 6 * 64 * 100)  # one recipe for all
     text = describe({k: v for k, v in summary.items() if not k.startswith("_")})
     assert "variant dit2023 (6 trials)" in text and "modern overtakes dit2023" in text
     table = variants_table(summary["by_variant"])
