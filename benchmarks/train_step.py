@@ -15,7 +15,7 @@ against diffusers, then its sampling forward), and those that would end after --
 one call fits a 5-minute slot. Modes: eager, compiled (train.compile: model, noising and loss compiled) and
 compiled-model (the model alone; what compiling the loss adds).
 
-    python benchmarks/train_step.py                    # CPU: the quickstart presets at 16 px, fp32, eager
+    python benchmarks/train_step.py                    # CPU: d2w48 and d6w128 at patch 4 and 2, 16 px, fp32, eager
     python benchmarks/train_step.py --device cuda      # GPU: S/2 B/2 L/2 XL/2 at 256 px (32x32x4), batch 64, bf16,
                                                        # eager and compiled; XL/2 against diffusers; sampling at 256
     python benchmarks/train_step.py --modes eager compiled-model compiled --sample-presets DiT-d6w128/2   # CPU
@@ -46,7 +46,7 @@ from dit_core.interop import to_diffusers  # noqa: E402
 from dit_core.model import DiT  # noqa: E402
 from dit_core.training import COMPILE_MODES, TrainStep, adamw  # noqa: E402
 
-QUICKSTART = ["DiT-d2w48/4", "DiT-d2w48/2", "DiT-d6w128/4", "DiT-d6w128/2"]
+CPU_PRESETS = ["DiT-d2w48/4", "DiT-d2w48/2", "DiT-d6w128/4", "DiT-d6w128/2"]  # the figures in docs/performance.md
 GRID = ["DiT-S/2", "DiT-B/2", "DiT-L/2", "DiT-XL/2"]
 
 
@@ -241,7 +241,7 @@ def row(r: dict, gpu: bool) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    parser.add_argument("--presets", nargs="+", default=None, help="default: the quickstart's (CPU), S/B/L/XL-2 (GPU)")
+    parser.add_argument("--presets", nargs="+", default=None, help="default: d2w48/d6w128 x 4/2 (CPU), S..XL/2 (GPU)")
     parser.add_argument(
         "--peer-presets",
         nargs="+",
@@ -279,7 +279,7 @@ def main() -> None:
     gpu = args.device == "cuda"
     if gpu and not torch.cuda.is_available():
         raise SystemExit("--device cuda given but no CUDA device is visible")
-    args.presets = args.presets or (GRID if gpu else QUICKSTART)
+    args.presets = args.presets or (GRID if gpu else CPU_PRESETS)
     peers = set(args.peer_presets or (["DiT-XL/2"] if gpu else args.presets))
     sample_presets = args.sample_presets if args.sample_presets is not None else (["DiT-XL/2"] if gpu else [])
     args.modes = args.modes or (["eager", "compiled"] if gpu else ["eager"])

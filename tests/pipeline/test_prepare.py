@@ -215,7 +215,9 @@ def test_killed_run_resumes_without_duplicates(ray_session, toy_src, tiny_vae, t
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
-    deadline = time.time() + 120
+    # generous: under a load of 20 the child's own Ray start alone has taken over two minutes (2026-12-02); the loop
+    # ends as soon as the first shard lands, so a quiet machine waits seconds
+    deadline = time.time() + 900
     shards_at_kill = 0
     while time.time() < deadline and proc.poll() is None:
         manifest = out / "manifest.json"
@@ -224,9 +226,11 @@ def test_killed_run_resumes_without_duplicates(ray_session, toy_src, tiny_vae, t
             if shards_at_kill >= 1:
                 break
         time.sleep(0.02)
+    exited = proc.poll()
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
-    assert 1 <= shards_at_kill < 24, "the run should have been killed mid-way"
+    assert exited is None, f"the prepare process ended by itself (exit code {exited}) before it could be killed"
+    assert 1 <= shards_at_kill < 24, f"the run should have been killed mid-way (shards then: {shards_at_kill})"
     config = PrepareConfig(resolution=16, samples_per_shard=2, codec=CodecConfig(kind="vae", vae=str(tiny_vae)))
     manifest = prepare(str(toy_src), str(out), config, progress=False)
     samples = read_shards(out)
