@@ -19,33 +19,17 @@ from dataclasses import replace
 
 from dit_core.config import DiTOptions
 from dit_core.diffusion import DiffusionConfig
-from experiments._toy import CPU_TRIALS, TOY_FID, simple_shapes
-from pipeline.config import ExperimentConfig, GridConfig, TrainConfig
+from experiments._toy import CPU_TRIALS, MODERN, TOY_FID, simple_shapes, simple_shapes_recipe
+from pipeline.config import ExperimentConfig, GridConfig
 
 EXPERIMENT = ExperimentConfig(
     name="quickstart",
     description="toy scaling study: 4 tiny DiTs (modern recipe: flow, RoPE, SwiGLU, RMSNorm, QK-norm) on 16 px shapes",
     data=simple_shapes(),
     grid=GridConfig(presets=("DiT-d6w128/4", "DiT-d3w64/2", "DiT-d3w64/4", "DiT-d1w48/4")),
-    model=DiTOptions(positions="rope", mlp="swiglu", norm="rmsnorm", qk_norm=True),
-    diffusion=DiffusionConfig(
-        objective="flow", prediction="v", learn_sigma=False, loss="mse", timestep_sampling="logit_normal"
-    ),
-    train=TrainConfig(
-        steps=1400,
-        global_batch_size=64,
-        lr=2e-3,
-        warmup_steps=100,
-        lr_schedule="cosine",
-        min_lr_ratio=0.1,
-        ema_decay=0.995,
-        ckpt_every_steps=350,
-        milestone_steps=(700, 1400),
-        log_every_steps=50,
-        val_every_steps=700,
-        val_batches=2,
-        loader_workers=0,
-    ),
+    model=DiTOptions(**MODERN["model"]),
+    diffusion=DiffusionConfig(**MODERN["diffusion"]),
+    train=simple_shapes_recipe(steps=1400, milestone_steps=(700, 1400), ckpt_every_steps=350),
     resources=CPU_TRIALS,
-    fid=replace(TOY_FID, sampler="heun", sampling_steps=10, cfg_scale=2.0),
+    fid=replace(TOY_FID, **MODERN["fid"], cfg_scale=2.0),
 )

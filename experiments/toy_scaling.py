@@ -15,8 +15,8 @@ Run a second seed as its own sweep, side by side in the same MLflow experiment:
 """
 
 from dit_core.diffusion import DiffusionConfig
-from experiments._toy import CPU_TRIALS, TOY_FID, simple_shapes
-from pipeline.config import ExperimentConfig, GridConfig, TrainConfig
+from experiments._toy import CPU_TRIALS, TOY_FID, simple_shapes, simple_shapes_recipe
+from pipeline.config import ExperimentConfig, GridConfig
 
 EXPERIMENT = ExperimentConfig(
     name="toy_scaling",
@@ -27,21 +27,7 @@ EXPERIMENT = ExperimentConfig(
         presets=("DiT-d6w128/2", "DiT-d6w128/4", "DiT-d3w64/2", "DiT-d3w64/4", "DiT-d1w48/2", "DiT-d1w48/4")
     ),
     diffusion=DiffusionConfig(prediction="x0", learn_sigma=False, loss="mse"),
-    train=TrainConfig(
-        steps=2400,
-        global_batch_size=64,
-        lr=2e-3,
-        warmup_steps=100,
-        lr_schedule="cosine",
-        min_lr_ratio=0.1,
-        ema_decay=0.995,
-        ckpt_every_steps=400,
-        milestone_steps=(800, 1600, 2400),
-        log_every_steps=50,
-        val_every_steps=800,
-        val_batches=2,
-        loader_workers=0,
-    ),
+    train=simple_shapes_recipe(steps=2400, milestone_steps=(800, 1600, 2400), ckpt_every_steps=400),
     resources=CPU_TRIALS,
     fid=TOY_FID,
 )

@@ -13,20 +13,8 @@ extractor, which also reports the samples' class accuracy. The analysis fits eac
 """
 
 from dit_core.diffusion import DiffusionConfig
-from experiments._toy import CPU_TRIALS, TOY_FID, simple_shapes
-from pipeline.config import ExperimentConfig, GridConfig, TrainConfig
-
-MODERN = {
-    "model": {"positions": "rope", "mlp": "swiglu", "norm": "rmsnorm", "qk_norm": True},
-    "diffusion": {
-        "objective": "flow",
-        "prediction": "v",
-        "learn_sigma": False,
-        "loss": "mse",
-        "timestep_sampling": "logit_normal",
-    },
-    "fid": {"sampler": "heun", "sampling_steps": 10},
-}
+from experiments._toy import CPU_TRIALS, MODERN, TOY_FID, simple_shapes, simple_shapes_recipe
+from pipeline.config import ExperimentConfig, GridConfig
 
 EXPERIMENT = ExperimentConfig(
     name="toy_variants",
@@ -38,21 +26,7 @@ EXPERIMENT = ExperimentConfig(
         variants={"dit2023": {}, "modern": MODERN},
     ),
     diffusion=DiffusionConfig(),  # the paper's objective, for dit2023
-    train=TrainConfig(
-        steps=1600,
-        global_batch_size=64,
-        lr=2e-3,
-        warmup_steps=100,
-        lr_schedule="cosine",
-        min_lr_ratio=0.1,
-        ema_decay=0.995,
-        ckpt_every_steps=400,
-        milestone_steps=(800, 1600),
-        log_every_steps=50,
-        val_every_steps=800,
-        val_batches=2,
-        loader_workers=0,
-    ),
+    train=simple_shapes_recipe(steps=1600, milestone_steps=(800, 1600), ckpt_every_steps=400),
     resources=CPU_TRIALS,
     fid=TOY_FID,
 )
