@@ -92,6 +92,12 @@ class Trial:
     def params(self) -> int:
         return param_count(self.model, include_pos_embed=False)
 
+    @property
+    def training_compute(self) -> dict[str, float]:
+        """`dit_core.flops.training_compute` of this trial's steps at its global batch."""
+        train = self.experiment.train
+        return training_compute(self.model, train.global_batch_size, train.steps)
+
 
 # Fields added after run names were first published enter the hash only when set off their defaults, so that the
 # runs made before them keep their names (and resume).
@@ -365,7 +371,7 @@ def describe_plan(plan: SweepPlan, mfu: float = 0.4) -> str:
         tt, ff = trial.experiment.train, trial.experiment.fid
         evaluations = ff.num_samples * ff.sampling_steps * len(tt.milestone_steps) * (2 if ff.cfg_scale != 1 else 1)
         evaluations *= 2 if ff.sampler == "heun" else 1  # two velocity evaluations per step
-        compute = training_compute(trial.model, tt.global_batch_size, tt.steps)
+        compute = trial.training_compute
         total += compute["flops"]
         row = (
             f"{trial.run_name:<{width}} {trial.preset:<13} {trial.params:>12,} {trial.gflops:>9.4g} "

@@ -190,7 +190,7 @@ def run_sweep(experiment: ExperimentConfig, workdir: str, progress_interval_s: f
             check_cluster(experiment)
             os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # our one-line-per-trial progress instead of Tune's
             # longest first: the largest trials start at once, so that none trains alone at the end
-            todo.sort(key=lambda t: -t.gflops * t.experiment.train.global_batch_size * t.experiment.train.steps)
+            todo.sort(key=lambda t: -t.training_compute["flops"])
             jobs = [trial_job(plan, t, uri, run_ids[t.run_name]) for t in todo]
             tuner = tune.Tuner(
                 tune.with_resources(run_trial_from_tune, {"CPU": 0, "memory": 1}),  # the driver needs no CPU
