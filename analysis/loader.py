@@ -6,20 +6,26 @@ Works from the tracking store alone (any tracking URI), for a sweep's MLflow exp
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pandas as pd
 
-FID_METRICS = ("fid", "isc", "kid", "precision", "recall", "class_accuracy")  # class_accuracy: classifier extractor
+FID_METRICS = ("fid", "fd_dinov2", "isc", "kid", "precision", "recall", "class_accuracy")  # class_accuracy: the
+# classifier extractor's judgement of the samples' labels; fd_dinov2: the Frechet distance in DINOv2's features
+_FURTHER_EMA = re.compile(r"^(ema[0-9.]+)/fid$")  # a further EMA decay's scores: ema0.999/fid, ema0.999/...
 # What identifies a trial: its model, and its variant (the design axes' values; "default" in a study without any).
 # `label` names it in tables and legends: the preset, followed by the variant where the study has several.
-MODEL = ["run_name", "label", "variant", "preset", "size", "patch", "params", "gflops"]
+MODEL = ["run_name", "label", "variant", "seed", "preset", "size", "patch", "params", "gflops"]
 CURVE_COLUMNS = [*MODEL, "step", "compute_flops", "loss", "val_loss"]
 CHECKPOINT_COLUMNS = [
     *MODEL,
     "global_batch_size",
     "step",
+    "ema_decay",
     "compute_gmacs",
     "compute_flops",
+    "sampling_gflops",
     *FID_METRICS,
     "loss",
     "val_loss",
@@ -40,16 +46,24 @@ def _value_at(history: list[tuple[int, float]], step: int) -> float:
     return values[-1] if values else float("nan")
 
 
+def _param_value(text: str):
+    """An MLflow param (a string) as the number it spells, else as it is."""
+    try:
+        return float(text)
+    except ValueError:
+        return text
+
+
 def load_runs(
     tracking_uri: str, experiment_name: str, sweep: str | None = None
 ) -> tuple[pd.DataFrame, pd.DataFrame, list[str]]:
     """(checkpoints, curves, notes).
 
-    checkpoints: run_name, run_id, label, variant, preset, size, patch, params, gflops, global_batch_size, step,
-    compute_gmacs
-    (paper convention: Gflops x batch x steps x 3), compute_flops (true FLOPs, 2x), fid and friends, loss and
-    val_loss at that step, final_loss, extractor, status.
-    curves: run_name, label, variant, preset, size, patch, params, gflops, step, compute_flops, loss, val_loss.
+    checkpoints: one row per (trial, step, EMA decay): run_name, run_id, label, variant, seed, preset, size, patch,
+    params, gflops, global_batch_size, step, ema_decay, compute_gmacs (paper convention: Gflops x batch x steps x 3),
+    compute_flops (true FLOPs, 2x), sampling_gflops (per image: Gflops x network evaluations), fid and friends,
+    loss and val_loss at that step, final_loss, extractor, status, and `axis.<path>` for each design axis.
+    curves: run_name, label, variant, seed, preset, size, patch, params, gflops, step, compute_flops, loss, val_loss.
     """
     from mlflow.tracking import MlflowClient
 
@@ -76,6 +90,8 @@ def load_runs(
             "params": int(p["params"]),
             "gflops": float(p["gflops"]),
             "global_batch_size": int(p["train.global_batch_size"]),
+            "seed": int(p.get("seed", p.get("train.seed", 0))),
+            **{k: _param_value(v) for k, v in p.items() if k.startswith("axis.")},
         }
         loss = _history(client, run.info.run_id, "loss")
         val = _history(client, run.info.run_id, "val_loss")
@@ -90,26 +106,34 @@ def load_runs(
                     "val_loss": _value_at(val, step),
                 }
             )
-        scores = {m: dict(_history(client, run.info.run_id, m)) for m in FID_METRICS}
-        if not scores["fid"]:
-            notes.append(f"{name} ({p['preset']}): no FID yet (run `ditscale fid`)")
-        for step in sorted(scores["fid"]):
-            gmacs = facts["gflops"] * 3 * facts["global_batch_size"] * step
-            rows.append(
-                {
-                    **facts,
-                    "step": step,
-                    "compute_gmacs": gmacs,
-                    "compute_flops": 2e9 * gmacs,
-                    **{m: scores[m].get(step, np.nan) for m in FID_METRICS},
-                    "loss": _value_at(loss, step),
-                    "val_loss": _value_at(val, step),
-                    "final_loss": loss[-1][1] if loss else np.nan,
-                    "extractor": run.data.tags.get("fid.extractor", ""),
-                    "status": run.info.status,
-                }
-            )
-    frame = pd.DataFrame(rows, columns=CHECKPOINT_COLUMNS).sort_values(["gflops", "step"], ignore_index=True)
+        evaluations = float(run.data.tags.get("fid.evaluations_per_image", "nan"))
+        further = sorted(m[1] for key in run.data.metrics if (m := _FURTHER_EMA.match(key)))
+        emas = [("", float(p.get("train.ema_decay", "nan")))]
+        emas += [(f"{n}/", float(n.removeprefix("ema"))) for n in further]
+        for prefix, decay in emas:
+            scores = {m: dict(_history(client, run.info.run_id, prefix + m)) for m in FID_METRICS}
+            if not scores["fid"] and not prefix:
+                notes.append(f"{name} ({p['preset']}): no FID yet (run `ditscale fid`)")
+            for step in sorted(scores["fid"]):
+                gmacs = facts["gflops"] * 3 * facts["global_batch_size"] * step
+                rows.append(
+                    {
+                        **facts,
+                        "step": step,
+                        "ema_decay": decay,
+                        "compute_gmacs": gmacs,
+                        "compute_flops": 2e9 * gmacs,
+                        "sampling_gflops": facts["gflops"] * evaluations,
+                        **{m: scores[m].get(step, np.nan) for m in FID_METRICS},
+                        "loss": _value_at(loss, step),
+                        "val_loss": _value_at(val, step),
+                        "final_loss": loss[-1][1] if loss else np.nan,
+                        "extractor": run.data.tags.get("fid.extractor", ""),
+                        "status": run.info.status,
+                    }
+                )
+    axes = sorted({k for row in rows for k in row if k.startswith("axis.")})
+    frame = pd.DataFrame(rows, columns=CHECKPOINT_COLUMNS + axes).sort_values(["gflops", "step"], ignore_index=True)
     curves_frame = pd.DataFrame(curves, columns=CURVE_COLUMNS)
     for table in (frame, curves_frame):
         if table["variant"].nunique() > 1:

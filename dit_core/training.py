@@ -45,6 +45,8 @@ class TrainStep:
         optimizer: built over `model`'s parameters, e.g. by `adamw`.
         ema: EMA copy of `model` updated after every step, or None.
         ema_decay: EMA decay per step (the paper: 0.9999).
+        more_emas: further EMA copies kept at once, {decay: copy of `model`} (the best EMA length depends on the
+            model's size and training length, EDM2); each updated after every step with its own decay.
         grad_clip: clip the global gradient L2 norm to this value; 0 = no clipping.
         autocast_dtype: torch.bfloat16 for mixed precision; None = the parameters' dtype (fp32).
         forward: the callable that runs the model (a DistributedDataParallel wrapper of it); default `model`.
@@ -62,6 +64,7 @@ class TrainStep:
         ema: nn.Module | None = None,
         *,
         ema_decay: float = 0.9999,
+        more_emas: dict[float, nn.Module] | None = None,
         grad_clip: float = 0.0,
         autocast_dtype: torch.dtype | None = None,
         forward: nn.Module | None = None,
@@ -77,6 +80,7 @@ class TrainStep:
             raise ValueError("train on the full process, not a respaced one (respacing is for sampling)")
         self.model, self.optimizer, self.ema = model, optimizer, ema
         self.ema_decay, self.grad_clip = ema_decay, grad_clip
+        self.more_emas = dict(more_emas or {})
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.device = self.params[0].device
         self.diffusion = diffusion.to(self.device)  # coefficient tables on the device: no copy per step
@@ -125,4 +129,6 @@ class TrainStep:
         self.optimizer.step()
         if self.ema is not None:
             update_ema(self.ema, self.model, self.ema_decay)
+        for decay, ema in self.more_emas.items():
+            update_ema(ema, self.model, decay)
         return out

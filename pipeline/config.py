@@ -109,8 +109,11 @@ class GridConfig:
     presets: tuple[str, ...] = ()  # explicit preset names ("DiT-XL/2", ...); overrides sizes x patch_sizes
     axes: dict[str, tuple[Any, ...]] = field(default_factory=dict)  # config path -> the values it takes
     variants: dict[str, dict[str, Any]] = field(default_factory=dict)  # variant name -> {config path: value}
+    seeds: tuple[int, ...] = ()  # replicates: every trial once per training seed (train.seed); () = train.seed alone
 
     def __post_init__(self) -> None:
+        if len(set(self.seeds)) != len(self.seeds) or any(not isinstance(s, int) or s < 0 for s in self.seeds):
+            raise ConfigError(f"grid.seeds must be distinct non-negative integers, got {list(self.seeds)}")
         # nested or dotted spellings ({"model": {"mlp": [...]}} or {"model.mlp": [...]}) become dotted paths
         axes = {path: tuple(v) if isinstance(v, list) else v for path, v in flatten_settings(dict(self.axes)).items()}
         object.__setattr__(self, "axes", axes)
@@ -131,6 +134,8 @@ class GridConfig:
                 _check_axis_path(path, f"grid.variants.{name}")
                 if path in self.axes:
                     raise ConfigError(f"grid.variants.{name} sets {path}, which grid.axes sweeps: keep one of them")
+        if self.seeds and ("train.seed" in self.axes or any("train.seed" in v for v in self.variants.values())):
+            raise ConfigError("grid.seeds sets train.seed for every trial: drop train.seed from grid.axes and variants")
         names = self.preset_names()
         if not names:
             raise ConfigError("the grid is empty: set grid.sizes and grid.patch_sizes, or grid.presets")
@@ -167,7 +172,9 @@ class TrainConfig:
     min_lr_ratio: float = 0.1  # cosine schedule floor, as a fraction of lr
     weight_decay: float = 0.0  # AdamW weight decay
     adam_betas: tuple[float, float] = (0.9, 0.999)
-    ema_decay: float = 0.9999  # EMA decay per step
+    ema_decay: float = 0.9999  # EMA decay per step: the EMA whose milestones give the metric `fid`
+    ema_decays: tuple[float, ...] = ()  # further EMA decays kept beside it, each saved at the milestones and scored
+    # (metrics `ema<decay>/fid`, ...): the best EMA length depends on model size (EDM2)
     grad_clip: float = 0.0  # max global grad norm; 0 = no clipping (the paper)
     precision: str = "auto"  # "auto" (bf16 autocast on GPU, fp32 on CPU), "bf16" or "fp32"
     compile: bool = False  # torch.compile the model, and apart from it the noising and the loss
@@ -203,6 +210,13 @@ class TrainConfig:
             raise ConfigError(f"train.precision must be 'auto', 'bf16' or 'fp32', got {self.precision!r}")
         if not 0 <= self.ema_decay <= 1:
             raise ConfigError(f"train.ema_decay must be in [0, 1], got {self.ema_decay}")
+        if any(not 0 <= d <= 1 for d in self.ema_decays) or len({self.ema_decay, *self.ema_decays}) != (
+            1 + len(self.ema_decays)
+        ):
+            raise ConfigError(
+                f"train.ema_decays must be distinct decays in [0, 1] other than train.ema_decay ({self.ema_decay}), "
+                f"got {list(self.ema_decays)}"
+            )
         if self.warmup_steps < 0 or self.loader_workers < 0 or self.grad_clip < 0:
             raise ConfigError("train.warmup_steps, train.loader_workers and train.grad_clip must be >= 0")
         late = [m for m in self.milestone_steps if not 0 < m <= self.steps]
@@ -234,6 +248,10 @@ class TrackingConfig:
     tracking_uri: str = ""  # "" = MLFLOW_TRACKING_URI, else an embedded server over <workdir>/mlflow.db
 
 
+FID_METRICS = ("fid", "isc", "kid", "prc", "fd_dinov2")
+DINOV2_EXTRACTORS = {"dinov2-vit-s-14": 384, "dinov2-vit-b-14": 768, "dinov2-vit-l-14": 1024, "dinov2-vit-g-14": 1536}
+
+
 @dataclass(frozen=True)
 class FidConfig:
     """How the fid stage scores EMA checkpoints. Defaults are the paper's protocol: FID-50K, 250 DDPM steps with
@@ -251,7 +269,10 @@ class FidConfig:
     extractor_weights: str = ""  # local Inception weights file (air-gapped clusters); "" = torch-fidelity's URL
     classifier_seconds: float = 30.0  # training budget of the ditscale-classifier extractor (machine-dependent)
     classifier_steps: int = 0  # > 0: train it for exactly this many steps instead (the same extractor everywhere)
-    metrics: tuple[str, ...] = ("fid",)  # add "isc", "kid", "prc" on request
+    metrics: tuple[str, ...] = ("fid",)  # add "isc", "kid", "prc", "fd_dinov2" on request
+    # FD_DINOv2 (EDM2, dgm-eval): Frechet distance in the features of this torch-fidelity DINOv2 extractor, from the
+    # same samples; loaded through torch.hub (offline: a pre-filled hub cache, $TORCH_HOME/hub, see docs/fid.md)
+    dinov2: str = "dinov2-vit-l-14"
     reference_npz: str = ""  # ADM reference batch (.npz with mu, sigma) instead of statistics of the real images
     reference_images: int = 0  # real images behind the reference statistics; 0 = all
     slice_size: int = 250  # images per actor call; each slice has its own seed, so results do not depend on workers
@@ -268,9 +289,18 @@ class FidConfig:
             raise ConfigError(f"fid.labels must be 'uniform' or 'balanced', got {self.labels!r}")
         if self.classifier_steps < 0 or (self.classifier_steps == 0 and self.classifier_seconds <= 0):
             raise ConfigError("the classifier extractor needs fid.classifier_steps > 0 or fid.classifier_seconds > 0")
-        unknown = set(self.metrics) - {"fid", "isc", "kid", "prc"}
+        unknown = set(self.metrics) - set(FID_METRICS)
         if unknown or "fid" not in self.metrics:
-            raise ConfigError(f"fid.metrics must include 'fid' and only 'fid', 'isc', 'kid', 'prc'; got {self.metrics}")
+            raise ConfigError(f"fid.metrics must include 'fid' and only {', '.join(FID_METRICS)}; got {self.metrics}")
+        if self.dinov2 not in DINOV2_EXTRACTORS:
+            raise ConfigError(f"fid.dinov2 must be one of {', '.join(DINOV2_EXTRACTORS)}, got {self.dinov2!r}")
+
+    @property
+    def evaluations_per_image(self) -> int:
+        """Network evaluations per sample: a step each (Heun: two), twice with classifier-free guidance (the
+        conditional and the unconditional half of the batch). Times the DiT's Gflops: the sampling compute."""
+        per_step = 2 if self.sampler == "heun" else 1
+        return self.sampling_steps * per_step * (2 if self.cfg_scale != 1 else 1)
         if self.guidance_channels < 0 or self.workers < 0 or self.reference_images < 0:
             raise ConfigError("fid.guidance_channels, fid.workers and fid.reference_images must be >= 0")
         if self.guidance_interval and (

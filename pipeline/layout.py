@@ -5,6 +5,7 @@
     <workdir>/runs/<experiment>/<run>/                              one trial (Ray Train's storage of that run)
         checkpoint_*/checkpoint.pt                                  resumable checkpoints (written through Ray Train)
         milestones/ema-0000600.pt                                   EMA weights at the steps the fid stage scores
+        milestones/ema0.999-0000600.pt                              ... of a further EMA decay (train.ema_decays)
         workers/rank0.json                                          which process and node each rank ran on
         ditscale_done.json                                          written last: the trial finished its steps
     <workdir>/runs/<experiment>/_tune/                              Ray Tune's own state
@@ -27,7 +28,12 @@ from typing import Any
 from pipeline.storage import exists, list_names, read_json, write_json
 
 CHECKPOINT_FILE = "checkpoint.pt"  # inside each Ray Train checkpoint folder
-_MILESTONE = re.compile(r"^ema-(\d{7})\.pt$")
+_MILESTONE = re.compile(r"^ema([0-9.]*)-(\d{7})\.pt$")  # ema-<step> (train.ema_decay) or ema<decay>-<step>
+
+
+def ema_label(decay: float) -> str:
+    """'ema0.999': names a further EMA decay's milestone files and its metrics (`ema0.999/fid`)."""
+    return "ema" + f"{float(decay):.10f}".rstrip("0").rstrip(".")
 
 
 def resolve_workdir(workdir: str | None = None) -> str:
@@ -52,13 +58,18 @@ class TrialLayout:
         return self.root.rstrip("/").rsplit("/", 1)[0]
 
     # --- EMA milestones ------------------------------------------------------------------------------------------
-    def milestone(self, step: int) -> str:
-        return f"{self.root}/milestones/ema-{step:07d}.pt"
+    def milestone(self, step: int, decay: float | None = None) -> str:
+        """The EMA weights at `step`: of train.ema_decay (decay None), or of a further decay of train.ema_decays."""
+        return f"{self.root}/milestones/{'ema' if decay is None else ema_label(decay)}-{step:07d}.pt"
 
-    def milestones(self) -> dict[int, str]:
-        """{step: path} of the EMA milestones written so far."""
-        folder = f"{self.root}/milestones"
-        return {int(m[1]): f"{folder}/{name}" for name in list_names(folder) if (m := _MILESTONE.match(name))}
+    def milestones(self, decay: float | None = None) -> dict[int, str]:
+        """{step: path} of the EMA milestones written so far, of train.ema_decay (None) or of `decay`."""
+        folder, wanted = f"{self.root}/milestones", "" if decay is None else ema_label(decay).removeprefix("ema")
+        return {
+            int(m[2]): f"{folder}/{name}"
+            for name in list_names(folder)
+            if (m := _MILESTONE.match(name)) and m[1] == wanted
+        }
 
     # --- the finished marker -------------------------------------------------------------------------------------
     @property

@@ -12,8 +12,9 @@ step budget): raising `train.steps` continues the existing runs.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from dit_core.config import DiTConfig, DiTOptions, dit_config, parse_preset
@@ -75,6 +76,11 @@ class Trial:
     experiment: ExperimentConfig  # what this trial trains and how it is scored: the study with its variant applied
     variant: str = ""  # the variant and axis values, e.g. "modern" or "mlp=swiglu" ("": the study has none)
     settings: dict[str, Any] = field(default_factory=dict)  # config path -> value, set by the variant and axes
+    replicate: bool = False  # one of several seeds of the same grid point (grid.seeds)
+
+    @property
+    def seed(self) -> int:
+        return self.experiment.train.seed
 
     @property
     def size(self) -> str:
@@ -107,12 +113,14 @@ LATER_FIELDS = {
         name: getattr(DiffusionConfig(), name)
         for name in ("objective", "timestep_sampling", "logit_normal_mean", "logit_normal_std")
     },
+    "train": {"ema_decays": ()},
 }
 
 
 def _without_later_defaults(section: str, values: dict[str, Any]) -> dict[str, Any]:
     later = LATER_FIELDS[section]
-    return {k: v for k, v in values.items() if not (k in later and v == later[k])}
+    same = lambda k, v: json.dumps(v) == json.dumps(later[k])  # noqa: E731 (tuples and lists alike)
+    return {k: v for k, v in values.items() if not (k in later and same(k, v))}
 
 
 def trajectory_identity(experiment: ExperimentConfig, model: DiTConfig, data: dict[str, Any] | None) -> dict:
@@ -124,28 +132,33 @@ def trajectory_identity(experiment: ExperimentConfig, model: DiTConfig, data: di
     return {
         "model": _without_later_defaults("model", model_fields),
         "diffusion": _without_later_defaults("diffusion", config_to_dict(experiment.diffusion)),
-        "train": train,
+        "train": _without_later_defaults("train", train),
         "data": data,
         "workers": experiment.resources.workers_per_trial,
     }
 
 
-def run_name(preset: str, identity: dict[str, Any], variant: str = "") -> str:
-    """`<size>_<patch>[-<variant>]-<hash>`, e.g. `B_4-1c9e27d0` or `d2w48_4-modern-5f0e1a2b`."""
+def run_name(preset: str, identity: dict[str, Any], variant: str = "", seed: int | None = None) -> str:
+    """`<size>_<patch>[-<variant>][-s<seed>]-<hash>`, e.g. `B_4-1c9e27d0`, `d2w48_4-modern-5f0e1a2b` or
+    `B_4-s1-0a3c5e7d` (a replicate of grid.seeds)."""
     size, patch = parse_preset(preset)
     digest = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:8]
-    return f"{size}_{patch}-{variant}-{digest}" if variant else f"{size}_{patch}-{digest}"
+    parts = [f"{size}_{patch}", variant, f"s{seed}" if seed is not None else "", digest]
+    return "-".join(p for p in parts if p)
 
 
 def expand_trials(experiment: ExperimentConfig, data: DataSpec) -> list[Trial]:
-    """The trials of an experiment (variants x axis values x presets) for data of `data.latent_shape` and
-    `data.num_classes`."""
+    """The trials of an experiment (variants x axis values x presets x seeds) for data of `data.latent_shape` and
+    `data.num_classes`. Replicates (grid.seeds) differ only in train.seed: initial weights, data order, noise."""
     channels, height, _ = data.latent_shape
     trials, seen = [], {}
-    for variant in variants(experiment):
+    seeds = experiment.grid.seeds or (None,)
+    for variant, seed in itertools.product(variants(experiment), seeds):
         e = variant.experiment
+        if seed is not None:
+            e = replace(e, train=replace(e.train, seed=seed))
         for preset in e.grid.preset_names():
-            where = f"{preset} ({variant.label})" if variant.label else preset
+            where = preset + (f" ({variant.label})" if variant.label else "")
             try:
                 model = dit_config(
                     preset,
@@ -165,8 +178,8 @@ def expand_trials(experiment: ExperimentConfig, data: DataSpec) -> list[Trial]:
                     f"shape training): drop one, or score both from one run"
                 )
             seen[key] = where
-            name = run_name(preset, identity, variant.label)
-            trials.append(Trial(preset, model, name, e, variant.label, variant.settings))
+            name = run_name(preset, identity, variant.label, seed)
+            trials.append(Trial(preset, model, name, e, variant.label, variant.settings, seed is not None))
     return trials
 
 
@@ -335,6 +348,7 @@ def trial_params(plan: SweepPlan, trial: Trial) -> dict[str, Any]:
             "gflops": trial.gflops,
             "run_name": trial.run_name,
             "variant": trial.variant or DEFAULT_VARIANT,
+            "seed": trial.seed,
             "objective": objective_name(trial.experiment),
             "data.manifest_total": plan.data.total,
         }
@@ -369,8 +383,8 @@ def describe_plan(plan: SweepPlan, mfu: float = 0.4) -> str:
     total, hours = 0.0, [0.0, 0.0]
     for trial in plan.trials:
         tt, ff = trial.experiment.train, trial.experiment.fid
-        evaluations = ff.num_samples * ff.sampling_steps * len(tt.milestone_steps) * (2 if ff.cfg_scale != 1 else 1)
-        evaluations *= 2 if ff.sampler == "heun" else 1  # two velocity evaluations per step
+        scored = len(tt.milestone_steps) * (1 + len(tt.ema_decays))
+        evaluations = ff.num_samples * ff.evaluations_per_image * scored
         compute = trial.training_compute
         total += compute["flops"]
         row = (

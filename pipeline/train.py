@@ -53,10 +53,13 @@ def step_seed(seed: int, rank: int, step: int) -> int:
     return (seed * 1_000_003 + rank * 7_919 + step) % (2**63 - 1)
 
 
-def save_milestone(layout: TrialLayout, step: int, ema: torch.nn.Module, config: dict[str, Any]) -> str:
-    """EMA weights at `step` for the FID stage, where the layout keeps milestones (a dit_core checkpoint)."""
-    path = layout.milestone(step)
-    extra = {"weights": "ema"}
+def save_milestone(
+    layout: TrialLayout, step: int, ema: torch.nn.Module, config: dict[str, Any], decay: float | None = None
+) -> str:
+    """EMA weights at `step` for the FID stage, where the layout keeps milestones (a dit_core checkpoint); `decay`
+    names a further EMA of train.ema_decays (None: train.ema_decay's)."""
+    path = layout.milestone(step, decay)
+    extra = {"weights": "ema", "ema_decay": config["train"]["ema_decay"] if decay is None else decay}
     if "://" not in path:
         save_checkpoint(path, model=ema, step=step, config=config, extra=extra)
         return path
@@ -65,6 +68,18 @@ def save_milestone(layout: TrialLayout, step: int, ema: torch.nn.Module, config:
         local = save_checkpoint(f"{tmp}/{remote.rsplit('/', 1)[-1]}", model=ema, step=step, config=config, extra=extra)
         fs.put(str(local), remote)
     return path
+
+
+def restore_more_emas(state: dict[str, Any], more_emas: dict[float, torch.nn.Module], step: int) -> None:
+    """Load each further EMA from a resumed checkpoint; one the checkpoint lacks (a decay added since) starts again
+    from the restored weights, with a warning."""
+    saved = state.get("more_emas", {})
+    for decay, copy in more_emas.items():
+        if repr(decay) in saved:
+            copy.load_state_dict(saved[repr(decay)], strict=True)
+        else:
+            copy.load_state_dict(state["model"], strict=True)
+            print(f"train: EMA {decay} is not in the checkpoint of step {step}: it starts from that step's weights")
 
 
 def fixed_validation_set(root: str, batch_size: int, num_batches: int, process: Process, device: torch.device):
@@ -129,6 +144,7 @@ def train_loop_per_worker(loop_config: dict[str, TrialJob]) -> None:
     torch.manual_seed(train.seed)  # the same initial weights on every rank
     model = DiT(model_config).to(device)
     ema = create_ema(model)
+    more_emas = {decay: create_ema(model) for decay in train.ema_decays}
     opt = adamw(model, lr=train.lr, betas=train.adam_betas, weight_decay=train.weight_decay)
     saved_config = {
         "model": config_to_dict(model_config),
@@ -145,6 +161,7 @@ def train_loop_per_worker(loop_config: dict[str, TrialJob]) -> None:
                 f"{folder}/{CHECKPOINT_FILE}", map_location=device, expected_model_config=model_config
             )
             start_step = restore(state, model, ema, opt)
+            restore_more_emas(state, more_emas, start_step)
 
     worker = {"pid": os.getpid(), "node_id": ray.get_runtime_context().get_node_id(), "host": socket.gethostname()}
     layout.record_worker(rank, {**worker, "start_step": start_step})
@@ -156,6 +173,7 @@ def train_loop_per_worker(loop_config: dict[str, TrialJob]) -> None:
         opt,
         ema,
         ema_decay=train.ema_decay,
+        more_emas=more_emas,
         grad_clip=train.grad_clip,
         autocast_dtype=torch.bfloat16 if use_bf16 else None,
         forward=ddp_model,
@@ -245,6 +263,8 @@ def train_loop_per_worker(loop_config: dict[str, TrialJob]) -> None:
 
         if done in milestones and rank == 0:
             save_milestone(layout, done, ema, saved_config)
+            for decay, copy in more_emas.items():
+                save_milestone(layout, done, copy, saved_config, decay)
         # One report per step at most: Ray Train hands reports to its controller through a queue of one, so a
         # second report right after the first would wait for the controller's next poll (~2 s).
         if ckpt_now and rank == 0:
@@ -256,7 +276,10 @@ def train_loop_per_worker(loop_config: dict[str, TrialJob]) -> None:
                     optimizer=opt,
                     step=done,
                     config=saved_config,
-                    extra={"rng": {"torch": torch.get_rng_state()}},
+                    extra={
+                        "rng": {"torch": torch.get_rng_state()},
+                        "more_emas": {repr(d): copy.state_dict() for d, copy in more_emas.items()},
+                    },
                 )
                 ray.train.report(report, checkpoint=ray.train.Checkpoint.from_directory(folder))
         elif ckpt_now or log_now:

@@ -17,14 +17,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from pipeline.config import FidConfig
+from pipeline.config import DINOV2_EXTRACTORS, FidConfig
 from pipeline.fid import classifier
 from pipeline.images import list_source, load_image
 from pipeline.layout import Workspace
 from pipeline.manifest import Manifest
 
-FEATURE_LAYER = {"inception-v3-compat": "2048", classifier.NAME: "feat"}
-FEATURE_DIM = {"inception-v3-compat": 2048, classifier.NAME: classifier.FEATURE_DIM}
+FEATURE_LAYER = {"inception-v3-compat": "2048", classifier.NAME: "feat", **dict.fromkeys(DINOV2_EXTRACTORS, "dinov2")}
+FEATURE_DIM = {"inception-v3-compat": 2048, classifier.NAME: classifier.FEATURE_DIM, **DINOV2_EXTRACTORS}
 
 
 def feature_layer(fid: FidConfig) -> str:
@@ -78,18 +78,35 @@ def extractor_weights(fid: FidConfig, manifest: Manifest, workdir: str, images_l
     return str(path)
 
 
+_EXTRACTORS: dict[tuple, Any] = {}  # one instance per (extractor, weights, device, layers) per process
+
+
 def make_extractor(fid: FidConfig, weights: str, cuda: bool, layers: list[str]):
+    """torch-fidelity's feature extractor `fid.extractor` (built once per process: a stage scoring many checkpoints
+    loads the weights once)."""
     from torch_fidelity.utils import create_feature_extractor
 
     classifier.register()
+    key = (fid.extractor, weights, cuda, tuple(layers))
+    if weights and os.path.isfile(weights):
+        key += (os.stat(weights).st_mtime_ns,)
+    if key in _EXTRACTORS:
+        return _EXTRACTORS[key]
     kwargs = {"feature_extractor_weights_path": weights} if weights else {}
     try:
-        return create_feature_extractor(fid.extractor, layers, cuda=cuda, verbose=False, **kwargs)
+        _EXTRACTORS[key] = create_feature_extractor(fid.extractor, layers, cuda=cuda, verbose=False, **kwargs)
+        return _EXTRACTORS[key]
     except Exception as exc:
-        raise ValueError(
-            f"cannot create the feature extractor {fid.extractor!r}: {exc}\n"
-            f"offline, set fid.extractor_weights to a local weights file, or fid.extractor={classifier.NAME}"
-        ) from exc
+        if fid.extractor in DINOV2_EXTRACTORS:
+            import torch.hub
+
+            hint = (
+                f"torch-fidelity loads DINOv2 through torch.hub; offline, fill the hub cache {torch.hub.get_dir()} "
+                f"(set TORCH_HOME) on a machine with network first (docs/fid.md), or drop fd_dinov2 from fid.metrics"
+            )
+        else:
+            hint = f"offline, set fid.extractor_weights to a local weights file, or fid.extractor={classifier.NAME}"
+        raise ValueError(f"cannot create the feature extractor {fid.extractor!r}: {exc}\n{hint}") from exc
 
 
 class _Images(torch.utils.data.Dataset):

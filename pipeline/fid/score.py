@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +25,7 @@ import torch
 
 from pipeline.config import ConfigError, ExperimentConfig, FidConfig
 from pipeline.fid import classifier, reference, sampling
+from pipeline.layout import ema_label
 from pipeline.manifest import Manifest
 from pipeline.plan import plan_sweep
 
@@ -95,6 +97,8 @@ def score_checkpoint(
 
             prc = prc_features_to_metric(gen_feats[layer], ref_feats[layer], verbose=False)
             metrics["precision"], metrics["recall"] = float(prc["precision"]), float(prc["recall"])
+    if "fd_dinov2" in fid.metrics:
+        metrics["fd_dinov2"] = fd_dinov2(samples, fid, manifest, workdir, cuda)
     if classify:
         labels = torch.from_numpy(sampling.sample_labels(fid, model_config.num_classes))
         metrics["class_accuracy"] = float((gen_feats["logits_unbiased"].argmax(1).cpu() == labels).float().mean())
@@ -113,10 +117,29 @@ def score_checkpoint(
         "fid.guidance_channels": str(fid.guidance_channels or "all"),
         "fid.guidance_interval": str(list(fid.guidance_interval) or "all steps"),
         "fid.labels": fid.labels,
+        "fid.evaluations_per_image": str(fid.evaluations_per_image),
     }
+    if "fd_dinov2" in fid.metrics:
+        facts["fid.fd_dinov2_extractor"] = fid.dinov2
     if classify:
         facts["fid.classifier_real_accuracy"] = f"{classifier.held_out_accuracy(weights):.4f}"
     return metrics, samples, facts
+
+
+def fd_dinov2(samples: np.ndarray, fid: FidConfig, manifest: Manifest, workdir: str, cuda: bool) -> float:
+    """FD_DINOv2 of the samples: the Frechet distance in the features of torch-fidelity's `fid.dinov2` extractor
+    (loaded through torch.hub), against the real images' statistics in the same space (cached like FID's)."""
+    space = replace(fid, extractor=fid.dinov2, extractor_weights="", reference_npz="")
+    dim = reference.FEATURE_DIM[fid.dinov2]
+    if fid.num_samples <= dim:
+        raise ValueError(
+            f"fid.num_samples={fid.num_samples} gives a rank-deficient covariance of the {dim}-d {fid.dinov2} "
+            f"features: use more than {dim} samples, or fid.dinov2=dinov2-vit-s-14 (384-d)"
+        )
+    extractor = reference.make_extractor(space, "", cuda, [reference.feature_layer(space)])
+    ref_stats, _ = reference.reference_statistics(space, manifest, workdir, "", extractor, cuda)
+    feats = reference.features(samples, extractor, cuda)[reference.feature_layer(space)]
+    return frechet_distance(reference.statistics(feats), ref_stats)
 
 
 def run_fid(experiment: ExperimentConfig, workdir: str, progress: bool = True) -> list[dict[str, Any]]:
@@ -130,8 +153,7 @@ def run_fid(experiment: ExperimentConfig, workdir: str, progress: bool = True) -
     with contextlib.ExitStack() as stack, tracking.tracking_uri(experiment.tracking.tracking_uri, workdir) as uri:
         exp_id = tracking.experiment_id(uri, experiment.mlflow_experiment)
         for trial in plan.trials:
-            available = plan.layout(trial).milestones()
-            if not available:
+            if not plan.layout(trial).milestones():
                 continue
             run = tracking.find_run(uri, exp_id, {tracking.TAG_ROLE: "trial", tracking.TAG_RUN_NAME: trial.run_name})
             if run is None:
@@ -142,27 +164,32 @@ def run_fid(experiment: ExperimentConfig, workdir: str, progress: bool = True) -
                     f"run {trial.run_name} was scored with {previous}, not {fid.extractor}: FIDs of different "
                     f"extractors must not share a curve; set fid.extractor={previous} or use another experiment name"
                 )
-            done = {step for step, _ in tracking.metric_history(uri, run.info.run_id, "fid")}
-            for step in sorted(set(available) - done):
-                if pool is None:
-                    pool = stack.enter_context(sampling.SamplerPool(plan.manifest.codec, fid))
-                metrics, samples, facts = score_checkpoint(
-                    available[step], plan.manifest, trial.experiment.fid, workdir, progress=progress, pool=pool
-                )
-                with tempfile.TemporaryDirectory() as tmp:  # everything computed before anything is logged
-                    grid = sampling.sample_grid(samples, Path(tmp) / f"samples_step{step:07d}.png")
-                    tracking.set_tags(uri, run.info.run_id, facts)
-                    tracking.MetricLogger(uri, run.info.run_id).log(metrics, step=step)
-                    tracking.log_artifact(uri, run.info.run_id, grid, "samples")
-                    if fid.save_npz:
-                        npz = Path(tmp) / f"samples_step{step:07d}.npz"
-                        np.savez(npz, arr_0=samples)
-                        tracking.log_artifact(uri, run.info.run_id, str(npz), "samples")
-                print(
-                    f"[{trial.run_name}] step {step:,}: " + "  ".join(f"{k} {v:.4g}" for k, v in metrics.items()),
-                    flush=True,
-                )
-                scored_now.append({"run_name": trial.run_name, "step": step, **metrics})
+            for decay in (None, *trial.experiment.train.ema_decays):
+                available = plan.layout(trial).milestones(decay)
+                prefix = "" if decay is None else f"{ema_label(decay)}/"  # train.ema_decay's EMA: plain `fid`
+                done = {step for step, _ in tracking.metric_history(uri, run.info.run_id, f"{prefix}fid")}
+                for step in sorted(set(available) - done):
+                    if pool is None:
+                        pool = stack.enter_context(sampling.SamplerPool(plan.manifest.codec, fid))
+                    metrics, samples, facts = score_checkpoint(
+                        available[step], plan.manifest, trial.experiment.fid, workdir, progress=progress, pool=pool
+                    )
+                    metrics = {f"{prefix}{k}": v for k, v in metrics.items()}
+                    with tempfile.TemporaryDirectory() as tmp:  # everything computed before anything is logged
+                        name = f"samples_{prefix.replace('/', '_')}step{step:07d}"
+                        grid = sampling.sample_grid(samples, Path(tmp) / f"{name}.png")
+                        tracking.set_tags(uri, run.info.run_id, facts)
+                        tracking.MetricLogger(uri, run.info.run_id).log(metrics, step=step)
+                        tracking.log_artifact(uri, run.info.run_id, grid, "samples")
+                        if fid.save_npz:
+                            npz = Path(tmp) / f"{name}.npz"
+                            np.savez(npz, arr_0=samples)
+                            tracking.log_artifact(uri, run.info.run_id, str(npz), "samples")
+                    print(
+                        f"[{trial.run_name}] step {step:,}: " + "  ".join(f"{k} {v:.4g}" for k, v in metrics.items()),
+                        flush=True,
+                    )
+                    scored_now.append({"run_name": trial.run_name, "step": step, "ema_decay": decay, **metrics})
     if not scored_now:
         print("fid: nothing new to score")
     return scored_now
