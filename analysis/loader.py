@@ -23,6 +23,7 @@ CHECKPOINT_COLUMNS = [
     "global_batch_size",
     "step",
     "ema_decay",
+    "ema_name",
     "compute_gmacs",
     "compute_flops",
     "sampling_gflops",
@@ -121,6 +122,7 @@ def load_runs(
                         **facts,
                         "step": step,
                         "ema_decay": decay,
+                        "ema_name": prefix.rstrip("/"),  # "" = train.ema_decay's EMA (metric `fid`)
                         "compute_gmacs": gmacs,
                         "compute_flops": 2e9 * gmacs,
                         "sampling_gflops": facts["gflops"] * evaluations,

@@ -21,9 +21,20 @@ import pandas as pd
 
 from analysis import plots
 from analysis.config import AnalysisConfig
-from analysis.fits import FitError, compute_frontier, correlation, fit_power_law, isoflop_optimum
+from analysis.document import sections, write_report
+from analysis.fits import FitError, correlation
 from analysis.loader import load_runs
-from analysis.variants import describe_variants, fit_variants, variants_table
+from analysis.study import (
+    choose_emas,
+    ema_table,
+    final_points,
+    frame_with_emas,
+    hyperparameter_envelope,
+    predict,
+    replicate_points,
+    sampling_frontier,
+)
+from analysis.variants import fit_variants, variants_table
 
 # Table 4 of the paper (ImageNet 256, 400K steps, no guidance, FID-50K).
 PAPER_TABLE4 = pd.DataFrame(
@@ -62,36 +73,54 @@ def table4(at_step: pd.DataFrame, with_paper: bool) -> pd.DataFrame:
     return table.sort_values("gflops", ignore_index=True)
 
 
-def summarize(frame: pd.DataFrame, curves: pd.DataFrame, step: int | None) -> dict[str, Any]:
-    """Fits and correlations (each one's reason instead where the data cannot support it); per variant too, where
-    the study has several."""
+def summarize(frame: pd.DataFrame, curves: pd.DataFrame, step: int | None, holdout: int = 1) -> dict[str, Any]:
+    """Fits, correlations and predictions (each one's reason instead where the data cannot support it); per variant
+    too, where the study has several. Replicates (seeds) are pooled per model; with several EMAs each model is
+    read at its best one."""
     frame = with_identity(frame)
     curves = with_identity(curves)
     chosen = choose_step(frame, step)
-    at = frame[frame["step"] == chosen]
+    emas = choose_emas(frame, chosen)
+    best = frame_with_emas(frame, emas)
+    metrics = tuple(m for m in ("fid", "fd_dinov2", "loss", "class_accuracy") if m in best and best[m].notna().any())
+    points = replicate_points(best, metrics)
+    at, points_at = best[best["step"] == chosen], points[points["step"] == chosen]
     summary: dict[str, Any] = {"step": chosen, "presets": int(at["label"].nunique())}
-    try:
-        fit, samples = fit_power_law(at["gflops"], at["fid"], what=f"FID vs Gflops at step {chosen}")
-        corr = correlation(at["gflops"], at["fid"], what=f"FID vs Gflops at step {chosen}")
-        summary["fid_vs_gflops"] = {
-            "a": fit.a,
-            "b": fit.b,
-            "a_ci": fit.a_ci,
-            "b_ci": fit.b_ci,
-            "r2": fit.r2,
-            "n": fit.n,
-            "pearson_r_log_gflops": corr.pearson,
-            "pearson_p": corr.pearson_p,
-            "spearman": corr.spearman,
+    seeds = int(at["seed"].nunique())
+    summary["replicates"] = {
+        "seeds": sorted(int(s) for s in at["seed"].unique()),
+        "note": "intervals resample models, then seeds within each model" if seeds > 1 else (
+            "one seed per model: intervals resample models only, and seed noise is not measured"
+        ),
+    }  # fmt: skip
+    if frame["ema_decay"].nunique() > 1:
+        summary["ema"] = {
+            "decays": sorted(float(d) for d in frame["ema_decay"].unique()),
+            "chosen": emas,
+            "note": "each model is read at the EMA decay with the lowest mean FID at this step",
         }
-        summary["_fit"], summary["_samples"], summary["_corr"] = fit, samples, corr
-    except FitError as exc:
-        summary["fid_vs_gflops"] = {"skipped": str(exc)}
+        summary["_ema_table"] = ema_table(frame, chosen, emas)
+    laws = predict(best, curves, chosen, holdout)
+    objects = laws.pop("_objects")
+    summary.update(laws)
+    summary["_objects"] = objects
+    if "fid_vs_gflops" in objects:
+        summary["_fit"], summary["_samples"] = objects["fid_vs_gflops"]
+        try:
+            corr = correlation(points_at["gflops"], points_at["fid"], what=f"FID vs Gflops at step {chosen}")
+            summary["fid_vs_gflops"].update(
+                {"pearson_r_log_gflops": corr.pearson, "pearson_p": corr.pearson_p, "spearman": corr.spearman}
+            )
+            summary["_corr"] = corr
+        except FitError as exc:
+            summary["fid_vs_gflops"]["correlation"] = f"none ({exc})"
+    if "fid_vs_compute" in objects:
+        summary["_cfit"] = objects["fid_vs_compute"][0]
     progress = {}
-    for preset, rows in frame.sort_values("step").groupby("label"):
+    for label, rows in points.sort_values("step").groupby("label"):
         if rows["step"].nunique() >= 2:
             first, last = rows.iloc[0], rows.iloc[-1]
-            progress[preset] = {
+            progress[label] = {
                 "first_step": int(first["step"]),
                 "first_fid": float(first["fid"]),
                 "last_step": int(last["step"]),
@@ -100,59 +129,58 @@ def summarize(frame: pd.DataFrame, curves: pd.DataFrame, step: int | None) -> di
     if progress:
         worse = sorted(p for p, v in progress.items() if not v["last_fid"] < v["first_fid"])
         summary["fid_first_to_last"] = {"presets": progress, "improved": len(progress) - len(worse), "not": worse}
-    if "class_accuracy" in at and at["class_accuracy"].notna().any():
-        summary["class_accuracy"] = {row.label: float(row.class_accuracy) for row in at.itertuples()}
-    frontier = frame.iloc[compute_frontier(frame["compute_flops"], frame["fid"])] if len(frame) else frame
-    try:
-        cfit, _ = fit_power_law(frontier["compute_flops"], frontier["fid"], what="FID vs training compute frontier")
-        summary["fid_vs_compute"] = {"a": cfit.a, "b": cfit.b, "b_ci": cfit.b_ci, "n": cfit.n}
-        summary["_cfit"] = cfit
-    except FitError as exc:
-        summary["fid_vs_compute"] = {"skipped": str(exc)}
-    if len(curves):
-        final = curves.sort_values("step").groupby("label").tail(1)
+    if "class_accuracy" in points_at and points_at["class_accuracy"].notna().any():
+        summary["class_accuracy"] = {row.label: float(row.class_accuracy) for row in points_at.itertuples()}
+    final = final_points(curves)
+    if len(final):
+        means = final.groupby("label").agg(gflops=("gflops", "first"), loss=("loss", "mean"))
         try:
-            corr = correlation(final["gflops"], final["loss"], what="final loss vs Gflops")
+            corr = correlation(means["gflops"], means["loss"], what="final loss vs Gflops")
             summary["loss_vs_gflops"] = {"spearman": corr.spearman, "pearson_r_log_gflops": corr.pearson}
         except FitError as exc:
             summary["loss_vs_gflops"] = {"skipped": str(exc)}
-        if curves["variant"].nunique() <= 1:
-            summary["isoflop"] = isoflop_from_curves(curves)
+    summary["sampling"] = sampling_frontier(points_at)
+    envelope = hyperparameter_envelope(points_at, best, chosen)
+    if envelope:
+        summary["hyperparameters"] = envelope
     if frame["variant"].nunique() > 1:
-        summary["by_variant"] = fit_variants(at, curves, chosen)
+        summary["by_variant"] = fit_variants(at, curves, chosen, best)
         for variant, entry in summary["by_variant"]["variants"].items():
-            entry["isoflop"] = isoflop_from_curves(curves[curves["variant"] == variant])
+            mine = curves[curves["variant"] == variant] if len(curves) else curves
+            entry["isoflop"] = isoflop_from_curves(mine) if len(mine) else {"skipped": "no loss curves logged"}
+    summary["_points"] = points
     return summary
 
 
 def with_identity(frame: pd.DataFrame) -> pd.DataFrame:
-    """A frame with `variant` and `label` columns (frames built by hand may hold only presets)."""
+    """A frame with `variant`, `label`, `seed` and `ema_decay` columns (frames built by hand may hold only
+    presets)."""
     if len(frame.columns) == 0:
         return frame
-    if "variant" not in frame:
-        frame = frame.assign(variant="default")
+    defaults = {"variant": "default", "seed": 0, "ema_decay": np.nan, "ema_name": ""}
+    frame = frame.assign(**{k: v for k, v in defaults.items() if k not in frame})
     if "label" not in frame:
         frame = frame.assign(label=frame["preset"])
     return frame
 
 
 def isoflop_from_curves(curves: pd.DataFrame, num_budgets: int = 8) -> dict[str, Any]:
-    """Compute-optimal model size per budget (Liang et al.'s isoFLOP profiles): each model's training loss is read
-    off its curve at shared compute budgets; budgets reached by at least 3 model sizes get a parabola fit."""
-    curves = with_identity(curves)
-    budgets = np.geomspace(curves["compute_flops"].min(), curves["compute_flops"].max(), num_budgets)
-    points = []
-    for _, rows in curves.groupby("label"):
-        rows = rows.sort_values("compute_flops")
-        logc = np.log10(rows["compute_flops"].to_numpy())
-        for budget in budgets:
-            if logc[0] <= np.log10(budget) <= logc[-1]:
-                loss = np.interp(np.log10(budget), logc, rows["loss"].to_numpy())
-                points.append((rows["params"].iloc[0], budget, loss))
-    optima = isoflop_optimum(*zip(*points)) if points else []
-    if not optima:
-        return {"skipped": "no compute budget is reached by 3 or more model sizes with a minimum inside their range"}
-    return {"optima": [{"compute_flops": c, "optimal_params": n} for c, n in optima]}
+    """Compute-optimal model size per budget (Chinchilla's approach 2, Liang et al.'s isoFLOP profiles): each
+    model's training loss read off its curve at shared compute budgets, a parabola in log N per budget reached by
+    3+ sizes, and N_opt ~ C^a over the budgets whose minimum lies inside the sizes trained."""
+    from analysis.laws import isoflop_frontier, isoflop_points
+
+    try:
+        f = isoflop_frontier(isoflop_points(with_identity(curves), num_budgets))
+    except FitError as exc:
+        return {"skipped": str(exc)}
+    return {
+        "a": f.a,
+        "a_ci": f.a_ci,
+        "b": f.b,
+        "b_ci": f.b_ci,
+        "optima": [{"compute_flops": c, "optimal_params": n} for c, n in f.optima],
+    }
 
 
 PUBLISHED = {"dit-table4": PAPER_TABLE4}  # AnalysisConfig.reference -> the published points
@@ -176,46 +204,140 @@ def analyze(
     frame.to_csv(out / "checkpoints.csv", index=False)
     curves.to_csv(out / "curves.csv", index=False)
     summary = summarize(frame, curves, step)
-    at = frame[frame["step"] == summary["step"]]
+    step, points = summary["step"], summary["_points"]
+    at = points[points["step"] == step]
     figures = [
-        plots.fid_vs_steps(frame, out),
+        plots.fid_vs_steps(points, out),
         plots.fid_vs_gflops(
-            at,
-            out,
-            summary["step"],
-            summary.get("_fit"),
-            summary.get("_samples"),
-            summary.get("_corr"),
+            at, out, step, summary.get("_fit"), summary.get("_samples"), summary.get("_corr"),
             PUBLISHED.get(config.reference),
         ),
-        plots.fid_vs_compute(frame, out, summary.get("_cfit")),
-    ]
+        plots.fid_vs_compute(points, out, summary.get("_cfit")),
+    ]  # fmt: skip
     if len(curves):
-        figures.append(plots.loss_curves(curves, out))
+        figures.append(plots.loss_curves(replicate_points(curves, ("loss",)), out))
+    figures += _prediction_figures(summary, points, curves, out)
     by_variant = summary.get("by_variant")
     if by_variant:
-        figures.append(plots.variants_fid_vs_gflops(at, out, summary["step"], by_variant["_fits"]))
+        best_at = frame_with_emas(with_identity(frame), summary.get("ema", {}).get("chosen", {}))
+        best_at = best_at[best_at["step"] == step]
+        figures.append(plots.variants_fid_vs_gflops(best_at, out, step, by_variant["_fits"]))
         if len(curves):
-            final = curves.sort_values("step").groupby("label").tail(1)
-            figures.append(plots.variants_loss_vs_compute(final, out, by_variant["_loss_fits"]))
+            figures.append(plots.variants_loss_vs_compute(final_points(curves), out, by_variant["_loss_fits"]))
         table = variants_table(by_variant)
         table.to_csv(out / "variants.csv", index=False)
         (out / "variants.md").write_text(_markdown(table))
-    figures += _sample_grids(tracking_uri, at, out, summary["step"], notes)
+    figures += _sample_grids(tracking_uri, at.merge(_one_run_per_model(frame, step, summary), on="label"), out,
+                             step, notes)  # fmt: skip
     table = table4(at, config.reference == "dit-table4")
     table.to_csv(out / "table4.csv", index=False)
-    (out / "table4.md").write_text(
-        table.to_markdown(index=False, floatfmt=".4g") if _has_tabulate() else _markdown(table)
-    )
-    public = {k: v for k, v in summary.items() if not k.startswith("_")}
-    if by_variant:
-        public["by_variant"] = {k: v for k, v in by_variant.items() if not k.startswith("_")}
+    (out / "table4.md").write_text(_markdown(table))
+    if "_ema_table" in summary:
+        summary["_ema_table"].to_csv(out / "ema_decays.csv", index=False)
+    public = _public(summary)
+    public["paper_table4_held_out"] = paper_held_out()
     public["notes"] = notes
-    (out / "summary.json").write_text(json.dumps(public, indent=2, default=float))
+    (out / "summary.json").write_text(json.dumps(public, indent=2, default=_json))
     print(describe(public))
     public["figures"] = figures
+    public["report"] = write_report(public, table, summary.get("_ema_table"), figures, out, experiment_name)
     public["metrics"] = headline_metrics(public)
     return public
+
+
+def _json(value):
+    if isinstance(value, (np.floating, np.integer)):
+        return value.item()
+    if isinstance(value, np.bool_):
+        return bool(value)
+    return str(value)
+
+
+def _public(summary: dict[str, Any]) -> dict[str, Any]:
+    """The summary without the fitted objects and frames (keys starting with '_'), at every level."""
+    if isinstance(summary, dict):
+        return {k: _public(v) for k, v in summary.items() if not str(k).startswith("_")}
+    return summary
+
+
+def _one_run_per_model(frame: pd.DataFrame, step: int, summary: dict[str, Any]) -> pd.DataFrame:
+    """For each model the run (first seed) and EMA whose sample grid the report shows."""
+    best = frame_with_emas(with_identity(frame), summary.get("ema", {}).get("chosen", {}))
+    rows = best[best["step"] == step].sort_values("seed").drop_duplicates("label")
+    return rows[["label", "run_id", "run_name", "ema_name"]]
+
+
+def paper_held_out():
+    """The paper's Table 4: a power law fitted on the eleven models other than DiT-XL/2 predicts XL/2's FID."""
+    from analysis.laws import held_out
+
+    check = held_out(PAPER_TABLE4["gflops"], PAPER_TABLE4["fid"], holdout=1)
+    return {
+        "predicted": check.predicted[0],
+        "interval": check.interval[0],
+        "measured": check.measured[0],
+        "error": check.errors[0],
+        "inside": check.inside[0],
+        "_check": check,
+        "note": "fitted on the 11 models other than DiT-XL/2 (FID-50K at 400K steps); patch size and width do not "
+        "trade at the same rate per Gflop, so one power law over both misses the largest model",
+    }
+
+
+def _prediction_figures(summary: dict[str, Any], points: pd.DataFrame, curves: pd.DataFrame, out: Path) -> list[str]:
+    """Residuals of every fit, the held-out check (and the paper's), L(C), isoFLOP profiles, EMAs, sampling compute,
+    hyperparameter sensitivity, FD_DINOv2: each where its fit exists."""
+    objects, step, figures = summary["_objects"], summary["step"], []
+    at = points[points["step"] == step]
+    final = final_points(curves)
+    checks = {}
+    for metric in ("fid", "fd_dinov2"):
+        if f"{metric}_vs_gflops" in objects:
+            fit = objects[f"{metric}_vs_gflops"][0]
+            rows = at[at[metric].notna()]
+            name = "FID" if metric == "fid" else "FD_DINOv2"
+            checks[f"{name} vs Gflops at step {step:,} (means)"] = (rows["gflops"], rows[metric], fit(rows["gflops"]))
+    if "fid_vs_compute" in objects:
+        fit, _, frontier = objects["fid_vs_compute"]
+        x = frontier["compute_flops"]
+        checks["FID vs training compute (frontier)"] = (x, frontier["fid"], fit(x))
+    if "loss_vs_compute" in objects:
+        law, x = objects["loss_vs_compute"], final["compute_flops"]
+        checks["L(C) = E + A C^-alpha (final losses)"] = (x, final["loss"], law(x))
+    if "isoflop" in objects:
+        f = objects["isoflop"][0]
+        c, n = np.array(f.optima).T
+        checks["isoFLOP: N_opt vs C"] = (c, n, f.n_opt(c))
+    if "parametric" in objects:
+        p = objects["parametric"]
+        rows = curves[np.isfinite(curves["loss"]) & (curves["step"] > 0)]
+        tokens = rows["compute_flops"] / (6 * rows["params"])
+        checks["L(N, D) (every logged step)"] = (rows["compute_flops"], rows["loss"], p(rows["params"], tokens))
+    if checks:
+        figures.append(plots.residuals(checks, out))
+    paper = paper_held_out()["_check"]
+    paper_panel = (PAPER_TABLE4["gflops"], PAPER_TABLE4["fid"], paper, "the paper's Table 4: XL/2 from the other 11")
+    if "fid_held_out" in objects:
+        figures.append(plots.held_out(at["gflops"], at["fid"], objects["fid_held_out"], out,
+                                      f"this study: the largest model from the others (step {step:,})", "held_out",
+                                      paper_panel))  # fmt: skip
+    if "loss_vs_compute" in objects:
+        figures.append(plots.loss_law(final, objects["loss_vs_compute"], out))
+    if "isoflop" in objects:
+        figures.append(plots.isoflop(*objects["isoflop"], out))
+    if "_ema_table" in summary:
+        gflops = points.groupby("label")["gflops"].first()
+        figures.append(plots.emas(summary["_ema_table"], gflops, out))
+    sampling = summary.get("sampling", {})
+    if "frontier" in sampling:
+        figures.append(plots.sampling_compute(at, sampling["frontier"], out))
+    hyper = summary.get("hyperparameters", {})
+    if "_sensitivity" in hyper:
+        figures.append(plots.hyperparameters(hyper["_sensitivity"], f"axis.{hyper['axes'][0]}", out))
+    if "fd_dinov2_vs_gflops" in objects:
+        fit, samples = objects["fd_dinov2_vs_gflops"]
+        figures.append(plots.fid_vs_gflops(at, out, step, fit, samples, metric="fd_dinov2"))
+    return figures
 
 
 def _sample_grids(tracking_uri: str, at_step: pd.DataFrame, out: Path, step: int, notes: list[str]) -> list[str]:
@@ -272,25 +394,14 @@ def describe(summary: dict[str, Any]) -> str:
     loss = summary.get("loss_vs_gflops", {})
     if "spearman" in loss:
         lines.append(f"  final loss vs Gflops: Spearman {loss['spearman']:.2f}")
-    if summary.get("by_variant"):
-        lines.append("  by variant (each fitted on its own trials):")
-        lines += describe_variants(summary["by_variant"])
-    iso = summary.get("isoflop", {})
-    if "optima" in iso:
-        optima = [f"{o['optimal_params'] / 1e6:.3g}M params at {o['compute_flops']:.2g} FLOPs" for o in iso["optima"]]
-        lines.append("  isoFLOP optimum: " + ", ".join(optima))
-    elif iso:
-        lines.append(f"  isoFLOP optimum: none ({iso['skipped']})")
+    lines.append(f"  seeds {summary['replicates']['seeds']}: {summary['replicates']['note']}")
+    if "ema" in summary:
+        used = ", ".join(f"{k} {v:g}" for k, v in summary["ema"]["chosen"].items())
+        lines.append(f"  EMA decays {summary['ema']['decays']}; each model at its best: {used}")
+    for heading, paragraphs, _ in sections(summary)[2:]:
+        lines.append(f"  {heading}:")
+        lines += [f"    {p}" for p in paragraphs]
     return "\n".join(lines)
-
-
-def _has_tabulate() -> bool:
-    try:
-        import tabulate  # noqa: F401
-
-        return True
-    except ImportError:
-        return False
 
 
 def _markdown(table: pd.DataFrame) -> str:

@@ -15,17 +15,25 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from analysis.fits import FitError, PowerLaw, fit_power_law
+from analysis.fits import FitError, PowerLaw, compute_frontier, fit_power_law
 
 
-def fit_variants(at_step: pd.DataFrame, curves: pd.DataFrame, step: int) -> dict[str, Any]:
-    """{"variants": {name: fits or their reasons}, "crossovers": [...], "_fits": {name: (fid fit, samples)}}."""
+def fit_variants(
+    at_step: pd.DataFrame, curves: pd.DataFrame, step: int, checkpoints: pd.DataFrame | None = None
+) -> dict[str, Any]:
+    """{"variants": {name: fits or their reasons}, "crossovers": [...], "_fits": {name: (fid fit, samples)}}.
+
+    Rows of one model with several seeds are replicates (pooled by the fits); `checkpoints` (every scored step)
+    gives each variant's FID against training compute over the lower envelope of its checkpoints."""
     out: dict[str, Any] = {"variants": {}, "crossovers": [], "_fits": {}, "_loss_fits": {}}
-    final = curves.sort_values("step").groupby("label").tail(1) if len(curves) else curves
+    by_run = ["label", "seed"] if "seed" in curves else ["label"]
+    final = curves.sort_values("step").groupby(by_run).tail(1) if len(curves) else curves
     for variant, rows in at_step.groupby("variant"):
         entry: dict[str, Any] = {"trials": int(len(rows))}
-        largest = rows.loc[rows["gflops"].idxmax()]
-        entry["largest"] = {"label": largest["label"], "gflops": float(largest["gflops"]), "fid": float(largest["fid"])}
+        means = rows.groupby("label").agg(gflops=("gflops", "first"), fid=("fid", "mean"))
+        label = means["gflops"].idxmax()
+        largest = {"label": label, "gflops": float(means.loc[label, "gflops"]), "fid": float(means.loc[label, "fid"])}
+        entry["largest"] = largest
         try:
             fit, samples = fit_power_law(rows["gflops"], rows["fid"], what=f"{variant}: FID vs Gflops at step {step}")
             entry["fid_vs_gflops"] = {"a": fit.a, "b": fit.b, "a_ci": fit.a_ci, "b_ci": fit.b_ci, "r2": fit.r2}
@@ -33,8 +41,22 @@ def fit_variants(at_step: pd.DataFrame, curves: pd.DataFrame, step: int) -> dict
             out["_fits"][variant] = (fit, samples)
         except FitError as exc:
             entry["fid_vs_gflops"] = {"skipped": str(exc)}
+        if checkpoints is not None:
+            mean = (
+                checkpoints[checkpoints["variant"] == variant]
+                .groupby(["label", "step"], as_index=False)
+                .agg(compute_flops=("compute_flops", "first"), fid=("fid", "mean"))
+            )
+            envelope = mean.iloc[compute_frontier(mean["compute_flops"], mean["fid"])]
+            try:
+                cfit, _ = fit_power_law(envelope["compute_flops"], envelope["fid"], what=f"{variant}: FID vs compute")
+                entry["fid_vs_compute"] = {"a": cfit.a, "b": cfit.b, "b_ci": cfit.b_ci, "r2": cfit.r2}
+            except FitError as exc:
+                entry["fid_vs_compute"] = {"skipped": str(exc)}
         mine = final[final["variant"] == variant] if len(final) else final
         try:
+            if mine.empty:
+                raise FitError(f"{variant}: no loss curves logged")
             lfit, lsamples = fit_power_law(mine["compute_flops"], mine["loss"], what=f"{variant}: loss vs compute")
             entry["loss_vs_compute"] = {"a": lfit.a, "b": lfit.b, "b_ci": lfit.b_ci, "r2": lfit.r2}
             out["_loss_fits"][variant] = (lfit, lsamples)
@@ -85,6 +107,7 @@ def variants_table(summary: dict[str, Any]) -> pd.DataFrame:
                 "largest": largest["label"],
                 "fid_at_largest": largest["fid"],
                 "fitted_fid_at_largest": largest.get("fitted_fid", np.nan),
+                "fid_compute_exponent": entry.get("fid_vs_compute", {}).get("b", np.nan),
                 "loss_exponent": loss.get("b", np.nan),
             }
         )

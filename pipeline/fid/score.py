@@ -79,6 +79,8 @@ def score_checkpoint(
     extractor = reference.make_extractor(fid, weights, cuda, layers)
     ref_stats, ref_feats = reference.reference_statistics(fid, manifest, workdir, weights, extractor, cuda)
 
+    dinov2 = DinoV2Space(fid, manifest, workdir, cuda) if "fd_dinov2" in fid.metrics else None
+
     t0 = time.perf_counter()
     samples = sampling.generate(checkpoint, manifest.codec, fid, workers, progress, pool)
     t_sample = time.perf_counter() - t0
@@ -97,8 +99,8 @@ def score_checkpoint(
 
             prc = prc_features_to_metric(gen_feats[layer], ref_feats[layer], verbose=False)
             metrics["precision"], metrics["recall"] = float(prc["precision"]), float(prc["recall"])
-    if "fd_dinov2" in fid.metrics:
-        metrics["fd_dinov2"] = fd_dinov2(samples, fid, manifest, workdir, cuda)
+    if dinov2 is not None:
+        metrics["fd_dinov2"] = dinov2.distance(samples)
     if classify:
         labels = torch.from_numpy(sampling.sample_labels(fid, model_config.num_classes))
         metrics["class_accuracy"] = float((gen_feats["logits_unbiased"].argmax(1).cpu() == labels).float().mean())
@@ -126,20 +128,31 @@ def score_checkpoint(
     return metrics, samples, facts
 
 
-def fd_dinov2(samples: np.ndarray, fid: FidConfig, manifest: Manifest, workdir: str, cuda: bool) -> float:
-    """FD_DINOv2 of the samples: the Frechet distance in the features of torch-fidelity's `fid.dinov2` extractor
-    (loaded through torch.hub), against the real images' statistics in the same space (cached like FID's)."""
-    space = replace(fid, extractor=fid.dinov2, extractor_weights="", reference_npz="")
-    dim = reference.FEATURE_DIM[fid.dinov2]
-    if fid.num_samples <= dim:
-        raise ValueError(
-            f"fid.num_samples={fid.num_samples} gives a rank-deficient covariance of the {dim}-d {fid.dinov2} "
-            f"features: use more than {dim} samples, or fid.dinov2=dinov2-vit-s-14 (384-d)"
-        )
-    extractor = reference.make_extractor(space, "", cuda, [reference.feature_layer(space)])
-    ref_stats, _ = reference.reference_statistics(space, manifest, workdir, "", extractor, cuda)
-    feats = reference.features(samples, extractor, cuda)[reference.feature_layer(space)]
-    return frechet_distance(reference.statistics(feats), ref_stats)
+class DinoV2Space:
+    """FD_DINOv2 (EDM2, dgm-eval): the Frechet distance in the features of torch-fidelity's `fid.dinov2` extractor
+    (loaded through torch.hub), against the real images' statistics in the same space (cached like FID's). Built
+    before any sampling, so that a missing hub cache fails at once."""
+
+    def __init__(self, fid: FidConfig, manifest: Manifest, workdir: str, cuda: bool):
+        self.space = replace(fid, extractor=fid.dinov2, extractor_weights="", reference_npz="")
+        dim = reference.FEATURE_DIM[fid.dinov2]
+        if fid.num_samples <= dim:
+            raise ValueError(
+                f"fid.num_samples={fid.num_samples} gives a rank-deficient covariance of the {dim}-d {fid.dinov2} "
+                f"features: use more than {dim} samples, or fid.dinov2=dinov2-vit-s-14 (384-d)"
+            )
+        self.layer, self.cuda = reference.feature_layer(self.space), cuda
+        self.extractor = reference.make_extractor(self.space, "", cuda, [self.layer])
+        self.reference, _ = reference.reference_statistics(self.space, manifest, workdir, "", self.extractor, cuda)
+
+    def distance(self, images: np.ndarray) -> float:
+        feats = reference.features(images, self.extractor, self.cuda)[self.layer]
+        return frechet_distance(reference.statistics(feats), self.reference)
+
+
+def fd_dinov2(images: np.ndarray, fid: FidConfig, manifest: Manifest, workdir: str, cuda: bool) -> float:
+    """FD_DINOv2 of uint8 (N, H, W, 3) images (see DinoV2Space)."""
+    return DinoV2Space(replace(fid, num_samples=len(images)), manifest, workdir, cuda).distance(images)
 
 
 def run_fid(experiment: ExperimentConfig, workdir: str, progress: bool = True) -> list[dict[str, Any]]:

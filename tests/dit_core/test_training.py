@@ -143,3 +143,23 @@ def test_compiled_step_matches_the_eager_step():
                 torch.testing.assert_close(b[key], a[key], rtol=1e-4, atol=1e-6)
     for p, q in zip(eager_model.parameters(), compiled_model.parameters()):
         torch.testing.assert_close(q, p, rtol=1e-4, atol=1e-6)
+
+
+def test_several_emas_each_follow_their_own_decay():
+    """More EMAs beside the main one: after 3 steps each equals the textbook average of the weights with its decay."""
+    diffusion = GaussianDiffusion(DiffusionConfig())
+    x0, y = batch()
+    model = tiny_model()
+    main, slow = create_ema(model), create_ema(model)
+    step = TrainStep(model, diffusion, adamw(model, lr=1e-3), main, ema_decay=0.5, more_emas={0.9: slow})
+    expected = {decay: [p.detach().clone() for p in model.parameters()] for decay in (0.5, 0.9)}
+    for i in range(3):
+        torch.manual_seed(i)
+        step(x0, y)
+        for decay, average in expected.items():
+            for e, p in zip(average, model.parameters()):
+                e.mul_(decay).add_(p.detach(), alpha=1 - decay)
+    for decay, copy_ in ((0.5, main), (0.9, slow)):
+        for got, want in zip(copy_.parameters(), expected[decay]):
+            torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-7)
+    assert any(not torch.equal(a, b) for a, b in zip(main.parameters(), slow.parameters()))  # they differ

@@ -278,3 +278,63 @@ def test_bad_inputs_give_clear_errors(fast_smoke, smoke_workdir, tmp_path):
         )
     with pytest.raises(ConfigError, match="classifier_steps"):
         FidConfig(classifier_steps=-1, classifier_seconds=0)
+
+
+# A stand-in for facebookresearch/dinov2 in a pre-filled torch.hub cache: the entry point torch-fidelity calls
+# (dinov2_vits14) builds a small ViT with 384-d outputs, as an air-gapped cluster's cache would hold the real one.
+TINY_DINOV2_HUBCONF = """
+import torch
+from torch import nn
+
+dependencies = ["torch"]
+
+
+class TinyViT(nn.Module):
+    def __init__(self):
+        super().__init__()
+        g = torch.Generator().manual_seed(0)
+        self.patch = nn.Conv2d(3, 32, 28, 28)  # 224 px -> 8 x 8 tokens
+        layer = nn.TransformerEncoderLayer(32, 4, 64, batch_first=True, dropout=0.0)
+        self.blocks = nn.TransformerEncoder(layer, 1)
+        self.head = nn.Linear(32, 384)
+        with torch.no_grad():
+            for p in self.parameters():
+                p.copy_(torch.randn(p.shape, generator=g) * 0.2)
+
+    def forward(self, x):
+        tokens = self.patch(x).flatten(2).transpose(1, 2)
+        return self.head(self.blocks(tokens).mean(1))
+
+
+def dinov2_vits14(pretrained=True, **kwargs):
+    return TinyViT()
+"""
+
+
+def test_fd_dinov2_through_torch_hub_from_a_prefilled_cache(fast_smoke, smoke_workdir, tmp_path, monkeypatch):
+    """fid.metrics with fd_dinov2: torch-fidelity's DINOv2 extractor, loaded by torch.hub from $TORCH_HOME/hub, scores
+    the same samples as FID; the real images score about 0 against their own statistics; without the cache the
+    error says how to make one."""
+    from pipeline.fid.score import fd_dinov2
+
+    experiment, outcomes = fast_smoke
+    manifest = Manifest.load(f"{smoke_workdir}/shards/smoke")
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "empty"))
+    fid = replace(experiment.fid, metrics=("fid", "fd_dinov2"), dinov2="dinov2-vit-s-14", num_samples=400)
+    with pytest.raises(ValueError, match="hub cache"):
+        score_checkpoint(milestone(smoke_workdir, outcomes[0], 30), manifest, fid, smoke_workdir, progress=False)
+    repo = tmp_path / "torch" / "hub" / "facebookresearch_dinov2_main"
+    repo.mkdir(parents=True)
+    (repo / "hubconf.py").write_text(TINY_DINOV2_HUBCONF)
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    workdir = str(tmp_path / "work")  # its own reference cache
+    metrics, samples, facts = score_checkpoint(
+        milestone(smoke_workdir, outcomes[0], 30), manifest, fid, workdir, progress=False
+    )
+    assert metrics["fd_dinov2"] > 0 and np.isfinite(metrics["fd_dinov2"]) and metrics["fid"] > 0
+    assert facts["fid.fd_dinov2_extractor"] == "dinov2-vit-s-14"
+    assert list(Path(workdir, "fid", "reference").glob("dinov2-vit-s-14-*.npz"))  # cached beside FID's
+    real, _ = real_images(manifest)
+    assert fd_dinov2(real, fid, manifest, workdir, cuda=False) < 0.05 * metrics["fd_dinov2"]
+    with pytest.raises(ValueError, match="rank-deficient"):
+        fd_dinov2(samples[:300], fid, manifest, workdir, cuda=False)

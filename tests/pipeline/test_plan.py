@@ -7,7 +7,15 @@ import pytest
 from pipeline.config import ConfigError
 from pipeline.experiment_files import load_experiment
 from pipeline.manifest import SourceInfo
-from pipeline.plan import DataSpec, MissingShardsError, check_data, expand_trials, plan_study, plan_sweep
+from pipeline.plan import (
+    DataSpec,
+    MissingShardsError,
+    check_data,
+    expand_trials,
+    plan_study,
+    plan_sweep,
+    trial_params,
+)
 from tests.helpers import pixel_manifest
 
 MANIFEST = pixel_manifest()
@@ -20,11 +28,14 @@ def test_paper_grid_trials_are_table_4():
     assert round(trials[-3].gflops, 2) == 118.62 and trials[-3].params == 674_834_720
 
 
-def test_toy_scaling_is_a_six_point_study_with_the_x0_objective():
+def test_toy_scaling_is_a_six_point_study_with_two_seeds_and_the_x0_objective():
     e = load_experiment("toy_scaling")
     assert (e.diffusion.prediction, e.diffusion.learn_sigma, e.diffusion.loss) == ("x0", False, "mse")
     assert (e.data.toy.style, e.data.toy.num_classes) == ("simple", 5) and len(e.train.milestone_steps) >= 2
-    trials = sorted(expand_trials(e, replace(DATA, num_classes=5)), key=lambda t: t.gflops)
+    assert e.grid.seeds == (0, 1) and e.train.ema_decays == (0.999,)
+    both = expand_trials(e, replace(DATA, num_classes=5))
+    assert len(both) == 12 and sorted(t.seed for t in both) == [0] * 6 + [1] * 6
+    trials = sorted((t for t in both if t.seed == 0), key=lambda t: t.gflops)
     assert len(trials) == 6 and len({t.size for t in trials}) == 3 and len({t.patch for t in trials}) == 2
     # size-major order: every preset of a larger size costs more than every preset of a smaller one
     assert [t.preset for t in trials] == [f"DiT-{s}/{p}" for s in ("d1w48", "d3w64", "d6w128") for p in (4, 2)]
@@ -47,6 +58,47 @@ def test_run_names_are_stable_and_follow_the_trajectory():
     changed = DataSpec.of(replace(MANIFEST, source=SourceInfo("x", 200, "another listing")))
     other_data = expand_trials(load_experiment("smoke"), changed)
     assert not {t.run_name for t in other_data} & {t.run_name for t in base}
+
+
+def test_seeds_replicate_every_grid_point_under_its_own_name():
+    trials = expand_trials(load_experiment("smoke", ["grid.seeds=[0, 3]"]), DATA)
+    assert len(trials) == 8 and [t.seed for t in trials] == [0] * 4 + [3] * 4
+    assert all(t.replicate and f"-s{t.seed}-" in t.run_name for t in trials)
+    assert len({t.run_name for t in trials}) == 8  # the seed is in the hash as well as in the name
+    assert all(t.experiment.train.seed == t.seed for t in trials)
+    plain = expand_trials(load_experiment("smoke"), DATA)  # without grid.seeds: the names of before
+    assert [t.run_name for t in plain] == [t.run_name for t in expand_trials(load_experiment("smoke"), DATA)]
+    assert not any(t.replicate or "-s0-" in t.run_name for t in plain)
+    params = trial_params(plan_study(load_experiment("smoke", ["grid.seeds=[0, 3]"]), "/nonexistent"), trials[5])
+    assert params["seed"] == 3 and params["train.seed"] == 3
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        (["grid.seeds=[0, 0]"], "distinct non-negative"),
+        (["grid.seeds=[-1]"], "distinct non-negative"),
+        (["grid.seeds=[0, 1]", "grid.axes={train.seed: [1, 2]}"], "drop train.seed from grid.axes"),
+        (["train.ema_decays=[0.9]"], "other than train.ema_decay"),
+        (["train.ema_decays=[1.5]"], "in \\[0, 1\\]"),
+    ],
+)
+def test_bad_seeds_and_ema_decays_are_refused(override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_experiment("smoke", override)
+
+
+def test_ema_decays_keep_old_names_at_their_default_and_cost_their_scoring(tmp_path):
+    from pipeline.plan import describe_plan
+
+    base = [t.run_name for t in expand_trials(load_experiment("smoke"), DATA)]
+    more = [t.run_name for t in expand_trials(load_experiment("smoke", ["train.ema_decays=[0.99]"]), DATA)]
+    assert not set(base) & set(more)  # what the milestones hold changed: new runs
+    gpu = ["resources.gpus_per_worker=1", "fid.num_samples=1000"]
+    one = describe_plan(plan_study(load_experiment("smoke", gpu), str(tmp_path)))
+    two = describe_plan(plan_study(load_experiment("smoke", [*gpu, "train.ema_decays=[0.99]"]), str(tmp_path)))
+    fid_hours = [float(line.split()[-1]) for text in (one, two) for line in text.splitlines()[2:3]]
+    assert fid_hours[1] == pytest.approx(2 * fid_hours[0], rel=0.01)  # each EMA is sampled at every milestone
 
 
 def test_data_mismatches():
@@ -93,9 +145,11 @@ MODERN = [
 
 
 def test_runs_from_before_design_axes_keep_their_names():
-    """Provisional names (no shards) of two shipped studies, as the code before the block options computed them
-    (commit 952bb17)."""
-    toy = [t.run_name for t in plan_study(load_experiment("toy_scaling"), "/nonexistent-workspace").trials]
+    """Provisional names (no shards) of two shipped studies, as the code before the block options, seeds and
+    several EMAs computed them (commit 952bb17); toy_scaling as it was then (one seed, 2,400 steps, one EMA)."""
+    before = ["grid.seeds=[]", "train.steps=2400", "train.milestone_steps=[800, 1600, 2400]", "train.ema_decays=[]",
+              "train.ckpt_every_steps=400", "train.val_every_steps=800"]  # fmt: skip
+    toy = [t.run_name for t in plan_study(load_experiment("toy_scaling", before), "/nonexistent-workspace").trials]
     assert toy == ["d6w128_2-b6434e2d", "d6w128_4-aa1227bf", "d3w64_2-580ae117", "d3w64_4-4e6dda63",
                    "d1w48_2-d352a330", "d1w48_4-1773f552"]  # fmt: skip
     paper = [t.run_name for t in plan_study(load_experiment("paper_grid"), "/nonexistent-workspace").trials]
