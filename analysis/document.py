@@ -73,7 +73,9 @@ def sections(summary: dict[str, Any]) -> list[tuple[str, list[str], list[str]]]:
     loss = summary.get("loss_vs_compute", {})
     lines = [f"no fit: {loss['skipped']}"] if "skipped" in loss else [
         f"L(C) = {loss['E']:.4g} + {loss['A']:.4g} C^-{loss['alpha']:.3f} over {loss['n']} trials' final losses; "
-        f"alpha 95% CI {_ci(loss['alpha_ci'])}, irreducible E {_ci(loss['E_ci'])}."
+        f"alpha 95% CI {_ci(loss['alpha_ci'])}, irreducible E {_ci(loss['E_ci'])}"
+        + (f"; seed noise alone gives alpha {_ci(loss['alpha_seed_ci'])}, {loss['seed_share']:.0%} of its interval."
+           if "seed_share" in loss else ".")
     ] if loss else []  # fmt: skip
     c = summary.get("fid_vs_compute", {})
     lines.append("FID vs training compute (lower envelope): " + _law_line(c, "FID") if c else "")

@@ -48,6 +48,14 @@ class SaturatingLaw:
     alpha_ci: tuple[float, float]
     n: int
     samples: np.ndarray  # bootstrap draws of (E, log10 A, alpha)
+    alpha_seed_ci: tuple[float, float] | None = None  # alpha's interval from seed noise alone (None: one seed)
+
+    @property
+    def seed_share(self) -> float | None:
+        """The width of alpha's seed-only interval over that of its full interval."""
+        if self.alpha_seed_ci is None or self.alpha_ci[1] == self.alpha_ci[0]:
+            return None
+        return float((self.alpha_seed_ci[1] - self.alpha_seed_ci[0]) / (self.alpha_ci[1] - self.alpha_ci[0]))
 
     def __call__(self, x):
         return self.E + self.A * np.asarray(x, dtype=float) ** -self.alpha
@@ -89,19 +97,26 @@ def fit_saturating(x, y, bootstrap: int = 300, seed: int = 0, what: str = "L(C) 
     x0 = 10 ** np.log10(x).mean()  # conditioning: the fit sees x / x0
     lx, ly = np.log10(x / x0), np.log10(y)
     theta = _saturating_once(lx, ly, x0)
-    rng, groups, draws = np.random.default_rng(seed), clusters(x), []
-    for _ in range(bootstrap):
-        idx = resample(groups, rng)
-        if np.unique(lx[idx]).size < 3:
-            continue
-        draws.append(_saturating_once(lx[idx], ly[idx], x0, start=theta))
-    draws = np.array(draws)
+    rng, groups = np.random.default_rng(seed), clusters(x)
+
+    def bootstrap_draws(seeds_only: bool) -> np.ndarray:
+        out = []
+        for _ in range(bootstrap):
+            idx = resample(groups, rng, seeds_only)
+            if np.unique(lx[idx]).size >= 3:
+                out.append(_saturating_once(lx[idx], ly[idx], x0, start=theta))
+        return np.array(out)
+
+    draws = bootstrap_draws(False)
+    seed_ci = None
+    if np.bincount(groups).max() > 1:
+        seed_ci = tuple(float(v) for v in np.percentile(bootstrap_draws(True)[:, 2], [2.5, 97.5]))
     # in the caller's units: A = A' x0^alpha
     samples = np.column_stack([10 ** draws[:, 0], draws[:, 1] + draws[:, 2] * np.log10(x0), draws[:, 2]])
     E, log_a, alpha = 10 ** theta[0], theta[1] + theta[2] * np.log10(x0), theta[2]
     ci = [tuple(float(v) for v in np.percentile(samples[:, k], [2.5, 97.5])) for k in range(3)]
     a_ci = (10 ** ci[1][0], 10 ** ci[1][1])
-    return SaturatingLaw(float(E), float(10**log_a), float(alpha), ci[0], a_ci, ci[2], int(x.size), samples)
+    return SaturatingLaw(float(E), float(10**log_a), float(alpha), ci[0], a_ci, ci[2], int(x.size), samples, seed_ci)
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -158,6 +158,8 @@ def predict(best: pd.DataFrame, curves: pd.DataFrame, step: int, holdout: int = 
         law = fit_saturating(final["compute_flops"], final["loss"], what="final loss vs training compute")
         entry = {"E": law.E, "A": law.A, "alpha": law.alpha, "E_ci": law.E_ci, "A_ci": law.A_ci,
                  "alpha_ci": law.alpha_ci, "n": law.n}  # fmt: skip
+        if law.alpha_seed_ci is not None:
+            entry["alpha_seed_ci"], entry["seed_share"] = law.alpha_seed_ci, law.seed_share
         return entry, law
 
     if not final.empty:

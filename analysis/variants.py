@@ -37,6 +37,8 @@ def fit_variants(
         try:
             fit, samples = fit_power_law(rows["gflops"], rows["fid"], what=f"{variant}: FID vs Gflops at step {step}")
             entry["fid_vs_gflops"] = {"a": fit.a, "b": fit.b, "a_ci": fit.a_ci, "b_ci": fit.b_ci, "r2": fit.r2}
+            if fit.seed_share is not None:
+                entry["fid_vs_gflops"]["seed_share"] = fit.seed_share
             entry["largest"]["fitted_fid"] = float(fit(largest["gflops"]))
             out["_fits"][variant] = (fit, samples)
         except FitError as exc:

@@ -101,6 +101,7 @@ def _cmd_analyze(args: argparse.Namespace) -> int:
     summary = analyze_experiment(experiment, workdir, args.step, args.out)
     logged = "" if summary["logged_to"] else " (no sweep run in MLflow to log them to)"
     print(f"figures, tables and fits: {summary['out']}{logged}")
+    print(f"report: {summary['report']['html']} (and report.md beside it)")
     return 0 if "skipped" not in summary["fid_vs_gflops"] else 1
 
 

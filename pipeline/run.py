@@ -85,6 +85,7 @@ def run_all(experiment: ExperimentConfig, workdir: str, step: int | None = None)
         f"  figures and tables  {workspace.analysis(experiment.name)}/  (fid_vs_gflops.png, fid_vs_steps.png, "
         f"samples/, table4.md, summary.json)"
     )
+    print(f"  report              {workspace.analysis(experiment.name)}/report.html (self-contained; report.md)")
     print(
         f"  checkpoints         {workspace.runs(experiment.name)}/<run>/checkpoint_*/, EMA milestones in "
         f"<run>/milestones/"

@@ -38,6 +38,7 @@ def test_run_chains_every_stage_and_resumes(ray_session, mlflow_uri, tmp_path, c
     assert "figures and tables" in out and "checkpoints" in out and "MLflow" in out
     analysis = Path(workdir) / "analysis" / "quickstart-mini"
     assert (analysis / "fid_vs_gflops.png").exists() and (analysis / "table4.md").exists()
+    assert f"{analysis}/report.html" in out and "Held-out prediction" in (analysis / "report.html").read_text()
     assert json.loads((analysis / "summary.json").read_text())["fid_vs_gflops"]["n"] == 4
     for run in trial_runs(mlflow_uri, "quickstart-mini"):
         assert [s for s, _ in tracking.metric_history(mlflow_uri, run.info.run_id, "fid")] == [10, 20]
