@@ -102,16 +102,9 @@ def fid_vs_gflops(
         )
     if fit is not None:
         xs = np.geomspace(at_step["gflops"].min() / 1.5, at_step["gflops"].max() * 1.5, 100)
-        ax.plot(
-            xs,
-            fit(xs),
-            color="black",
-            lw=1.2,
-            label=f"{name} = {fit.a:.3g} * Gflops^{fit.b:.3f} [{fit.b_ci[0]:.3f}, {fit.b_ci[1]:.3f}]",
-        )
-        if samples is not None and len(samples):
-            lo, hi = fit.band(xs, samples)
-            ax.fill_between(xs, lo, hi, color="black", alpha=0.12, label="95% bootstrap band")
+        band = fit.band(xs, samples) if samples is not None and len(samples) else None
+        label = f"{name} = {fit.a:.3g} * Gflops^{fit.b:.3f} [{fit.b_ci[0]:.3f}, {fit.b_ci[1]:.3f}]"
+        _fitted(ax, xs, fit(xs), label, band)
     if paper is not None:
         ax.scatter(paper["gflops"], paper["fid"], marker="x", color="grey", label="paper, 400K steps", zorder=2)
     title = f"{name} vs Gflops at step {step:,}"
@@ -218,6 +211,24 @@ def variants_loss_vs_compute(final: pd.DataFrame, out: Path, fits: dict) -> str:
 # ---------------------------------------------------------------------------------------------------------------
 
 
+def _scatter_models(ax, frame: pd.DataFrame, x: str, y: str, annotate: bool = False) -> None:
+    """A point per row: its size's colour, its patch's marker, optionally its label."""
+    colours = size_colours(frame)
+    for _, row in frame.iterrows():
+        ax.scatter(row[x], row[y], color=colours[row["size"]], edgecolor="black",
+                   marker=MARKERS.get(int(row["patch"]), "o"), zorder=3)  # fmt: skip
+        if annotate:
+            ax.annotate(row["label"].removeprefix("DiT-"), (row[x], row[y]), fontsize=7, textcoords="offset points",
+                        xytext=(4, 3))  # fmt: skip
+
+
+def _fitted(ax, xs, ys, label: str, band=None, colour="black") -> None:
+    """A fitted law and, when given, its 95% bootstrap band."""
+    ax.plot(xs, ys, color=colour, lw=1.2, label=label)
+    if band is not None:
+        ax.fill_between(xs, *band, color=colour, alpha=0.12, label="95% bootstrap band")
+
+
 def residuals(fits: dict[str, tuple], out: Path) -> str:
     """For each fit {title: (x, measured, fitted)}: log10(measured / fitted) against x (a trend here means the law
     is the wrong shape), three panels to a row."""
@@ -269,20 +280,10 @@ def loss_law(final: pd.DataFrame, law, out: Path) -> str:
     """Each trial's final loss against its training compute, with L(C) = E + A C^-alpha, its band and E."""
     plt = _plt()
     fig, ax = plt.subplots(figsize=(6, 4.2))
-    colours = size_colours(final)
-    for _, row in final.iterrows():
-        ax.scatter(row["compute_flops"], row["loss"], color=colours[row["size"]], edgecolor="black",
-                   marker=MARKERS.get(int(row["patch"]), "o"), zorder=3)  # fmt: skip
+    _scatter_models(ax, final, "compute_flops", "loss")
     xs = np.geomspace(final["compute_flops"].min() / 2, final["compute_flops"].max() * 4, 100)
-    ax.plot(
-        xs,
-        law(xs),
-        color="black",
-        lw=1.2,
-        label=f"L = {law.E:.3g} + {law.A:.3g} C^-{law.alpha:.3f} [{law.alpha_ci[0]:.3f}, {law.alpha_ci[1]:.3f}]",
-    )
-    lo, hi = law.band(xs)
-    ax.fill_between(xs, lo, hi, color="black", alpha=0.12, label="95% bootstrap band")
+    label = f"L = {law.E:.3g} + {law.A:.3g} C^-{law.alpha:.3f} [{law.alpha_ci[0]:.3f}, {law.alpha_ci[1]:.3f}]"
+    _fitted(ax, xs, law(xs), label, law.band(xs))
     ax.axhline(law.E, color="grey", ls="--", lw=1, label=f"irreducible E = {law.E:.3g}")
     ax.set(xscale="log", yscale="log", xlabel="training compute (FLOPs)", ylabel="final training loss",
            title="loss vs training compute: L(C) = E + A C^-alpha")  # fmt: skip
@@ -347,12 +348,7 @@ def sampling_compute(points_at: pd.DataFrame, frontier: list[dict], out: Path) -
     """FID against sampling compute per image, with the best model at each budget joined."""
     plt = _plt()
     fig, ax = plt.subplots(figsize=(6, 4.2))
-    colours = size_colours(points_at)
-    for _, row in points_at.iterrows():
-        ax.scatter(row["sampling_gflops"], row["fid"], color=colours[row["size"]], edgecolor="black",
-                   marker=MARKERS.get(int(row["patch"]), "o"), zorder=3)  # fmt: skip
-        ax.annotate(row["label"].removeprefix("DiT-"), (row["sampling_gflops"], row["fid"]), fontsize=7,
-                    textcoords="offset points", xytext=(4, 3))  # fmt: skip
+    _scatter_models(ax, points_at, "sampling_gflops", "fid", annotate=True)
     if frontier:
         ax.step([f["sampling_gflops"] for f in frontier], [f["fid"] for f in frontier], where="post", color="black",
                 lw=1, label="best model at each sampling budget")  # fmt: skip
