@@ -9,6 +9,7 @@ import html
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 
 
@@ -114,12 +115,15 @@ def sections(summary: dict[str, Any]) -> list[tuple[str, list[str], list[str]]]:
     return out
 
 
-def _markdown_table(table: pd.DataFrame) -> str:
+def markdown_table(table: pd.DataFrame) -> str:
+    """A DataFrame as a Markdown table, floats to 4 significant digits."""
     head = "| " + " | ".join(map(str, table.columns)) + " |"
     rule = "|" + "|".join("---" for _ in table.columns) + "|"
-    rows = ["| " + " | ".join(f"{v:.4g}" if isinstance(v, float) else str(v) for v in row) + " |"
-            for row in table.itertuples(index=False)]  # fmt: skip
-    return "\n".join([head, rule, *rows])
+    rows = [
+        "| " + " | ".join(f"{v:.4g}" if isinstance(v, (float, np.floating)) else str(v) for v in row) + " |"
+        for row in table.itertuples(index=False)
+    ]
+    return "\n".join([head, rule, *rows]) + "\n"
 
 
 def write_report(
@@ -141,11 +145,11 @@ def write_report(
                 body.append(f'<figure><img alt="{name}" src="data:image/png;base64,{data}"><figcaption>{name}'
                             f"</figcaption></figure>")  # fmt: skip
         if heading == "The study":
-            md += ["### The models", "", _markdown_table(table), ""]
+            md += ["### The models", "", markdown_table(table), ""]
             body.append("<h3>The models</h3>")
             body.append(table.to_html(index=False, float_format=lambda v: f"{v:.4g}", border=0))
             if emas is not None:
-                md += ["### FID per EMA decay", "", _markdown_table(emas), ""]
+                md += ["### FID per EMA decay", "", markdown_table(emas), ""]
                 body.append("<h3>FID per EMA decay</h3>")
                 body.append(emas.to_html(index=False, float_format=lambda v: f"{v:.4g}", border=0))
     samples = sorted(p for p in available.values() if p.parent.name == "samples")

@@ -146,19 +146,3 @@ def compute_frontier(compute, value) -> np.ndarray:
             frontier.append(i)
             best = value[i]
     return np.array(frontier, dtype=int)
-
-
-def isoflop_optimum(params, compute, loss, min_points_per_budget: int = 3) -> list[tuple[float, float]]:
-    """Liang et al.'s isoFLOP method: for each compute budget with enough models, fit loss as a parabola in
-    log10(params) and return (budget, optimal params). Budgets with fewer points are skipped."""
-    params, compute, loss = (np.asarray(v, dtype=float) for v in (params, compute, loss))
-    out = []
-    for budget in np.unique(np.round(np.log10(compute), 1)):
-        mask = np.round(np.log10(compute), 1) == budget
-        if mask.sum() < min_points_per_budget or np.unique(params[mask]).size < 3:
-            continue
-        c2, c1, _ = np.polyfit(np.log10(params[mask]), loss[mask], 2)
-        if c2 <= 0:
-            continue  # no minimum inside the range
-        out.append((10**budget, 10 ** (-c1 / (2 * c2))))
-    return out

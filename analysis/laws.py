@@ -150,7 +150,7 @@ def isoflop_points(curves: pd.DataFrame, num_budgets: int = 8, value: str = "los
     return pd.DataFrame(rows)
 
 
-def _profile_optima(points: pd.DataFrame, value: str, min_sizes: int) -> list[tuple[float, float]]:
+def isoflop_optima(points: pd.DataFrame, value: str = "loss", min_sizes: int = 3) -> list[tuple[float, float]]:
     """(budget, N_opt) for every budget whose parabola in log10 N has its minimum inside the sizes it saw."""
     optima = []
     for budget, rows in points.groupby("budget"):
@@ -192,7 +192,7 @@ def isoflop_frontier(
     (and their seeds) and redoes every parabola."""
     if points.empty:
         raise FitError("isoFLOP profiles: no compute budget is reached by any model's curve")
-    optima = _profile_optima(points, value, min_sizes)
+    optima = isoflop_optima(points, value, min_sizes)
     if len(optima) < 3:
         sizes = max(count_sizes(rows) for _, rows in points.groupby("budget"))
         raise FitError(
@@ -209,7 +209,7 @@ def isoflop_frontier(
     for _ in range(bootstrap):
         drawn = models.iloc[resample(model_groups, rng)]
         sample = pd.concat([by_model[(r.label, r.seed)] for r in drawn.itertuples()])
-        found = _profile_optima(sample, value, min_sizes)
+        found = isoflop_optima(sample, value, min_sizes)
         if len(found) >= 2:
             bc, bn = np.log10(np.array(found)).T
             if np.unique(bc).size >= 2:

@@ -21,7 +21,7 @@ import pandas as pd
 
 from analysis import plots
 from analysis.config import AnalysisConfig
-from analysis.document import sections, write_report
+from analysis.document import markdown_table, sections, write_report
 from analysis.fits import FitError, correlation
 from analysis.loader import load_runs
 from analysis.study import (
@@ -148,7 +148,7 @@ def summarize(frame: pd.DataFrame, curves: pd.DataFrame, step: int | None, holdo
         for variant, entry in summary["by_variant"]["variants"].items():
             mine = curves[curves["variant"] == variant] if len(curves) else curves
             entry["isoflop"] = isoflop_from_curves(mine) if len(mine) else {"skipped": "no loss curves logged"}
-    summary["_points"] = points
+    summary["_points"], summary["_best"] = points, best
     return summary
 
 
@@ -216,26 +216,26 @@ def analyze(
     ]  # fmt: skip
     if len(curves):
         figures.append(plots.loss_curves(replicate_points(curves, ("loss",)), out))
-    figures += _prediction_figures(summary, points, curves, out)
+    paper = paper_held_out()
+    figures += _prediction_figures(summary, points, curves, out, paper["_check"])
     by_variant = summary.get("by_variant")
     if by_variant:
-        best_at = frame_with_emas(with_identity(frame), summary.get("ema", {}).get("chosen", {}))
-        best_at = best_at[best_at["step"] == step]
+        best_at = summary["_best"][summary["_best"]["step"] == step]
         figures.append(plots.variants_fid_vs_gflops(best_at, out, step, by_variant["_fits"]))
         if len(curves):
             figures.append(plots.variants_loss_vs_compute(final_points(curves), out, by_variant["_loss_fits"]))
         table = variants_table(by_variant)
         table.to_csv(out / "variants.csv", index=False)
-        (out / "variants.md").write_text(_markdown(table))
-    figures += _sample_grids(tracking_uri, at.merge(_one_run_per_model(frame, step, summary), on="label"), out,
+        (out / "variants.md").write_text(markdown_table(table))
+    figures += _sample_grids(tracking_uri, at.merge(_one_run_per_model(summary["_best"], step), on="label"), out,
                              step, notes)  # fmt: skip
     table = table4(at, config.reference == "dit-table4")
     table.to_csv(out / "table4.csv", index=False)
-    (out / "table4.md").write_text(_markdown(table))
+    (out / "table4.md").write_text(markdown_table(table))
     if "_ema_table" in summary:
         summary["_ema_table"].to_csv(out / "ema_decays.csv", index=False)
     public = _public(summary)
-    public["paper_table4_held_out"] = paper_held_out()
+    public["paper_table4_held_out"] = _public(paper)
     public["notes"] = notes
     (out / "summary.json").write_text(json.dumps(public, indent=2, default=_json))
     print(describe(public))
@@ -260,9 +260,9 @@ def _public(summary: dict[str, Any]) -> dict[str, Any]:
     return summary
 
 
-def _one_run_per_model(frame: pd.DataFrame, step: int, summary: dict[str, Any]) -> pd.DataFrame:
-    """For each model the run (first seed) and EMA whose sample grid the report shows."""
-    best = frame_with_emas(with_identity(frame), summary.get("ema", {}).get("chosen", {}))
+def _one_run_per_model(best: pd.DataFrame, step: int) -> pd.DataFrame:
+    """For each model the run (first seed) and EMA whose sample grid the report shows (`best`: each model's rows at
+    its chosen EMA)."""
     rows = best[best["step"] == step].sort_values("seed").drop_duplicates("label")
     return rows[["label", "run_id", "run_name", "ema_name"]]
 
@@ -284,7 +284,9 @@ def paper_held_out():
     }
 
 
-def _prediction_figures(summary: dict[str, Any], points: pd.DataFrame, curves: pd.DataFrame, out: Path) -> list[str]:
+def _prediction_figures(
+    summary: dict[str, Any], points: pd.DataFrame, curves: pd.DataFrame, out: Path, paper
+) -> list[str]:
     """Residuals of every fit, the held-out check (and the paper's), L(C), isoFLOP profiles, EMAs, sampling compute,
     hyperparameter sensitivity, FD_DINOv2: each where its fit exists."""
     objects, step, figures = summary["_objects"], summary["step"], []
@@ -315,7 +317,6 @@ def _prediction_figures(summary: dict[str, Any], points: pd.DataFrame, curves: p
         checks["L(N, D) (every logged step)"] = (rows["compute_flops"], rows["loss"], p(rows["params"], tokens))
     if checks:
         figures.append(plots.residuals(checks, out))
-    paper = paper_held_out()["_check"]
     paper_panel = (PAPER_TABLE4["gflops"], PAPER_TABLE4["fid"], paper, "the paper's Table 4: XL/2 from the other 11")
     if "fid_held_out" in objects:
         figures.append(plots.held_out(at["gflops"], at["fid"], objects["fid_held_out"], out,
@@ -402,16 +403,6 @@ def describe(summary: dict[str, Any]) -> str:
         lines.append(f"  {heading}:")
         lines += [f"    {p}" for p in paragraphs]
     return "\n".join(lines)
-
-
-def _markdown(table: pd.DataFrame) -> str:
-    head = "| " + " | ".join(table.columns) + " |"
-    rule = "|" + "|".join("---" for _ in table.columns) + "|"
-    rows = [
-        "| " + " | ".join(f"{v:.4g}" if isinstance(v, (float, np.floating)) else str(v) for v in row) + " |"
-        for row in table.itertuples(index=False)
-    ]
-    return "\n".join([head, rule, *rows]) + "\n"
 
 
 def headline_metrics(summary: dict[str, Any]) -> dict[str, float]:

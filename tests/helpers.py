@@ -17,6 +17,18 @@ FAST_FID = [
 ]
 
 
+def sweep_and_score(overrides: list[str], workdir: str):
+    """The smoke experiment with `overrides`, trained and scored: (experiment, outcomes)."""
+    from pipeline.experiment_files import load_experiment
+    from pipeline.fid.score import run_fid
+    from pipeline.sweep import run_sweep
+
+    experiment = load_experiment("smoke", overrides)
+    outcomes = run_sweep(experiment, workdir)
+    run_fid(experiment, workdir, progress=False)
+    return experiment, outcomes
+
+
 def tiny_vae():
     """A 2-level AutoencoderKL: 4 latent channels, /2 downsampling, 16 px samples."""
     from diffusers import AutoencoderKL

@@ -1,9 +1,11 @@
 """Fits recover known laws; the paper's Table 4 gives r = -0.93; degenerate data gives reasons, not lines."""
 
 import numpy as np
+import pandas as pd
 import pytest
 
-from analysis.fits import FitError, compute_frontier, correlation, fit_power_law, isoflop_optimum
+from analysis.fits import FitError, compute_frontier, correlation, fit_power_law
+from analysis.laws import isoflop_optima
 from analysis.report import PAPER_TABLE4
 
 
@@ -44,7 +46,8 @@ def test_frontier_and_isoflop():
     assert compute_frontier(compute, value).tolist() == [0, 2, 4]
     params = np.array([1e6, 3e6, 1e7, 3e7, 1e8])
     loss = (np.log10(params) - 7) ** 2 + 1  # optimum at 1e7
-    optimum = isoflop_optimum(params, np.full(5, 1e15), loss)
+    points = pd.DataFrame({"params": params, "budget": np.full(5, 1e15), "loss": loss})
+    optimum = isoflop_optima(points)
     assert len(optimum) == 1 and optimum[0][1] == pytest.approx(1e7, rel=0.01)
 
 

@@ -11,11 +11,8 @@ import torch
 
 from pipeline import tracking
 from pipeline.analyze import analyze_experiment
-from pipeline.experiment_files import load_experiment
-from pipeline.fid.score import run_fid
 from pipeline.layout import Workspace
-from pipeline.sweep import run_sweep
-from tests.helpers import FAST_FID
+from tests.helpers import FAST_FID, sweep_and_score
 
 PRESETS = ("DiT-d2w64/8", "DiT-d2w64/4", "DiT-d4w128/8", "DiT-d4w128/4")  # the smoke grid, by Gflops
 STUDY = [
@@ -28,10 +25,7 @@ STUDY = [
 
 @pytest.fixture(scope="module")
 def study(smoke_workdir, mlflow_uri):
-    experiment = load_experiment("smoke", STUDY)
-    outcomes = run_sweep(experiment, smoke_workdir)
-    run_fid(experiment, smoke_workdir, progress=False)
-    return experiment, outcomes
+    return sweep_and_score(STUDY, smoke_workdir)
 
 
 def test_every_point_trains_once_per_seed_with_both_emas_saved_and_scored(study, smoke_workdir, mlflow_uri):

@@ -9,10 +9,7 @@ import pytest
 
 from pipeline import tracking
 from pipeline.analyze import analyze_experiment
-from pipeline.experiment_files import load_experiment
-from pipeline.fid.score import run_fid
-from pipeline.sweep import run_sweep
-from tests.helpers import FAST_FID
+from tests.helpers import FAST_FID, sweep_and_score
 
 STUDY = [
     "name=smoke_variants",
@@ -27,10 +24,7 @@ STUDY = [
 
 @pytest.fixture(scope="module")
 def study(smoke_workdir, mlflow_uri):
-    experiment = load_experiment("smoke", STUDY)
-    outcomes = run_sweep(experiment, smoke_workdir)
-    run_fid(experiment, smoke_workdir, progress=False)
-    return experiment, outcomes
+    return sweep_and_score(STUDY, smoke_workdir)
 
 
 def test_both_designs_train_and_record_their_variant(study, mlflow_uri):
