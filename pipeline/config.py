@@ -294,13 +294,6 @@ class FidConfig:
             raise ConfigError(f"fid.metrics must include 'fid' and only {', '.join(FID_METRICS)}; got {self.metrics}")
         if self.dinov2 not in DINOV2_EXTRACTORS:
             raise ConfigError(f"fid.dinov2 must be one of {', '.join(DINOV2_EXTRACTORS)}, got {self.dinov2!r}")
-
-    @property
-    def evaluations_per_image(self) -> int:
-        """Network evaluations per sample: a step each (Heun: two), twice with classifier-free guidance (the
-        conditional and the unconditional half of the batch). Times the DiT's Gflops: the sampling compute."""
-        per_step = 2 if self.sampler == "heun" else 1
-        return self.sampling_steps * per_step * (2 if self.cfg_scale != 1 else 1)
         if self.guidance_channels < 0 or self.workers < 0 or self.reference_images < 0:
             raise ConfigError("fid.guidance_channels, fid.workers and fid.reference_images must be >= 0")
         if self.guidance_interval and (
@@ -310,6 +303,13 @@ class FidConfig:
                 f"fid.guidance_interval must be [lo, hi] with 0 <= lo <= hi <= 1 (noise levels t/T), or [] to "
                 f"guide every step; got {list(self.guidance_interval)}"
             )
+
+    @property
+    def evaluations_per_image(self) -> int:
+        """Network evaluations per sample: a step each (Heun: two), twice with classifier-free guidance (the
+        conditional and the unconditional half of the batch). Times the DiT's Gflops: the sampling compute."""
+        per_step = 2 if self.sampler == "heun" else 1
+        return self.sampling_steps * per_step * (2 if self.cfg_scale != 1 else 1)
 
 
 @dataclass(frozen=True)

@@ -106,6 +106,8 @@ def test_malformed_overrides(override, message):
         (["data.prepare.resolution=32"], "data.toy.resolution 16 is below data.prepare.resolution 32"),
         (["fid.labels=some"], "fid.labels"),
         (["fid.classifier_steps=-1"], "classifier_steps"),
+        (["fid.guidance_interval=[0.5, 0.2]"], r"fid.guidance_interval must be \[lo, hi\]"),
+        (["fid.workers=-1"], "fid.guidance_channels, fid.workers and fid.reference_images must be >= 0"),
         (["name=a/b"], "name 'a/b' must be"),
         (["analysis.reference=table9"], "analysis.reference must be one of"),
     ],
