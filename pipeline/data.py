@@ -1,9 +1,11 @@
 """The training-side reader: latent shards -> endless batches (z, y) for one rank, deterministic and resumable.
 
-Splitting: with R ranks and K DataLoader workers there are G = R * K readers. Each epoch the shards are permuted with
-(seed, epoch); reader g takes shards g, g + G, ... of that order, or, when there are fewer shards than readers, every
-G-th sample of all shards. Every rank yields exactly `batches_per_epoch = total // (batch_size * R)` batches per epoch
-(a reader whose shards run dry cycles through them again), so uneven shards can never leave one DDP rank waiting.
+Splitting: with R ranks and K DataLoader workers there are G = R * K readers. Every rank yields exactly
+`batches_per_epoch = total // (batch_size * R)` batches per epoch, so uneven shards can never leave one DDP rank
+waiting. Each epoch the shards are permuted with (seed, epoch) and their samples, in that order, are cut into G
+consecutive runs, one per reader, each as long as the batches its reader makes in the epoch need (plus an equal share
+of the samples no batch needs): no sample is read twice within an epoch, by one rank or by two, whether there are
+more shards than readers or fewer. A reader opens only the shards its run touches.
 
 Per sample: a random choice of the plain or the mirrored latent, then z = (mean + exp(logvar / 2) * eps) * scale with
 fresh eps (for the pixel codec z is the stored latent). Shuffling uses a buffer per reader. All randomness derives
@@ -14,6 +16,7 @@ exactly where an interrupted run stopped.
 from __future__ import annotations
 
 import io
+import itertools
 from collections.abc import Iterator
 from typing import Any
 
@@ -111,7 +114,8 @@ def decode_sample(sample: dict[str, Any], flip: bool) -> tuple[np.ndarray, int]:
 
 
 class LatentShardStream(IterableDataset):
-    """Batches (z (B, C, h, w) float32, y (B,) int64) for one rank; see the module docstring."""
+    """Batches (z (B, C, h, w) float32, y (B,) int64) for one rank; see the module docstring. With `with_keys`
+    (off by default; for tests) each batch also carries its samples' shard keys: (z, y, keys: list[str])."""
 
     def __init__(
         self,
@@ -125,6 +129,7 @@ class LatentShardStream(IterableDataset):
         shuffle_buffer: int = 2000,
         random_flip: bool = True,
         manifest: Manifest | None = None,
+        with_keys: bool = False,
     ):
         super().__init__()
         self.root = str(root).rstrip("/")
@@ -133,6 +138,7 @@ class LatentShardStream(IterableDataset):
         self.batch_size, self.rank, self.world_size = batch_size, rank, world_size
         self.seed, self.start_batch, self.epochs = seed, start_batch, epochs
         self.shuffle_buffer, self.random_flip = shuffle_buffer, random_flip
+        self.with_keys = with_keys  # also yield each batch's sample keys (__key__), to see which samples were read
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is outside world size {world_size}")
         total = self.manifest.total
@@ -143,7 +149,7 @@ class LatentShardStream(IterableDataset):
                 f"({batch_size} x {world_size} ranks): lower the batch size or prepare more data"
             )
 
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def __iter__(self) -> Iterator[tuple]:
         # Batch position p (counted from the start of training) is made by logical worker p % K from that worker's
         # own stream of epoch p // B. A DataLoader hands out batches of its workers round robin from worker 0, so
         # when resuming at `start_batch` physical worker k plays logical worker (start_batch + k) % K.
@@ -156,54 +162,59 @@ class LatentShardStream(IterableDataset):
         while self.epochs is None or position < self.epochs * B:
             if position // B != epoch:
                 epoch = position // B
-                batches = self._batches(epoch, reader, readers)
                 first = epoch * B + (logical - epoch * B) % K  # this worker's first position in the epoch
+                batches = self._batches(epoch, reader, readers, self._run(epoch, reader, K))
                 for _ in range((position - first) // K):  # made by an earlier run: recompute, do not yield
                     next(batches)
             yield next(batches)
             position += K
 
-    def _batches(self, epoch: int, reader: int, readers: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """Endless batches of one reader in one epoch; all randomness from (seed, epoch, reader)."""
+    def _run(self, epoch: int, reader: int, workers: int) -> tuple[int, int]:
+        """[lo, hi): the reader's consecutive run of the epoch's samples (in shard order). Reader g = rank * K +
+        logical worker k makes the batches at positions p of the epoch with p % K == k; its run holds that many
+        batches' samples, plus its share of the samples the epoch's batches leave over."""
+        B, readers = self.batches_per_epoch, self.world_size * workers
+        made = [len(range(epoch * B + (k - epoch * B) % workers, (epoch + 1) * B, workers)) for k in range(workers)]
+        need = [made[g % workers] * self.batch_size for g in range(readers)]
+        spare = self.manifest.total - sum(need)  # >= 0: batches_per_epoch x batch_size x ranks <= total
+        sizes = [n + spare // readers + (g < spare % readers) for g, n in enumerate(need)]
+        lo = sum(sizes[:reader])
+        return lo, lo + sizes[reader]
+
+    def _batches(self, epoch: int, reader: int, readers: int, run: tuple[int, int]) -> Iterator[tuple]:
+        """The batches of one reader in one epoch, from its run of samples; all randomness from (seed, epoch,
+        reader)."""
         rng = np.random.default_rng([self.seed, epoch, reader])
         noise = torch.Generator().manual_seed(int(rng.integers(2**62)))
         buffer = min(self.shuffle_buffer, max(1, self.manifest.total // readers))  # no repeats in the buffer
-        samples = self._shuffled(self._samples(epoch, reader, readers), rng, buffer)
+        samples = self._shuffled(self._samples(epoch, *run), rng, buffer)
         while True:
-            batch = [next(samples) for _ in range(self.batch_size)]
+            batch = list(itertools.islice(samples, self.batch_size))
+            if len(batch) < self.batch_size:
+                raise ValueError(
+                    f"the shards in {self.root} hold fewer samples than manifest.json counts: re-run ditscale prepare"
+                )
             flips = rng.random(self.batch_size) < 0.5 if self.random_flip else np.zeros(self.batch_size, bool)
             decoded = [decode_sample(s, bool(f)) for s, f in zip(batch, flips)]
             stored = torch.from_numpy(np.stack([d[0] for d in decoded]))
             z = latent_from_stored(stored, self.manifest.codec, generator=noise)
-            yield z, torch.tensor([d[1] for d in decoded], dtype=torch.long)
+            y = torch.tensor([d[1] for d in decoded], dtype=torch.long)
+            yield (z, y, [s["__key__"] for s in batch]) if self.with_keys else (z, y)
 
-    def _samples(self, epoch: int, reader: int, readers: int) -> Iterator[dict[str, Any] | None]:
-        """Endless raw samples for `reader`: its shards of this epoch's order, cycled with a new order when dry.
-        None marks the end of each pass over the reader's data."""
-        cycle = 0
-        while True:
-            order = np.random.default_rng([self.seed, epoch, cycle, 7]).permutation(len(self.urls))
-            seen = 0
-            if len(self.urls) >= readers:
-                for i in order[reader::readers]:
-                    for sample in iter_shard(self.urls[i]):
-                        seen += 1
+    def _samples(self, epoch: int, lo: int, hi: int) -> Iterator[dict[str, Any] | None]:
+        """Raw samples lo..hi-1 of the epoch's shard order, then None (the end of the run)."""
+        order = np.random.default_rng([self.seed, epoch, 0, 7]).permutation(len(self.urls))
+        start = 0  # index of shard i's first sample in the epoch's order
+        for i in order:
+            count = self.manifest.shards[i].count
+            if start < hi and lo < start + count:
+                for n, sample in enumerate(iter_shard(self.urls[i]), start):
+                    if n >= hi:
+                        break
+                    if n >= lo:
                         yield sample
-            else:  # fewer shards than readers: split by sample
-                n = 0
-                for i in order:
-                    for sample in iter_shard(self.urls[i]):
-                        if n % readers == reader:
-                            seen += 1
-                            yield sample
-                        n += 1
-            if seen == 0:
-                raise ValueError(
-                    f"reader {reader} of {readers} got no samples from {self.root}: "
-                    f"use fewer DataLoader workers or ranks for this small dataset"
-                )
-            yield None
-            cycle += 1
+            start += count
+        yield None
 
     @staticmethod
     def _shuffled(

@@ -110,3 +110,51 @@ def test_npy_fast_path_matches_numpy_and_refuses_pickles():
     np.save(buf, np.array([{"a": 1}], dtype=object), allow_pickle=True)
     with pytest.raises(ValueError):
         load_npy(buf.getvalue())
+
+
+@pytest.fixture(scope="module")
+def many_shards(ray_session, tmp_path_factory):
+    """60 toy images of 3 classes at 16 px in 15 shards of 4: more shards than the 6 readers of 3 ranks x 2 workers."""
+    root = tmp_path_factory.mktemp("many")
+    write_toy_dataset(root / "src", ToyDataConfig(num_classes=3, per_class=20, resolution=16), progress=False)
+    config = PrepareConfig(resolution=16, codec=CodecConfig(kind="pixel"), samples_per_shard=4)
+    prepare(str(root / "src"), str(root / "shards"), config, progress=False)
+    return str(root / "shards")
+
+
+def read_keys(root, rank, world_size, num_workers, epochs, batch_size=5, start_batch=0):
+    """The sample keys of every batch one rank reads, in order."""
+    loader = make_loader(root, batch_size, rank, world_size, 1, start_batch, num_workers, epochs, with_keys=True)
+    return [keys for _, _, keys in loader]
+
+
+@pytest.mark.parametrize("batch_size", [5, 4])  # batches that add up to the data, and batches that leave some over
+@pytest.mark.parametrize("num_workers", [0, 2])
+@pytest.mark.parametrize("world_size", [1, 2, 3])
+@pytest.mark.parametrize("data", ["shards", "many_shards"])  # 4 shards, fewer than 6 readers; 15 shards, more
+def test_ranks_read_disjoint_samples_within_an_epoch(data, world_size, num_workers, batch_size, request):
+    """In every epoch each rank reads batches_per_epoch x batch_size samples, none twice, and no two ranks share a
+    sample: together they read batches_per_epoch x batch_size x world_size distinct samples (with batch size 5,
+    which divides the data, every sample exactly once)."""
+    root = request.getfixturevalue(data)
+    per_epoch = LatentShardStream(root, batch_size, world_size=world_size).batches_per_epoch
+    ranks = [read_keys(root, rank, world_size, num_workers, 2, batch_size) for rank in range(world_size)]
+    assert all(len(keys) == 2 * per_epoch for keys in ranks)
+    for epoch in range(2):
+        read = [[k for batch in keys[epoch * per_epoch : (epoch + 1) * per_epoch] for k in batch] for keys in ranks]
+        assert all(len(set(keys)) == len(keys) == per_epoch * batch_size for keys in read), "a sample read twice"
+        union = set().union(*map(set, read))
+        assert len(union) == per_epoch * batch_size * world_size, "two ranks read the same sample"
+        if batch_size == 5:
+            assert len(union) == Manifest.load(root).total
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_each_rank_resumes_with_exactly_its_remaining_batches(shards, num_workers):
+    """Two ranks, 3 batches per epoch: resuming at start_batch yields exactly the batches an uninterrupted rank
+    yields from there on, the same samples in the same order."""
+    for rank in range(2):
+        full = read_keys(shards, rank, 2, num_workers, epochs=3)
+        assert len(full) == 3 * 3
+        for start in (1, 3, 4, 8):  # inside the first epoch, at the second's start, inside it, the last batch
+            assert read_keys(shards, rank, 2, num_workers, epochs=3, start_batch=start) == full[start:]
