@@ -1,7 +1,7 @@
 """dit_core on its own: train a tiny class-conditional DiT on a synthetic latent distribution on the CPU, sample
 from its EMA weights with the paper's sampler (DDPM, learned variance), and check the samples against the data.
 
-    python -m dit_core.demo [--seconds 60]
+    python -m dit_core.demo [--seconds 60 | --steps 2000]
 
 The data: 4 classes of (4, 8, 8) "latents". Class k is a fixed smooth template P_k times a random amplitude
 a ~ U(0.6, 1.4), plus N(0, 0.1^2) noise. The check computes, for generated and held-out real samples, the features
@@ -67,6 +67,7 @@ def class_accuracy(x: torch.Tensor, y: torch.Tensor, templates: torch.Tensor) ->
 
 def run_demo(
     train_seconds: float = 60.0,
+    train_steps: int = 0,
     seed: int = 0,
     num_eval: int = 1000,
     verbose: bool = True,
@@ -74,7 +75,8 @@ def run_demo(
     lr: float = 2e-3,
     ema_decay: float = 0.99,
 ) -> dict:
-    """Train for about `train_seconds`, then sample and score; returns the figures and whether they pass."""
+    """Train for about `train_seconds`, or for exactly `train_steps` steps if > 0 (the same model on every machine),
+    then sample and score; returns the figures and whether they pass."""
     torch.manual_seed(seed)
     g = torch.Generator().manual_seed(seed)
     templates = make_templates()
@@ -84,10 +86,11 @@ def run_demo(
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
     warmup = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: min(1.0, (step + 1) / 50))
     log = print if verbose else (lambda *a, **k: None)
-    log(f"training DiT-d2w64/2 ({model.num_params(True):,} params) for {train_seconds:.0f} s on the CPU ...")
+    budget = f"{train_steps} steps" if train_steps > 0 else f"{train_seconds:.0f} s"
+    log(f"training DiT-d2w64/2 ({model.num_params(True):,} params) for {budget} on the CPU ...")
 
-    step, start, batch = 0, time.perf_counter(), batch_size
-    while time.perf_counter() - start < train_seconds:
+    step, start, batch, loss = 0, time.perf_counter(), batch_size, torch.tensor(float("nan"))
+    while (step < train_steps) if train_steps > 0 else (time.perf_counter() - start < train_seconds):
         x0, y = sample_data(templates, batch, g)
         t = sample_timesteps(batch, diffusion.config.num_timesteps, generator=g)
         loss = diffusion.training_losses(model, x0, t, y)["loss"].mean()
@@ -132,12 +135,13 @@ def run_demo(
     return result
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seconds", type=float, default=60.0, help="training time budget")
+    parser.add_argument("--steps", type=int, default=0, help="> 0: train exactly this many steps instead")
     parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args()
-    raise SystemExit(0 if run_demo(args.seconds, args.seed)["passed"] else 1)
+    args = parser.parse_args(argv)
+    raise SystemExit(0 if run_demo(args.seconds, args.steps, args.seed)["passed"] else 1)
 
 
 if __name__ == "__main__":
