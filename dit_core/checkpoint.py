@@ -3,10 +3,18 @@
 Files are plain torch.save dicts of tensors and Python primitives, so they load with `weights_only=True` (no pickled
 code runs). The config is stored as a dict of dicts, e.g. {"model": asdict(DiTConfig), "diffusion": ...}; loading
 with `expected_model_config` refuses a checkpoint built for another architecture and says which fields differ.
+
+Atomic: a save writes `.<name>.tmp-<pid>` beside the target, syncs it and renames it over the target, so a writer
+killed part-way leaves the previous checkpoint intact. The temporary of a killed writer is never loaded (its name
+starts with a dot, and load_checkpoint refuses it) and is removed by the next save of the same path (one writer per
+path, as rank 0 in training). A full disk, a quota or a file size limit raises OutOfSpaceError, which names the
+file and what to do; the half-written temporary is removed.
 """
 
 from __future__ import annotations
 
+import errno
+import glob
 import os
 from dataclasses import asdict
 from pathlib import Path
@@ -17,6 +25,53 @@ from torch import nn
 
 from dit_core.config import DiTConfig
 from dit_core.ema import unwrap_model
+
+OUT_OF_SPACE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)  # disk full, quota reached, file size limit
+
+
+class OutOfSpaceError(OSError, ValueError):
+    """A write refused for lack of space (ENOSPC), quota (EDQUOT) or a file size limit (EFBIG): an OSError with that
+    errno, whose message names the file and what to do. Also a ValueError, so command-line tools print the message
+    rather than a traceback."""
+
+    def __init__(self, code: int, message: str):
+        super().__init__(code, message)  # (errno, message): survives pickling, e.g. out of a Ray worker
+
+    def __str__(self) -> str:
+        return self.strerror
+
+
+def out_of_space_error(exc: OSError, what: str, then: str = "run the same command again") -> OutOfSpaceError:
+    """The OutOfSpaceError for `exc` (errno in OUT_OF_SPACE_ERRNOS) raised while writing `what`."""
+    fix = {
+        errno.ENOSPC: "free space on that file system",
+        errno.EDQUOT: "free space on that file system or raise your quota",
+        errno.EFBIG: "raise the file size limit (ulimit -f, or the file system's)",
+    }[exc.errno]
+    return OutOfSpaceError(exc.errno, f"{os.strerror(exc.errno).lower()} while writing {what}: {fix} and {then}")
+
+
+def is_temporary(path: str | os.PathLike) -> bool:
+    """True for the temporary file of a save in progress (or of a writer that was killed): `.<name>.tmp-<pid>`."""
+    name = Path(path).name
+    return name.startswith(".") and ".tmp-" in name
+
+
+class _Recorder:
+    """A write-only stream that keeps the OSError of a failed write (torch.save reraises it as a RuntimeError)."""
+
+    def __init__(self, stream):
+        self.stream, self.error = stream, None
+
+    def write(self, data) -> int:
+        try:
+            return self.stream.write(data)
+        except OSError as exc:
+            self.error = exc
+            raise
+
+    def flush(self) -> None:
+        self.stream.flush()
 
 
 def save_checkpoint(
@@ -29,7 +84,11 @@ def save_checkpoint(
     optimizer: torch.optim.Optimizer | None = None,
     extra: dict[str, Any] | None = None,
 ) -> Path:
-    """Write the checkpoint to `path` via a temporary file and an atomic rename; returns the path."""
+    """Write the checkpoint to `path` via a temporary file and an atomic rename; returns the path.
+
+    Raises OutOfSpaceError when the file system is full (or a quota or file size limit is reached); the previous
+    checkpoint at `path`, if any, is then left as it was.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     payload: dict[str, Any] = {
@@ -43,8 +102,22 @@ def save_checkpoint(
         payload["opt"] = optimizer.state_dict()
     payload.update(extra or {})
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    torch.save(payload, tmp)
-    os.replace(tmp, path)
+    for stale in path.parent.glob(f".{glob.escape(path.name)}.tmp-*"):  # of a writer killed part-way
+        stale.unlink(missing_ok=True)
+    stream = None
+    try:
+        with open(tmp, "wb") as f:
+            stream = _Recorder(f)
+            torch.save(payload, stream)
+            f.flush()
+            os.fsync(f.fileno())  # the bytes are on disk before the rename makes them the checkpoint
+        os.replace(tmp, path)
+    except BaseException as exc:
+        tmp.unlink(missing_ok=True)
+        cause = stream.error if stream is not None and stream.error is not None else exc
+        if isinstance(cause, OSError) and cause.errno in OUT_OF_SPACE_ERRNOS:
+            raise out_of_space_error(cause, f"checkpoint {path}") from exc
+        raise
     return path
 
 
@@ -74,6 +147,11 @@ def load_checkpoint(
     With expected_model_config, raise ValueError listing the differing fields if the stored model config differs.
     """
     path = Path(path)
+    if is_temporary(path):
+        raise ValueError(
+            f"{path} is the temporary file of a checkpoint save that did not finish (its writer was stopped): it is "
+            f"never a checkpoint; load {path.parent / path.name[1:].rsplit('.tmp-', 1)[0]} instead"
+        )
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} does not exist (check the run folder and the step number)")
     try:
