@@ -3,7 +3,8 @@
     <shards>/manifest.json   format version, codec, resolution, latent shape, class names, per-shard sample counts
                              and sha256, total, skipped inputs with reasons, the prepare config that produced it
 
-The prepare stage writes it (atomically, after every shard); the training reader, the planner and the fid stage
+The prepare stage writes it (atomically, after every shard: a write that fails, on a full disk too, leaves the
+previous manifest whole and raises an error that says what to do); the training reader, the planner and the fid stage
 read it with `Manifest.load`, which checks the format version and the fields, so no stage reads the JSON by string
 keys. An unknown format version is refused with what to do.
 """
@@ -181,4 +182,5 @@ class Manifest:
         return manifest
 
     def save(self, root: str) -> None:
+        """Replace manifest.json whole (a temporary file, then a rename); OutOfSpaceError if the disk is full."""
         write_json(f"{root.rstrip('/')}/{MANIFEST_FILE}", self.to_json(), indent=1)

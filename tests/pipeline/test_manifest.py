@@ -1,4 +1,5 @@
-"""The shard manifest: one dataclass, one loader that checks the format version and the fields."""
+"""The shard manifest: one dataclass, one loader that checks the format version and the fields; a write refused by a
+full disk leaves the previous manifest whole."""
 
 import json
 from dataclasses import replace
@@ -6,6 +7,7 @@ from dataclasses import replace
 import pytest
 
 from pipeline.manifest import FORMAT_VERSION, Manifest, ManifestError, SkippedInput
+from tests import faults
 from tests.helpers import pixel_manifest
 
 MANIFEST = pixel_manifest()
@@ -53,3 +55,38 @@ def test_bad_manifests_are_refused_with_what_to_do(tmp_path):
     replace(MANIFEST, complete=False).save(str(tmp_path))
     with pytest.raises(ManifestError, match=r"incomplete \(1/1\): re-run the same `ditscale prepare`"):
         Manifest.load(str(tmp_path))
+
+
+@pytest.mark.parametrize("method", ["namespace", "rlimit"])
+def test_a_full_disk_leaves_the_previous_manifest_whole(method, tmp_path):
+    """Rewriting manifest.json on a file system that refuses the write part-way (ENOSPC on a 64 KiB tmpfs, or EFBIG
+    past a 64 KiB RLIMIT_FSIZE): an OutOfSpaceError (a ValueError, for the CLI) names the file and the fix, the
+    temporary is removed, and the previous manifest is still there, byte for byte."""
+    if method == "namespace" and not faults.namespace_available():
+        pytest.skip("unprivileged user namespaces are not allowed here (the rlimit case covers this machine)")
+    folder = tmp_path / "shards"
+    folder.mkdir()
+    MANIFEST.save(str(folder))
+    before = (folder / "manifest.json").read_bytes()
+    # 400 shards with 20 skipped inputs each: about 400 KB of JSON.
+    code = f"""
+import sys
+from dataclasses import replace
+from pipeline.manifest import SkippedInput
+from tests.helpers import pixel_manifest
+manifest = pixel_manifest()
+skipped = tuple(SkippedInput(f"odd/{{k:04d}}.jpg", "cannot read file: truncated") for k in range(20))
+shards = tuple(replace(manifest.shards[0], index=i, name=f"train-{{i:06d}}.tar", skipped=skipped) for i in range(400))
+try:
+    replace(manifest, shards=shards).save({str(folder)!r})
+except Exception as exc:
+    print(f"{{type(exc).__name__}} ValueError={{isinstance(exc, ValueError)}}: {{exc}}")
+    sys.exit(3)
+"""
+    run = faults.run_with_space_limit(code, folder, 64 * 1024, timeout_s=120, method=method)
+    print(f"fault method: {run.method}")
+    assert run.returncode == 3, run.output[-3000:]
+    assert f"OutOfSpaceError ValueError=True: {run.reason} while writing {folder}/manifest.json: " in run.output
+    assert "run the same command again" in run.output
+    assert sorted(p.name for p in folder.iterdir()) == ["manifest.json"]  # no temporary left
+    assert (folder / "manifest.json").read_bytes() == before and Manifest.load(str(folder)) == MANIFEST
