@@ -12,7 +12,9 @@ Robustness: a shard is written under a temporary name and renamed when complete;
 (atomically) after every shard, so a re-run skips shards whose checksum matches and redoes the rest. An input that
 cannot be read is skipped and listed in the manifest with the reason; it never stops the job. Problems that would
 waste the whole run (missing source, unwritable output, an output folder made with another configuration) are
-reported before any work starts.
+reported before any work starts. A full output file system (or a quota or file size limit) is not a bad input: it
+stops the stage with an OutOfSpaceError that names the file and what to do, keeping the finished shards and the
+manifest that lists them, and removing the half-written ones.
 """
 
 from __future__ import annotations
@@ -31,9 +33,11 @@ import fsspec
 import numpy as np
 from tqdm.auto import tqdm
 
+from dit_core.checkpoint import OutOfSpaceError, out_of_space_error
 from pipeline.codecs import CodecConfig, build_codec, images_to_tensor
 from pipeline.images import SkipInput, is_hidden, list_source, load_image
 from pipeline.manifest import MANIFEST_FILE, Manifest, ShardEntry, SkippedInput, SourceInfo
+from pipeline.storage import out_of_space, remove_quietly
 
 
 @dataclass(frozen=True)
@@ -152,14 +156,32 @@ class ShardEncoder:
         }
 
     def encode_shard(self, index: int, items: list[tuple[int, str, int]]) -> ShardEntry:
-        """items: (listing index, relative path, label). Writes the shard atomically; returns its manifest entry."""
-        import torch
-        import webdataset as wds
+        """items: (listing index, relative path, label). Writes the shard atomically; returns its manifest entry.
 
+        On any failure the temporary file is removed; a full file system raises OutOfSpaceError.
+        """
         start = time.perf_counter()
         name = shard_name(index)
         final = f"{self.out_root}/{name}"
         tmp = f"{self.out_root}/.{name}.tmp-{uuid.uuid4().hex[:8]}"
+        try:
+            count, skipped, stream = self._write(tmp, items)
+            self.out_fs.mv(tmp, final)
+        except BaseException as exc:
+            remove_quietly(self.out_fs, tmp)
+            full = out_of_space(exc)
+            if full is not None:
+                raise out_of_space_error(full, f"shard {name} to {self.out}") from exc
+            raise
+        return ShardEntry(
+            index, name, count, stream.hash.hexdigest(), stream.bytes, tuple(skipped), time.perf_counter() - start
+        )
+
+    def _write(self, tmp: str, items: list[tuple[int, str, int]]) -> tuple[int, list[SkippedInput], _HashingWriter]:
+        """Encode `items` into the tar at `tmp`: (samples written, inputs skipped, the stream with hash and size)."""
+        import torch
+        import webdataset as wds
+
         skipped, count = [], 0
         size = self.config.encode_batch_size
         batches = [items[lo : lo + size] for lo in range(0, len(items), size)]
@@ -191,10 +213,7 @@ class ShardEncoder:
                             }
                         )
                         count += 1
-        self.out_fs.mv(tmp, final)
-        return ShardEntry(
-            index, name, count, stream.hash.hexdigest(), stream.bytes, tuple(skipped), time.perf_counter() - start
-        )
+        return count, skipped, stream
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -236,6 +255,8 @@ def _check_output(out: str) -> tuple[Any, str]:
             f.write(b"ok")
         fs.rm(probe)
     except (OSError, PermissionError) as exc:
+        if out_of_space(exc) is not None:
+            raise out_of_space_error(exc, f"a test file to the output folder {out}") from exc
         raise ValueError(f"cannot write to the output folder {out}: {exc}") from exc
     return fs, root
 
@@ -269,6 +290,49 @@ def _start_or_continue(out: str, fs, root: str, config: PrepareConfig, source: S
 # ---------------------------------------------------------------------------------------------------------------
 
 
+def _encode_shards(actors: list, todo: list[int], items, manifest: Manifest, out: str, bar) -> Manifest:
+    """Encode the shards `todo`, each on the next free actor, saving the manifest after each; returns the manifest.
+
+    On an error no new shard starts, and the ones in flight end by themselves (on a full disk they fail too and remove
+    their temporaries); then the error is raised: a full disk as an OutOfSpaceError that names the file and the fix
+    and counts the finished shards, which are kept.
+    """
+    import ray
+
+    queue, in_flight = list(todo), {}  # in_flight: ObjectRef of a shard -> the actor writing it
+
+    def submit(actor) -> None:
+        if queue:
+            index = queue.pop(0)
+            in_flight[actor.encode_shard.remote(index, items(index))] = actor
+
+    for actor in actors:
+        submit(actor)
+    saved = manifest  # what manifest.json lists (the shards kept from earlier runs are on disk and verified)
+    try:
+        while in_flight:
+            [ref], _ = ray.wait(list(in_flight), num_returns=1)
+            actor = in_flight.pop(ref)
+            entry = ray.get(ref)
+            submit(actor)
+            manifest = manifest.with_shard(entry)
+            manifest.save(out)
+            saved = manifest
+            bar.update(1)
+            bar.set_postfix(images=manifest.total, skipped=len(manifest.skipped))
+    except Exception as exc:
+        if in_flight:
+            ray.wait(list(in_flight), num_returns=len(in_flight))
+        # An actor's error arrives inside a RayTaskError; the driver's own (manifest.save) as it is.
+        full = out_of_space(exc.cause if isinstance(exc, ray.exceptions.RayTaskError) else exc)
+        if full is None:
+            raise
+        message = full.strerror if isinstance(full, OutOfSpaceError) else str(out_of_space_error(full, out))
+        kept = f"finished shards kept: {len(saved.shards)} of {manifest.planned_shards}"
+        raise OutOfSpaceError(full.errno, f"{message}; {kept}") from None
+    return manifest
+
+
 def prepare(src: str, out: str, config: PrepareConfig = PrepareConfig(), progress: bool = True) -> Manifest:
     """Shard `src` into `out` on the current Ray cluster (a local one is started if needed); returns the manifest.
 
@@ -283,7 +347,7 @@ def prepare(src: str, out: str, config: PrepareConfig = PrepareConfig(), progres
     source = SourceInfo(str(src), len(listing.files), listing.sha256())
     fs, root = _check_output(out)
     manifest = _start_or_continue(out, fs, root, config, source, listing.class_names, len(shards))
-    for stale in fs.glob(f"{root}/.train-*.tar.tmp-*"):  # shards in flight when an earlier run died
+    for stale in fs.glob(f"{root}/.*.tmp-*"):  # shards (or the manifest) being written when an earlier run died
         fs.rm(stale)
 
     intact = [e for e in manifest.shards if _shard_intact(fs, f"{root}/{e.name}", e, config.verify)]
@@ -304,18 +368,15 @@ def prepare(src: str, out: str, config: PrepareConfig = PrepareConfig(), progres
         # GPU actors decode JPEGs in 4 threads to keep the encoder busy; CPU actors own one core each.
         threads, decode_threads = (None, 4) if gpus else (1, 1)
         actors = [actor_cls.remote(config, src, out, device, threads, decode_threads) for _ in range(workers)]
-        manifest = replace(manifest, **ray.get(actors[0].describe.remote()))
-        pool = ray.util.ActorPool(actors)
         items = lambda i: [(int(j), *listing.files[j]) for j in shards[i]]  # noqa: E731
         bar = tqdm(total=len(shards), initial=len(done), desc="prepare shards", unit="shard", disable=not progress)
-        for entry in pool.map_unordered(lambda a, i: a.encode_shard.remote(i, items(i)), todo):
-            manifest = manifest.with_shard(entry)
-            manifest.save(out)
-            bar.update(1)
-            bar.set_postfix(images=manifest.total, skipped=len(manifest.skipped))
-        bar.close()
-        for actor in actors:
-            ray.kill(actor)
+        try:
+            manifest = replace(manifest, **ray.get(actors[0].describe.remote()))
+            manifest = _encode_shards(actors, todo, items, manifest, out, bar)
+        finally:
+            bar.close()
+            for actor in actors:
+                ray.kill(actor)
     manifest = replace(manifest, complete=len(manifest.shards) == len(shards))
     manifest.save(out)
 

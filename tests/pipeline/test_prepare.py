@@ -1,9 +1,11 @@
-"""prepare: image folder -> latent shards with Ray; exactly-once coverage, resumability, bad inputs, clear errors."""
+"""prepare: image folder -> latent shards with Ray; exactly-once coverage, resumability, bad inputs, clear errors,
+a full disk."""
 
 import hashlib
 import io
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -18,8 +20,10 @@ from PIL import Image
 
 from pipeline.codecs import CodecConfig, VaeCodec, images_to_tensor
 from pipeline.images import list_source, load_image
+from pipeline.manifest import Manifest
 from pipeline.prepare import PrepareConfig, prepare
 from pipeline.toy import ToyDataConfig, write_toy_dataset
+from tests import faults
 from tests.helpers import save_tiny_vae
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -98,6 +102,7 @@ def test_partial_and_corrupted_shards_are_redone(ray_session, toy_src, tmp_path)
     (out / "train-000001.tar").write_bytes(b"half a shard")  # corrupted after the fact
     (out / "train-000003.tar").unlink()  # lost
     (out / ".train-000004.tar.tmp-deadbeef").write_bytes(b"in flight")  # left by a killed run
+    (out / ".manifest.json.tmp-cafecafe").write_text('{"format_ver')  # a manifest rewrite killed part-way
     manifest = prepare(str(toy_src), str(out), pixel_config(), progress=False)
     assert manifest.complete and len(read_shards(out)) == 48
     assert not list(out.glob(".*tmp*"))
@@ -236,4 +241,53 @@ def test_killed_run_resumes_without_duplicates(ray_session, toy_src, tiny_vae, t
     samples = read_shards(out)
     assert manifest.complete and manifest.total == 48
     assert sorted(int(k) for k in samples) == list(range(48))
+    assert not list(out.glob(".*tmp*"))
+
+
+def test_a_full_disk_stops_prepare_with_a_clear_error_and_the_rerun_completes(ray_session, toy_src, tmp_path):
+    """`ditscale prepare` into a folder that runs out of space part-way (a real ENOSPC: 160 KiB of tmpfs for six
+    60 KiB shards; where namespaces are not allowed, a real EFBIG: each file capped at 40 KiB). The Ray actor's error
+    stops the stage (no skipping): `ditscale prepare: error: ...` names the problem, the file and the fix, exit code 2,
+    no traceback. The finished shards are kept and verify against the manifest, no temporary is left, and running the
+    same command with room again keeps them and builds the rest."""
+    out = tmp_path / "shards"
+    out.mkdir()
+    args = ["prepare", str(toy_src), str(out), "--set", "codec.kind=pixel", "resolution=16", "samples_per_shard=8"]
+    code = f"""
+import sys
+from tests.faults import init_ray
+init_ray(num_cpus=1)  # one encoding actor: shards are written one after another
+from pipeline.cli import main
+sys.exit(main({args!r}))
+"""
+    limit = 160 * 1024 if faults.space_limit_method() == "namespace" else 40 * 1024
+    run = faults.run_with_space_limit(code, out, limit, timeout_s=300)
+    print(f"fault method: {run.method}")
+    assert run.returncode == 2, run.output[-4000:]
+    assert "Traceback" not in run.output and "RayTaskError" not in run.output, run.output[-4000:]
+    # Usually the shard being written fills the disk; the driver's manifest rewrite may race it to the last page.
+    error = re.search(
+        rf"ditscale prepare: error: {run.reason} while writing (shard train-\d{{6}}\.tar to {out}|{out}/manifest\.json)"
+        r": .* and run the same command again; finished shards kept: (\d+) of 6\n",
+        run.output,
+    )
+    assert error, run.output[-4000:]
+    kept = int(error[2])
+    assert not list(out.glob(".*tmp*")), sorted(p.name for p in out.iterdir())  # half-written shards removed
+    manifest = Manifest.read(str(out))
+    listed = manifest.shards if manifest else ()
+    assert len(listed) == kept and (kept >= 1 or run.method == "rlimit") and kept < 6
+    assert manifest is None or (not manifest.complete and manifest.skipped == [])  # disk full is not a bad input
+    for shard in listed:
+        data = (out / shard.name).read_bytes()
+        assert hashlib.sha256(data).hexdigest() == shard.sha256 and len(data) == shard.bytes
+    stamps = {s.name: (out / s.name).stat().st_mtime_ns for s in listed}
+
+    rebuilt = prepare(str(toy_src), str(out), pixel_config(samples_per_shard=8), progress=False)
+    assert rebuilt.complete and rebuilt.total == 48 and len(rebuilt.shards) == 6
+    assert sorted(int(k) for k in read_shards(out)) == list(range(48))  # every input exactly once
+    for shard in rebuilt.shards:
+        data = (out / shard.name).read_bytes()
+        assert hashlib.sha256(data).hexdigest() == shard.sha256 and len(data) == shard.bytes
+    assert {name: (out / name).stat().st_mtime_ns for name in stamps} == stamps  # the finished ones were kept
     assert not list(out.glob(".*tmp*"))
