@@ -23,7 +23,7 @@ MINI = [
     "train.log_every_steps=5",
     "train.val_every_steps=10",
     "fid.num_samples=150",
-    "fid.classifier_seconds=3",
+    "fid.classifier_steps=50",
     "fid.slice_size=75",
     "fid.batch_size=75",
 ]
