@@ -8,7 +8,10 @@
         milestones/ema0.999-0000600.pt                              ... of a further EMA decay (train.ema_decays)
         workers/rank0.json                                          which process and node each rank ran on
         ditscale_done.json                                          written last: the trial finished its steps
+        ditscale_failed.json                                        why it stopped for good (diverged, an error)
+        unsent_metrics.jsonl                                        metric points MLflow could not take (replayed)
     <workdir>/runs/<experiment>/_tune/                              Ray Tune's own state
+    <workdir>/runs/<experiment>/ditscale.lock                       held by the `ditscale run`/`sweep` at work
     <workdir>/fid/reference/, <workdir>/fid/extractors/             FID caches
     <workdir>/analysis/<experiment>/                                figures, tables, fits
     <workdir>/mlflow.db, <workdir>/mlartifacts/                     the embedded MLflow store
@@ -21,11 +24,12 @@ from __future__ import annotations
 
 import os
 import re
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pipeline.storage import exists, list_names, read_json, write_json
+from pipeline.storage import exists, list_names, read_json, remove, write_json
 
 CHECKPOINT_FILE = "checkpoint.pt"  # inside each Ray Train checkpoint folder
 _MILESTONE = re.compile(r"^ema([0-9.]*)-(\d{7})\.pt$")  # ema-<step> (train.ema_decay) or ema<decay>-<step>
@@ -79,17 +83,53 @@ class TrialLayout:
     def mark_done(self, step: int, final_loss: float, finished_unix_s: float) -> None:
         write_json(self.done_file, {"step": step, "final_loss": final_loss, "finished_unix_s": finished_unix_s})
 
+    def done_record(self) -> dict[str, Any] | None:
+        """{"step", "final_loss", "finished_unix_s"} of a finished trial, or None."""
+        return read_json(self.done_file)
+
     def done_step(self) -> int | None:
         """The step the trial finished at, or None if it has not finished."""
-        record = read_json(self.done_file)
+        record = self.done_record()
         return None if record is None else int(record["step"])
 
+    # --- the failure record ---------------------------------------------------------------------------------------
+    @property
+    def failure_file(self) -> str:
+        return f"{self.root}/ditscale_failed.json"
+
+    def mark_failed(self, kind: str, reason: str, step: int) -> None:
+        """Record why the trial stopped: kind "diverged" (a re-run would diverge again: it is not retried) or
+        "error" (it failed for good this time; a re-run tries again)."""
+        write_json(self.failure_file, {"kind": kind, "reason": reason, "step": step, "unix_s": time.time()})
+
+    def failure(self) -> dict[str, Any] | None:
+        """{"kind", "reason", "step", "unix_s"} of the last failure, or None."""
+        return read_json(self.failure_file)
+
+    def clear_failure(self) -> None:
+        remove(self.failure_file)
+
     def status(self, steps: int) -> str:
-        """ "done" (finished `steps`), "resumable" (Ray Train has registered a checkpoint) or "new"."""
+        """ "done" (finished `steps`), "diverged" (stopped on a non-finite loss: not retried), "resumable" (Ray Train
+        has registered a checkpoint) or "new"."""
         done = self.done_step()
         if done is not None and done >= steps:
             return "done"
+        failure = self.failure()
+        if failure is not None and failure["kind"] == "diverged":
+            return "diverged"
         return "resumable" if exists(f"{self.root}/checkpoint_manager_snapshot.json") else "new"
+
+    # --- resumable checkpoints -----------------------------------------------------------------------------------
+    def checkpoint_folders(self) -> list[str]:
+        """The checkpoint folders Ray Train wrote for this trial, newest first (their names are timestamps)."""
+        names = [n for n in list_names(self.root) if n.startswith("checkpoint_") and not n.endswith(".json")]
+        return [f"{self.root}/{n}" for n in sorted(names, reverse=True)]
+
+    @property
+    def unsent_metrics(self) -> str:
+        """Metric points that could not reach MLflow when the trial ended: replayed by the next run."""
+        return f"{self.root}/unsent_metrics.jsonl"
 
     # --- per-rank records ----------------------------------------------------------------------------------------
     def worker_file(self, rank: int) -> str:
@@ -124,6 +164,10 @@ class Workspace:
 
     def tune_storage(self, experiment: str) -> str:
         return f"{self.runs(experiment)}/_tune"
+
+    def lock(self, experiment: str) -> str:
+        """The study lock of `experiment` (pipeline.lock): held by the `ditscale run` or `sweep` at work on it."""
+        return f"{self.runs(experiment)}/ditscale.lock"
 
     def trial(self, experiment: str, run_name: str) -> TrialLayout:
         return TrialLayout(f"{self.runs(experiment)}/{run_name}")
