@@ -11,12 +11,16 @@ Runs are found again by tags, so re-running a sweep logs into the same parent ru
 
 from __future__ import annotations
 
+import collections
 import contextlib
+import itertools
+import json
 import os
 import shutil
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -24,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.layout import Workspace
+from pipeline.storage import remove
 
 TAG_ROLE = "ditscale.role"
 TAG_SWEEP = "ditscale.sweep"
@@ -152,10 +157,83 @@ def wait_until_serving(proc: subprocess.Popen, uri: str, log: Path, stall_timeou
         time.sleep(0.25)
 
 
+def _start_server(ws: Workspace, port: int, stall_timeout_s: float) -> subprocess.Popen:
+    """Start `python -m pipeline.tracking serve` over the workspace's store on 127.0.0.1:`port` and wait until it
+    answers; RuntimeError (with its log) if it cannot."""
+    uri = f"http://127.0.0.1:{port}"
+    start = ws.mlflow_log.stat().st_size if ws.mlflow_log.exists() else 0
+    with open(ws.mlflow_log, "ab") as log:
+        cmd = [
+            sys.executable,
+            "-m",
+            "pipeline.tracking",
+            "serve",
+            str(ws.mlflow_db),
+            str(ws.mlflow_artifacts),
+            str(port),
+        ]
+        proc = subprocess.Popen(
+            cmd,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            env={**os.environ, **SERVER_ENV},
+            cwd=str(Path(__file__).resolve().parents[1]),
+        )
+    try:
+        wait_until_serving(proc, uri, ws.mlflow_log, stall_timeout_s)
+    except RuntimeError as exc:
+        _stop(proc)
+        exc.port_in_use = (
+            "address already in use" in ws.mlflow_log.read_bytes()[start:].decode(errors="replace").lower()
+        )
+        raise
+    return proc
+
+
+class _Supervisor:
+    """Keeps the embedded server up: a thread that starts it again, on the same port (so every process logging to
+    its URI reaches it again), whenever it exits before it is told to stop. Metric points logged meanwhile wait in
+    their MetricLogger's queue and are sent when it is back."""
+
+    def __init__(self, ws: Workspace, port: int, proc: subprocess.Popen, stall_timeout_s: float):
+        self.ws, self.port, self.proc, self.stall_timeout_s = ws, port, proc, stall_timeout_s
+        self.restarts = 0
+        self.stopping = threading.Event()
+        self.thread = threading.Thread(target=self._watch, name="ditscale-mlflow-supervisor", daemon=True)
+        self.thread.start()
+
+    def _watch(self) -> None:
+        while not self.stopping.wait(1.0):
+            code = self.proc.poll()
+            if code is None:
+                continue
+            print(
+                f"MLflow: the embedded server (pid {self.proc.pid}) exited with code {code}; starting it again on "
+                f"port {self.port} (metrics wait meanwhile; none is lost)",
+                file=sys.stderr,
+                flush=True,
+            )
+            while not self.stopping.is_set():
+                try:
+                    self.proc = _start_server(self.ws, self.port, self.stall_timeout_s)
+                    self.restarts += 1
+                    print(f"MLflow: serving again (pid {self.proc.pid})", file=sys.stderr, flush=True)
+                    break
+                except RuntimeError as exc:
+                    print(f"MLflow: restart failed, trying again in 5 s: {exc}", file=sys.stderr, flush=True)
+                    self.stopping.wait(5.0)
+
+    def stop(self) -> None:
+        self.stopping.set()
+        self.thread.join()
+        _stop(self.proc)
+
+
 @contextlib.contextmanager
 def embedded_server(workdir: str, stall_timeout_s: float = 120.0) -> Iterator[str]:
-    """Run an MLflow tracking server on 127.0.0.1 over the workspace's store; yields its http:// URI; stops it on
-    exit."""
+    """Run an MLflow tracking server on 127.0.0.1 over the workspace's store, kept up by a supervisor (it is started
+    again if it dies); yields its http:// URI; stops it on exit."""
     ws = Workspace(workdir)
     if not ws.is_local:
         raise ValueError(
@@ -166,39 +244,17 @@ def embedded_server(workdir: str, stall_timeout_s: float = 120.0) -> Iterator[st
     ws.mlflow_artifacts.mkdir(parents=True, exist_ok=True)
     for attempt in range(3):  # the port found free may be taken before the server binds it
         port = _free_port()
-        uri = f"http://127.0.0.1:{port}"
-        start = ws.mlflow_log.stat().st_size if ws.mlflow_log.exists() else 0
-        with open(ws.mlflow_log, "ab") as log:
-            cmd = [
-                sys.executable,
-                "-m",
-                "pipeline.tracking",
-                "serve",
-                str(ws.mlflow_db),
-                str(ws.mlflow_artifacts),
-                str(port),
-            ]
-            env = {**os.environ, **SERVER_ENV}
-            proc = subprocess.Popen(
-                cmd,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-                env=env,
-                cwd=str(Path(__file__).resolve().parents[1]),
-            )
         try:
-            wait_until_serving(proc, uri, ws.mlflow_log, stall_timeout_s)
+            proc = _start_server(ws, port, stall_timeout_s)
             break
-        except RuntimeError:
-            _stop(proc)
-            new_lines = ws.mlflow_log.read_bytes()[start:].decode(errors="replace")
-            if "address already in use" not in new_lines.lower() or attempt == 2:
+        except RuntimeError as exc:
+            if not getattr(exc, "port_in_use", False) or attempt == 2:
                 raise
+    supervisor = _Supervisor(ws, port, proc, stall_timeout_s)
     try:
-        yield uri
+        yield f"http://127.0.0.1:{port}"
     finally:
-        _stop(proc)
+        supervisor.stop()
 
 
 def _stop(proc: subprocess.Popen) -> None:
@@ -219,6 +275,34 @@ def tracking_uri(configured: str, workdir: str) -> Iterator[str]:
         return
     with embedded_server(workdir) as uri:
         yield uri
+
+
+def reading_uri(configured: str, workdir: str, running: str | None = None) -> str | None:
+    """Where to read a study's runs without starting anything: the configured URI or MLFLOW_TRACKING_URI, the server
+    of the study at work (`running`) when it answers, else the workspace's SQLite store (None if there is none)."""
+    uri = configured or os.environ.get("MLFLOW_TRACKING_URI", "")
+    if uri:
+        return uri
+    if running:
+        try:
+            with urllib.request.urlopen(f"{running}/health", timeout=5) as response:
+                if response.status == 200:
+                    return running
+        except OSError:
+            pass
+    ws = Workspace(workdir)
+    return f"sqlite:///{ws.mlflow_db}" if ws.is_local and ws.mlflow_db.exists() else None
+
+
+def trial_runs_by_name(uri: str, experiment_name: str, sweep: str) -> dict[str, Any]:
+    """{run name: MLflow run} of a sweep's trials; {} if the experiment does not exist (nothing is created)."""
+    c = client(uri)
+    experiment = c.get_experiment_by_name(experiment_name)
+    if experiment is None:
+        return {}
+    query = f"tags.`{TAG_ROLE}` = 'trial' and tags.`{TAG_SWEEP}` = '{sweep}'"
+    runs = c.search_runs([experiment.experiment_id], filter_string=query, max_results=10_000)
+    return {run.data.tags[TAG_RUN_NAME]: run for run in runs}
 
 
 def client(uri: str):
@@ -313,17 +397,119 @@ def set_tags(uri: str, run_id: str, tags: dict[str, str]) -> None:
 
 
 class MetricLogger:
-    """Logs metric dicts at a step to one run (used by rank 0 of a trial)."""
+    """Logs metric dicts at a step to one run, from a thread of its own, and never loses a point.
 
-    def __init__(self, uri: str, run_id: str):
-        self.client, self.run_id = client(uri), run_id
+    `log` only queues the points, so the training loop never waits on MLflow. The thread sends them in order; a batch
+    MLflow does not take (the server restarting, the network) is retried with backoff until it is taken. MLflow's
+    store drops an exact duplicate, so a batch sent twice is stored once. `close` waits for the queue to drain; what
+    is still unsent after `give_up_s` without a successful send goes to the `spill` file (JSON lines), and the next
+    MetricLogger with that spill file sends it first.
+    """
+
+    def __init__(self, uri: str, run_id: str, spill: str | None = None, give_up_s: float = 600.0):
+        self.client, self.run_id, self.spill, self.give_up_s = client(uri), run_id, spill, give_up_s
+        self.pending: collections.deque = collections.deque()  # Metric points not yet taken by MLflow, in order
+        self.lock = threading.Condition()
+        self.closing = False
+        self.failures = 0  # failed sends so far (each retried)
+        self.last_error: str | None = None
+        self.last_success = time.monotonic()
+        if spill:
+            self.pending.extend(_read_spill(spill))
+        self.replayed = len(self.pending)
+        self.thread = threading.Thread(target=self._send_loop, name="ditscale-metrics", daemon=True)
+        self.thread.start()
 
     def log(self, metrics: dict[str, float], step: int) -> None:
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
         items = [Metric(k, float(v), now, int(step)) for k, v in metrics.items() if v is not None]
-        self.client.log_batch(self.run_id, metrics=items)
+        with self.lock:
+            self.pending.extend(items)
+            self.lock.notify_all()
+
+    def _send_loop(self) -> None:
+        backoff = 0.5
+        while True:
+            with self.lock:
+                while not self.pending and not self.closing:
+                    self.lock.wait()
+                if not self.pending and self.closing:
+                    return
+                batch = list(itertools.islice(self.pending, 0, 1000))  # MLflow takes at most 1000 per call
+            try:
+                self.client.log_batch(self.run_id, metrics=batch)
+            except Exception as exc:  # noqa: BLE001 (any failure: keep the points and try again)
+                with self.lock:
+                    self.failures += 1
+                    self.last_error = f"{type(exc).__name__}: {exc}"[:300]
+                    if self.closing and time.monotonic() - self.last_success > self.give_up_s:
+                        return  # close() spills what is left
+                    self.lock.wait(backoff)
+                backoff = min(10.0, backoff * 2)
+                continue
+            backoff = 0.5
+            with self.lock:
+                for _ in batch:
+                    self.pending.popleft()
+                self.last_success = time.monotonic()
+                if self.replayed:
+                    self.replayed = max(0, self.replayed - len(batch))
+                    if self.replayed == 0 and self.spill:
+                        remove(self.spill)  # the replayed points are in MLflow now
+                self.lock.notify_all()
+
+    def flush(self, timeout_s: float | None = None) -> bool:
+        """Wait until every queued point is in MLflow (at most `timeout_s`); True if they all are."""
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        with self.lock:
+            while self.pending and self.thread.is_alive():
+                left = None if deadline is None else deadline - time.monotonic()
+                if left is not None and left <= 0:
+                    break
+                self.lock.wait(1.0 if left is None else min(1.0, left))
+            return not self.pending
+
+    def close(self) -> int:
+        """Send what is queued (waiting while MLflow makes progress, up to `give_up_s` after its last success); spill
+        the rest to the spill file. Returns the number of points spilled (0: everything reached MLflow)."""
+        with self.lock:
+            self.closing = True
+            self.lock.notify_all()
+        self.thread.join()
+        left = list(self.pending)
+        if left and self.spill:
+            _write_spill(self.spill, left)
+            print(
+                f"MLflow took no metric for {self.give_up_s:.0f} s ({self.last_error}): {len(left)} points kept in "
+                f"{self.spill}, sent by the next run of this trial",
+                flush=True,
+            )
+        return len(left)
+
+
+def _read_spill(path: str) -> list:
+    import fsspec
+    from mlflow.entities import Metric
+
+    fs, target = fsspec.core.url_to_fs(path)
+    if not fs.exists(target):
+        return []
+    with fs.open(target, "r") as f:
+        lines = [json.loads(line) for line in f if line.strip()]
+    return [Metric(d["key"], d["value"], d["timestamp"], d["step"]) for d in lines]
+
+
+def _write_spill(path: str, metrics: list) -> None:
+    import fsspec
+
+    fs, target = fsspec.core.url_to_fs(path)
+    with fs.open(target, "w") as f:  # everything unsent, the replayed points included
+        for m in metrics:
+            f.write(json.dumps({"key": m.key, "value": m.value, "timestamp": m.timestamp, "step": m.step}) + "\n")
+
+
 
 
 def metric_history(uri: str, run_id: str, key: str) -> list[tuple[int, float]]:
