@@ -3,6 +3,7 @@
 ditscale toy-data OUT [--classes 10 ...]                 the built-in toy images (ImageNet layout)
 ditscale prepare SRC OUT [--set resolution=32 ...]      shards of latents (fields of PrepareConfig)
 ditscale sweep|fid|analyze|run EXPERIMENT [--set ...]    the stages of a study (fields of ExperimentConfig)
+ditscale status EXPERIMENT                              each trial's state, step, loss, FID; the time left
 ditscale presets [--preset P ...] [--all-options]       the DiT presets with params and Gflops
 ditscale demo [--seconds 60]                            dit_core on its own: train, sample, score on the CPU
 """
@@ -79,7 +80,7 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
 
 
 def _cmd_fid(args: argparse.Namespace) -> int:
-    from pipeline.fid.score import run_fid, score_checkpoint
+    from pipeline.fid.score import FidErrors, run_fid, score_checkpoint
     from pipeline.layout import Workspace
     from pipeline.manifest import Manifest
 
@@ -90,7 +91,11 @@ def _cmd_fid(args: argparse.Namespace) -> int:
         print(f"{args.checkpoint}: " + "  ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
         print("  " + "  ".join(f"{k}={v}" for k, v in facts.items()))
         return 0
-    run_fid(experiment, workdir)
+    try:
+        run_fid(experiment, workdir)
+    except FidErrors as exc:
+        print(f"ditscale fid: {exc}; the rest were scored: run the same command again to retry", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -109,7 +114,14 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from pipeline.run import run_all
 
     summary = run_all(*_experiment(args), args.step)
-    return 1 if "error" in summary else 0
+    return 1 if "error" in summary or summary["failed_trials"] or "fid_errors" in summary else 0
+
+
+def _cmd_status(args: argparse.Namespace) -> int:
+    from pipeline.status import study_status
+
+    print(study_status(*_experiment(args)))
+    return 0
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
@@ -191,6 +203,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workdir", default=None, help="workspace (default $DITSCALE_WORKDIR or ./ditscale-work)")
     p.set_defaults(func=_cmd_run)
 
+    p = sub.add_parser("status", help="each trial's state, step, loss and FID, and the study's expected time left")
+    p.add_argument("experiment", help="an experiment name or file")
+    _add_overrides(p)
+    p.add_argument("--workdir", default=None, help="workspace (default $DITSCALE_WORKDIR or ./ditscale-work)")
+    p.set_defaults(func=_cmd_status)
+
     p = sub.add_parser("presets", help="list the DiT presets with parameter counts and Gflops")
     p.add_argument("--input-size", type=int, default=32, help="latent side in latent pixels (32 for 256 px + SD VAE)")
     p.add_argument("--in-channels", type=int, default=4, help="latent channels")
@@ -215,6 +233,10 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError) as exc:
         print(f"ditscale {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt as exc:
+        message = str(exc) or "interrupted: run the same command again to resume"
+        print(f"ditscale {args.command}: {message}", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -54,7 +54,7 @@ def run_trial(job: TrialJob) -> None:
     from ray.train.torch import TorchTrainer
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    from pipeline.tracking import set_status
+    from pipeline.tracking import set_status, set_tags
     from pipeline.train import train_loop_per_worker
 
     # The Train controller takes reports off each worker's queue of one when it polls; the default 2 s poll would
@@ -76,11 +76,25 @@ def run_trial(job: TrialJob) -> None:
             callbacks=[TuneReportCallback()],
         ),
     )
+    from ray.train import TrainingFailedError
+
+    if job.layout.failure() is not None:  # an error of an earlier attempt: this one tries again
+        job.layout.clear_failure()
     try:
         trainer.fit()
-    except Exception:
+    except TrainingFailedError as exc:
+        # Failed for good (after resources.max_failures restarts of the worker group): recorded for the outcome and
+        # MLflow, and not raised, so that Tune restarts a trial only when its own process is lost (a node failure).
+        reason = failure_reason(exc)
+        job.layout.mark_failed("error", reason, None)
+        set_tags(job.tracking_uri, job.mlflow_run_id, {"ditscale.failure": reason})
         set_status(job.tracking_uri, job.mlflow_run_id, "FAILED")
-        raise
+
+
+def failure_reason(exc: BaseException) -> str:
+    """The last line of an error (its message, not its traceback), at most 300 characters."""
+    lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()]
+    return (lines[-1] if lines else repr(exc))[:300]
 
 
 def _progress_callback(interval_s: float):
@@ -118,7 +132,7 @@ def _progress_callback(interval_s: float):
 @dataclass
 class TrialOutcome:
     trial: Trial
-    status: str  # "done" | "failed"
+    status: str  # "done" | "failed" | "interrupted"
     step: int
     final_loss: float | None
     img_per_s: float | None
@@ -126,55 +140,83 @@ class TrialOutcome:
     mlflow_run_id: str
 
 
-def max_concurrent(experiment: ExperimentConfig) -> int:
+def _free_for_trials(reserved: dict[str, float] | None) -> dict[str, float]:
+    """The cluster's CPUs and GPUs less what others reserve beside the trials (the fid stage's sampling actors)."""
     import ray
 
+    cluster = ray.cluster_resources()
+    reserved = reserved or {}
+    return {kind: cluster.get(kind, 0) - reserved.get(kind, 0) for kind in ("CPU", "GPU")}
+
+
+def max_concurrent(experiment: ExperimentConfig, reserved: dict[str, float] | None = None) -> int:
+    """resources.max_concurrent_trials, or as many trials as the cluster holds beside `reserved`."""
     r = experiment.resources
     if r.max_concurrent_trials:
         return r.max_concurrent_trials
-    cluster = ray.cluster_resources()
-    fits = [math.floor(cluster.get("CPU", 0) / (r.workers_per_trial * r.cpus_per_worker))]
+    free = _free_for_trials(reserved)
+    # (a small epsilon: 2.0 - 0.5 over 0.75 is 2 trials, not 1.9999)
+    fits = [math.floor(free["CPU"] / (r.workers_per_trial * r.cpus_per_worker) + 1e-9)]
     if r.gpus_per_worker:
-        fits.append(math.floor(cluster.get("GPU", 0) / (r.workers_per_trial * r.gpus_per_worker)))
+        fits.append(math.floor(free["GPU"] / (r.workers_per_trial * r.gpus_per_worker) + 1e-9))
     return max(1, min(fits))
 
 
-def check_cluster(experiment: ExperimentConfig) -> None:
-    import ray
-
+def check_cluster(experiment: ExperimentConfig, reserved: dict[str, float] | None = None) -> None:
+    """One trial fits on the cluster beside `reserved`; else a ConfigError that says what to change."""
     r = experiment.resources
-    cluster = ray.cluster_resources()
-    need_gpus = r.workers_per_trial * r.gpus_per_worker
-    if need_gpus and cluster.get("GPU", 0) < need_gpus:
-        raise ConfigError(
-            f"a trial needs {need_gpus:g} GPUs (resources.workers_per_trial x gpus_per_worker) but the Ray cluster "
-            f"has {cluster.get('GPU', 0):g}: set resources.gpus_per_worker=0 to train on CPUs, or add GPU nodes"
-        )
-    need_cpus = r.workers_per_trial * r.cpus_per_worker
-    if cluster.get("CPU", 0) < need_cpus:
-        raise ConfigError(
-            f"a trial needs {need_cpus:g} CPUs (resources.workers_per_trial x cpus_per_worker) but the Ray cluster "
-            f"has {cluster.get('CPU', 0):g}: lower resources.cpus_per_worker or workers_per_trial"
-        )
+    free = _free_for_trials(reserved)
+    beside = ""
+    if reserved and any(reserved.values()):
+        held = ", ".join(f"{v:g} {k}" for k, v in reserved.items() if v)
+        beside = f" beside the {held} held for FID sampling while training (fid.workers x fid.cpus_per_worker / gpus)"
+    for kind, per_worker, fix in (
+        ("GPU", r.gpus_per_worker, "set resources.gpus_per_worker=0 to train on CPUs, or add GPU nodes"),
+        ("CPU", r.cpus_per_worker, "lower resources.cpus_per_worker or workers_per_trial"),
+    ):
+        need = r.workers_per_trial * per_worker
+        if need and free[kind] < need - 1e-9:
+            raise ConfigError(
+                f"a trial needs {need:g} {kind}s (resources.workers_per_trial x {kind.lower()}s_per_worker) but the "
+                f"Ray cluster has {free[kind]:g} free{beside}: {fix}"
+                + ("; or score after training (fid.during_training=false)" if beside else "")
+            )
 
 
-def run_sweep(experiment: ExperimentConfig, workdir: str, progress_interval_s: float = 15.0) -> list[TrialOutcome]:
-    """Run (or resume) every unfinished trial of the experiment; returns one outcome per trial."""
+def run_sweep(
+    experiment: ExperimentConfig,
+    workdir: str,
+    progress_interval_s: float = 15.0,
+    reserved: dict[str, float] | None = None,
+) -> list[TrialOutcome]:
+    """Run (or resume) every unfinished trial of the experiment; returns one outcome per trial.
+
+    Holds the study's lock (pipeline.lock) while it works; `reserved` ({"CPU": ..., "GPU": ...}) is left free for
+    work beside the trials (`ditscale run` samples FID there). Raises KeyboardInterrupt after a clean stop on Ctrl-C
+    (the trials keep their latest checkpoints; the same command resumes them).
+    """
     from ray import tune
 
     from pipeline import tracking
+    from pipeline.lock import study_lock
     from pipeline.ray_utils import ensure_ray
 
     plan = plan_sweep(experiment, workdir)
     statuses = {t.run_name: plan.status(t) for t in plan.trials}
-    todo = [t for t in plan.trials if statuses[t.run_name] != "done"]
+    todo = [t for t in plan.trials if statuses[t.run_name] not in ("done", "diverged")]
+    counts = {s: sum(v == s for v in statuses.values()) for s in ("done", "resumable", "new", "diverged")}
     print(
-        f"sweep {experiment.name}: {len(plan.trials)} trials ({len(plan.trials) - len(todo)} done, "
-        f"{sum(s == 'resumable' for s in statuses.values())} to resume, {sum(s == 'new' for s in statuses.values())} "
-        f"new); storage {plan.storage}",
+        f"sweep {experiment.name}: {len(plan.trials)} trials ({counts['done']} done, {counts['resumable']} to resume, "
+        f"{counts['new']} new"
+        + (f", {counts['diverged']} diverged earlier" if counts["diverged"] else "")
+        + f"); storage {plan.storage}",
         flush=True,
     )
-    with tracking.tracking_uri(experiment.tracking.tracking_uri, workdir) as uri:
+    lock_path = plan.workspace.lock(experiment.name)
+    with (
+        study_lock(lock_path, command_line()) as lock,
+        tracking.tracking_uri(experiment.tracking.tracking_uri, workdir) as uri,
+    ):
         exp_id = tracking.experiment_id(uri, experiment.mlflow_experiment)
         tags = {"git_commit": git_commit(), "manifest_hash": manifest_hash(plan.manifest), "workdir": workdir}
         parent = tracking.sweep_run(uri, exp_id, experiment.name, flatten(config_to_dict(experiment)), tags)
@@ -187,7 +229,17 @@ def run_sweep(experiment: ExperimentConfig, workdir: str, progress_interval_s: f
         results: dict[str, Any] = {}
         if todo:
             ensure_ray()
-            check_cluster(experiment)
+            check_cluster(experiment, reserved)
+            concurrency = max_concurrent(experiment, reserved)
+            alone = max_concurrent(experiment)
+            if concurrency < alone:
+                print(
+                    f"sweep: {concurrency} trial(s) at a time beside the FID sampling actors ({alone} without them): "
+                    f"lower fid.workers or fid.cpus_per_worker / gpus_per_worker, or score after training "
+                    f"(fid.during_training=false)",
+                    flush=True,
+                )
+            lock.update(tracking_uri=uri, concurrent_trials=concurrency)
             os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # our one-line-per-trial progress instead of Tune's
             # longest first: the largest trials start at once, so that none trains alone at the end
             todo.sort(key=lambda t: -t.training_compute["flops"])
@@ -195,21 +247,44 @@ def run_sweep(experiment: ExperimentConfig, workdir: str, progress_interval_s: f
             tuner = tune.Tuner(
                 tune.with_resources(run_trial_from_tune, {"CPU": 0, "memory": 1}),  # the driver needs no CPU
                 param_space={"job": tune.grid_search(jobs)},
-                tune_config=tune.TuneConfig(max_concurrent_trials=max_concurrent(experiment)),
+                tune_config=tune.TuneConfig(max_concurrent_trials=concurrency),
                 run_config=tune.RunConfig(
                     name=f"tune-{int(time.time())}",
                     storage_path=plan.workspace.tune_storage(experiment.name),
                     verbose=0,
                     callbacks=[_progress_callback(progress_interval_s)],
+                    # A trial whose own process is lost (its node died) starts again and resumes from its latest
+                    # checkpoint; a trial that fails for good inside Ray Train returns normally (run_trial).
+                    failure_config=tune.FailureConfig(max_failures=experiment.resources.max_failures),
                 ),
             )
             for result in tuner.fit():
                 results[result.config["job"].trial.run_name] = result
         outcomes = [_outcome(plan, t, results.get(t.run_name), run_ids[t.run_name], uri) for t in plan.trials]
+        interrupted = any(o.status == "interrupted" for o in outcomes)
+        for o in outcomes:
+            if o.status == "failed" and o.error and results.get(o.trial.run_name) is not None:
+                tracking.set_tags(uri, o.mlflow_run_id, {"ditscale.failure": o.error})
+            if o.status == "interrupted":
+                tracking.set_status(uri, o.mlflow_run_id, "KILLED")
         all_done = all(o.status == "done" for o in outcomes)
-        tracking.set_status(uri, parent, "FINISHED" if all_done else "FAILED")
+        tracking.set_status(uri, parent, "FINISHED" if all_done else "KILLED" if interrupted else "FAILED")
     print(summary_table(outcomes), flush=True)
+    if interrupted:
+        raise KeyboardInterrupt(
+            f"sweep {experiment.name} interrupted: the trials stopped at their latest checkpoints; run the same "
+            f"command again to resume them"
+        )
     return outcomes
+
+
+def command_line() -> str:
+    """How this process was started, as the study lock records it."""
+    import shlex
+    import sys
+
+    words = [Path(sys.argv[0]).name, *sys.argv[1:]] if sys.argv and sys.argv[0] else ["python"]
+    return " ".join(shlex.quote(w) for w in words)[:500]
 
 
 def run_trial_from_tune(config: dict[str, Any]) -> None:
@@ -217,22 +292,31 @@ def run_trial_from_tune(config: dict[str, Any]) -> None:
 
 
 def _outcome(plan: SweepPlan, trial: Trial, result, run_id: str, uri: str) -> TrialOutcome:
+    """What became of a trial: done, failed (with the reason: diverged, failed for good, or its Tune error), or
+    interrupted: Tune stopped it (Ctrl-C) before it finished, failed or raised; it resumes from its latest
+    checkpoint."""
     from pipeline import tracking
 
-    done_step = plan.layout(trial).done_step()
+    layout = plan.layout(trial)
+    done_step = layout.done_step()
     finished = done_step is not None and done_step >= trial.experiment.train.steps
-    error = None
-    if result is not None and result.error is not None:
-        error = str(result.error).strip().splitlines()[-1][:300] if str(result.error).strip() else repr(result.error)
+    error, status = None, "done" if finished else "failed"
+    failure = None if finished else layout.failure()
+    if failure is not None:
+        error = failure["reason"]
+    elif not finished and result is not None and result.error is not None:
+        error = failure_reason(result.error)
+    elif not finished and result is not None:
+        status, error = "interrupted", "stopped (Ctrl-C) at its latest checkpoint: run the same command to resume"
     losses = tracking.metric_history(uri, run_id, "loss")
     speeds = tracking.metric_history(uri, run_id, "img_per_s")
     return TrialOutcome(
         trial=trial,
-        status="done" if finished else "failed",
+        status=status,
         step=done_step if done_step is not None else (losses[-1][0] if losses else 0),
         final_loss=losses[-1][1] if losses else None,
         img_per_s=speeds[-1][1] if speeds else None,
-        error=error if not finished else None,
+        error=error,
         mlflow_run_id=run_id,
     )
 
@@ -248,11 +332,22 @@ def summary_table(outcomes: list[TrialOutcome]) -> str:
             f"{o.trial.run_name:<{width}} {o.trial.preset:<10} {o.trial.gflops:>9.4f} {o.step:>9,} {loss:>8} "
             f"{speed:>9}  {status}"
         )
-    failed = [o for o in outcomes if o.status != "done"]
-    lines.append(
-        f"{len(outcomes) - len(failed)}/{len(outcomes)} trials done"
-        + (f"; {len(failed)} failed: re-run the same command to resume them" if failed else "")
-    )
+    failed = [o for o in outcomes if o.status == "failed"]
+    diverged = [o for o in failed if o.error and o.error.startswith("diverged")]
+    stopped = [o for o in outcomes if o.status == "interrupted"]
+    summary = f"{len(outcomes) - len(failed) - len(stopped)}/{len(outcomes)} trials done"
+    if failed:
+        summary += f"; {len(failed)} failed"
+        if len(diverged) < len(failed):
+            summary += ": re-run the same command to retry those that did not diverge"
+        if diverged:
+            summary += (
+                f"; {len(diverged)} diverged (a re-run skips them: they would diverge again; lower train.lr, "
+                f"set train.grad_clip, or change the design)"
+            )
+    if stopped:
+        summary += f"; {len(stopped)} interrupted: re-run the same command to resume them"
+    lines.append(summary)
     return "\n".join(lines)
 
 

@@ -20,13 +20,14 @@ import socket
 import tempfile
 import time
 from contextlib import nullcontext
+from dataclasses import asdict
 from typing import Any
 
 import fsspec
 import torch
 import torch.distributed as dist
 
-from dit_core.checkpoint import load_checkpoint, restore, save_checkpoint
+from dit_core.checkpoint import config_differences, load_checkpoint, restore, save_checkpoint
 from dit_core.ema import create_ema, unwrap_model
 from dit_core.flops import H200_BF16_PEAK_FLOPS, train_mfu
 from dit_core.flow import Process, make_process
@@ -82,6 +83,100 @@ def restore_more_emas(state: dict[str, Any], more_emas: dict[float, torch.nn.Mod
             print(f"train: EMA {decay} is not in the checkpoint of step {step}: it starts from that step's weights")
 
 
+# ---------------------------------------------------------------------------------------------------------------
+# Resuming: the newest checkpoint that reads back whole
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def finite_weights(state: dict[str, torch.Tensor]) -> bool:
+    """Whether every floating-point tensor of a state dict is finite."""
+    return all(bool(torch.isfinite(t).all()) for t in state.values() if torch.is_floating_point(t))
+
+
+def readable_state(folder: str, model_config, device: torch.device) -> dict[str, Any]:
+    """The checkpoint in a Ray Train checkpoint folder, loaded and checked: ValueError if it is unreadable
+    (truncated, corrupt, not a dit_core checkpoint) or holds non-finite weights; a checkpoint of another architecture
+    is an error of the experiment, not of the file, and raises ConfigMismatch."""
+    state = load_checkpoint(f"{folder}/{CHECKPOINT_FILE}", map_location=device)
+    diffs = config_differences(state["config"].get("model", {}), asdict(model_config))
+    if diffs:
+        raise ConfigMismatch(f"checkpoint {folder} was trained with another model config: {'; '.join(diffs)}")
+    if not finite_weights(state["model"]) or not finite_weights(state.get("ema", {})):
+        raise ValueError(f"checkpoint {folder} holds non-finite weights")
+    return state
+
+
+class ConfigMismatch(ValueError):
+    """A checkpoint of another architecture in the trial's folder: never skipped silently."""
+
+
+def restore_newest(latest, layout: TrialLayout, model_config, device: torch.device) -> tuple[dict[str, Any], dict]:
+    """The state of Ray Train's latest checkpoint or, when that one does not read back whole (the process was killed
+    while writing it, the disk filled), of the newest older one that does, with a warning; and what was skipped.
+    Raises if none of the trial's checkpoints can be read."""
+    from ray.train import Checkpoint
+
+    latest_name = latest.path.rstrip("/").rsplit("/", 1)[-1]
+    older = [f for f in layout.checkpoint_folders() if f.rsplit("/", 1)[-1] < latest_name]
+    candidates = [latest, *(Checkpoint.from_directory(f) if "://" not in f else Checkpoint(f) for f in older)]
+    skipped = []
+    for checkpoint in candidates:
+        name = checkpoint.path.rstrip("/").rsplit("/", 1)[-1]
+        try:
+            with checkpoint.as_directory() as folder:
+                state = readable_state(folder, model_config, device)
+        except ConfigMismatch:
+            raise
+        except (ValueError, FileNotFoundError, OSError) as exc:
+            skipped.append({"checkpoint": name, "error": str(exc).splitlines()[0][:300]})
+            print(
+                f"train: WARNING: cannot resume from {name} ({skipped[-1]['error']}); trying an older one", flush=True
+            )
+            continue
+        if skipped:
+            print(f"train: WARNING: resumed from the older {name} (step {state['step']})", flush=True)
+        return state, {"restored_from": name, "skipped_checkpoints": skipped}
+    raise RuntimeError(
+        f"none of the checkpoints of {layout.root} can be read ({'; '.join(s['error'] for s in skipped)}): "
+        f"move the trial's folder away to start it again from step 0"
+    )
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Divergence: a non-finite loss or weights stop the trial for good
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def first_nonfinite(losses: list[torch.Tensor], first_step: int) -> tuple[int, float] | None:
+    """(step, value) of the first non-finite loss of a window whose first entry is step `first_step`, or None."""
+    if not losses:
+        return None
+    values = torch.stack(losses).float()
+    bad = (~torch.isfinite(values)).nonzero()
+    if len(bad) == 0:
+        return None
+    i = int(bad[0, 0])
+    return first_step + i, float(values[i])
+
+
+def divergence(
+    losses: list[torch.Tensor], first_step: int, weights_step: int | None, modules, world: int, device
+) -> tuple[int, str] | None:
+    """(step, reason) if the trial diverged: a non-finite loss in this window, or (when `weights_step` is given,
+    before a checkpoint) non-finite weights. The same answer on every rank (the earliest step over ranks)."""
+    found = first_nonfinite(losses, first_step)
+    step, what = (found[0], f"the loss became {found[1]}") if found else (None, "")
+    if step is None and weights_step is not None:
+        if not all(finite_weights(m.state_dict()) for m in modules):
+            step, what = weights_step, "the weights became non-finite"
+    if world > 1:
+        flag = torch.tensor([float(step) if step is not None else math.inf], device=device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+        if math.isfinite(flag.item()) and (step is None or int(flag.item()) < step):
+            step, what = int(flag.item()), "another rank's loss became non-finite"
+    return None if step is None else (step, f"diverged at step {step}: {what}")
+
+
 def fixed_validation_set(root: str, batch_size: int, num_batches: int, process: Process, device: torch.device):
     """Fixed batches (z, y, t, noise) from held-out shards: the same every evaluation, timesteps evenly spread
     over the process's range."""
@@ -122,7 +217,7 @@ def train_loop_per_worker(loop_config: dict[str, TrialJob]) -> None:
     import ray.train
     import ray.train.torch
 
-    from pipeline.tracking import MetricLogger, set_status
+    from pipeline.tracking import MetricLogger, set_status, set_tags
 
     # --- set-up -------------------------------------------------------------------------------------------------
     job = loop_config["job"]
@@ -153,18 +248,19 @@ def train_loop_per_worker(loop_config: dict[str, TrialJob]) -> None:
         "run_name": job.trial.run_name,
     }
 
-    start_step = 0
+    start_step, resumed = 0, {}
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
-        with checkpoint.as_directory() as folder:
-            state = load_checkpoint(
-                f"{folder}/{CHECKPOINT_FILE}", map_location=device, expected_model_config=model_config
-            )
-            start_step = restore(state, model, ema, opt)
-            restore_more_emas(state, more_emas, start_step)
+        state, resumed = restore_newest(checkpoint, layout, model_config, device)
+        start_step = restore(state, model, ema, opt)
+        restore_more_emas(state, more_emas, start_step)
+        del state
 
     worker = {"pid": os.getpid(), "node_id": ray.get_runtime_context().get_node_id(), "host": socket.gethostname()}
-    layout.record_worker(rank, {**worker, "start_step": start_step})
+    layout.record_worker(
+        rank,
+        {**worker, "rank": rank, "world": world, "start_step": start_step, "started_unix_s": time.time(), **resumed},
+    )
 
     ddp_model = ray.train.torch.prepare_model(model, move_to_device=False) if world > 1 else model
     train_step = TrainStep(
@@ -195,16 +291,19 @@ def train_loop_per_worker(loop_config: dict[str, TrialJob]) -> None:
     val_set = None
     if rank == 0 and job.val_shards:
         val_set = fixed_validation_set(job.val_shards, per_rank_batch, train.val_batches, diffusion, device)
-    logger = MetricLogger(job.tracking_uri, job.mlflow_run_id) if rank == 0 else None
+    logger = MetricLogger(job.tracking_uri, job.mlflow_run_id, spill=layout.unsent_metrics) if rank == 0 else None
     if logger is not None:
         set_status(job.tracking_uri, job.mlflow_run_id, "RUNNING")
+        if resumed.get("skipped_checkpoints"):
+            skipped = ", ".join(f"{s['checkpoint']} ({s['error']})" for s in resumed["skipped_checkpoints"])
+            set_tags(job.tracking_uri, job.mlflow_run_id, {"ditscale.resume_warning": f"skipped {skipped}"})
     peak = train.peak_tflops * 1e12 or (H200_BF16_PEAK_FLOPS if device.type == "cuda" else 0.0)
     milestones = set(train.milestone_steps)
 
     # --- the loop -----------------------------------------------------------------------------------------------
     window = {"loss": [], "mse": [], "vb": [], "grad_norm": []}
     window_start, window_steps = time.perf_counter(), 0
-    last_loss = float("nan")
+    last_loss, diverged = float("nan"), None
     for step in range(start_step, train.steps):
         torch.manual_seed(step_seed(train.seed, rank, step))
         lr = learning_rate(step, train)
@@ -221,6 +320,7 @@ def train_loop_per_worker(loop_config: dict[str, TrialJob]) -> None:
         done = step + 1
 
         ckpt_now = done % train.ckpt_every_steps == 0 or done in milestones or done == train.steps
+        losses = window["loss"]  # this window's per-step losses (the divergence check reads them below)
         report = {"step": done, "steps": train.steps}
         if log_now:
             local = torch.stack([torch.stack(window[k]).float().mean() for k in ("loss", "mse", "vb", "grad_norm")])
@@ -261,6 +361,12 @@ def train_loop_per_worker(loop_config: dict[str, TrialJob]) -> None:
             window = {k: [] for k in window}
             window_steps = 0
 
+        if log_now or ckpt_now:  # (before the window is reset below; never a non-finite checkpoint or milestone)
+            diverged = divergence(
+                losses, done - len(losses) + 1, done if ckpt_now else None, (model, ema), world, device
+            )
+            if diverged is not None:
+                break
         if done in milestones and rank == 0:
             save_milestone(layout, done, ema, saved_config)
             for decay, copy in more_emas.items():
@@ -286,6 +392,16 @@ def train_loop_per_worker(loop_config: dict[str, TrialJob]) -> None:
             ray.train.report(report)
 
     # --- the end ------------------------------------------------------------------------------------------------
+    if diverged is not None:  # stop for good: a re-run would diverge again at the same step
+        step, reason = diverged
+        print(f"train: {job.trial.run_name} {reason}", flush=True)
+        if rank == 0:
+            layout.mark_failed("diverged", reason, step)
+            logger.close()
+            set_tags(job.tracking_uri, job.mlflow_run_id, {"ditscale.failure": reason})
+            set_status(job.tracking_uri, job.mlflow_run_id, "FAILED")
+        return
     if rank == 0:
+        logger.close()
         layout.mark_done(train.steps, last_loss, time.time())
         set_status(job.tracking_uri, job.mlflow_run_id, "FINISHED")

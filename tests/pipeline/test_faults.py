@@ -1,0 +1,379 @@
+"""The faults a long study meets, each caused for real on a local Ray and a real MLflow server: a diverging trial, a
+corrupt latest checkpoint, more steps on a finished sweep, Ctrl-C, the MLflow server killed, a node lost."""
+
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from pipeline import tracking
+from pipeline.experiment_files import load_experiment
+from pipeline.plan import plan_sweep
+from pipeline.status import gather, study_status
+from pipeline.sweep import main_sweep, run_sweep
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def wait_for(condition, what: str, proc: subprocess.Popen | None = None, stall_s: float = 600.0):
+    """Wait until `condition()` holds. Not a speed requirement: fails only if `proc` exits first, or after
+    `stall_s` seconds (a guard against a hang)."""
+    deadline = time.monotonic() + stall_s
+    while not condition():
+        if proc is not None and proc.poll() is not None:
+            raise AssertionError(f"the process exited ({proc.returncode}) before {what}")
+        assert time.monotonic() < deadline, f"no {what} after {stall_s:.0f} s"
+        time.sleep(0.05)
+
+
+def registered_checkpoint(trial_dir: Path) -> bool:
+    """Ray Train has registered a checkpoint of the trial (written once it is complete)."""
+    snapshot = trial_dir / "checkpoint_manager_snapshot.json"
+    return snapshot.exists() and "checkpoint_" in snapshot.read_text()
+
+
+def cli(*args: str) -> list[str]:
+    return [sys.executable, "-m", "pipeline.cli", *args]
+
+
+def with_sets(cmd: list[str], overrides: list[str]) -> list[str]:
+    for item in overrides:
+        cmd += ["--set", item]
+    return cmd
+
+
+def final_weights(layout) -> dict[str, torch.Tensor]:
+    """The model and EMA weights of a trial's last checkpoint."""
+    newest = layout.checkpoint_folders()[0]
+    state = torch.load(f"{newest}/checkpoint.pt", weights_only=True)
+    return {**{f"model.{k}": v for k, v in state["model"].items()}, **{f"ema.{k}": v for k, v in state["ema"].items()}}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# A diverging trial
+# ---------------------------------------------------------------------------------------------------------------
+
+DIVERGING = [
+    "name=faults-nan",
+    "grid.presets=[DiT-d2w64/8]",
+    "grid.axes={train.lr: [0.001, 10.0]}",  # AdamW at lr 10 blows the weights up within a few steps
+    "train.steps=12",
+    "train.ckpt_every_steps=1",
+    "train.keep_checkpoints=2",
+    "train.log_every_steps=3",
+    "train.milestone_steps=[6, 12]",
+    "train.val_every_steps=6",
+]
+
+
+def test_a_diverging_trial_stops_at_once_and_the_others_go_on(smoke_workdir, mlflow_uri, capsys):
+    experiment = load_experiment("smoke", DIVERGING)
+    assert main_sweep(experiment, smoke_workdir, dry_run=False) == 1  # the exit code says a trial failed
+    out = capsys.readouterr().out
+    plan = plan_sweep(experiment, smoke_workdir)
+    stable, unstable = sorted(plan.trials, key=lambda t: t.experiment.train.lr)
+    assert plan.layout(stable).done_step() == 12  # the other trial went on to the end
+
+    failure = plan.layout(unstable).failure()
+    assert failure["kind"] == "diverged" and failure["reason"].startswith(f"diverged at step {failure['step']}:")
+    assert 1 <= failure["step"] < 12 and plan.layout(unstable).done_step() is None
+    assert f"failed: {failure['reason']}" in out and "1 diverged" in out
+    # no checkpoint or milestone with non-finite weights was written, so none can be the latest
+    folders = plan.layout(unstable).checkpoint_folders()
+    for folder in folders:
+        state = torch.load(f"{folder}/checkpoint.pt", weights_only=True)
+        assert state["step"] < failure["step"]
+        assert all(torch.isfinite(t).all() for t in state["model"].values())
+    assert all(step < failure["step"] for step in plan.layout(unstable).milestones())
+
+    client = tracking.client(mlflow_uri)
+    exp_id = tracking.experiment_id(mlflow_uri, experiment.mlflow_experiment)
+    runs = tracking.trial_runs_by_name(mlflow_uri, experiment.mlflow_experiment, experiment.name)
+    bad = runs[unstable.run_name]
+    assert bad.info.status == "FAILED" and bad.data.tags["ditscale.failure"] == failure["reason"]
+    assert runs[stable.run_name].info.status == "FINISHED"
+    parent = tracking.find_run(mlflow_uri, exp_id, {tracking.TAG_ROLE: "sweep", tracking.TAG_SWEEP: experiment.name})
+    assert client.get_run(parent.info.run_id).info.status == "FAILED"
+
+    # `ditscale status` lists it with its reason
+    rows = {s.trial.run_name: s for s in gather(experiment, smoke_workdir).trials}
+    assert rows[unstable.run_name].state == "failed" and rows[unstable.run_name].reason == failure["reason"]
+    assert rows[stable.run_name].state == "done" and rows[stable.run_name].step == 12
+    text = study_status(experiment, smoke_workdir)
+    row = next(line for line in text.splitlines() if line.startswith(unstable.run_name))
+    assert " failed " in row and failure["reason"] in row and "1 done, 1 failed of 2 trials" in text
+
+    # A re-run does not train it again (it would diverge at the same step) and still says so.
+    outcomes = run_sweep(experiment, smoke_workdir)
+    assert "1 diverged earlier" in capsys.readouterr().out
+    assert [o.status for o in sorted(outcomes, key=lambda o: o.trial.experiment.train.lr)] == ["done", "failed"]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# More steps on a finished sweep; a corrupt latest checkpoint
+# ---------------------------------------------------------------------------------------------------------------
+
+CONTINUED = [
+    "name=faults-resume",
+    "grid.presets=[DiT-d2w64/8]",
+    "train.ckpt_every_steps=10",
+    "train.log_every_steps=5",
+    "train.milestone_steps=[10]",
+    "train.val_every_steps=10",
+]
+
+
+def test_more_steps_continue_a_finished_sweep_and_a_corrupt_checkpoint_falls_back(smoke_workdir, mlflow_uri):
+    first = load_experiment("smoke", [*CONTINUED, "train.steps=20"])
+    (done,) = run_sweep(first, smoke_workdir)
+    assert done.status == "done" and done.step == 20
+    layout = plan_sweep(first, smoke_workdir).layout(done.trial)
+
+    # --set train.steps=30 on the finished sweep: the same run (a constant lr), continued from step 20
+    more = load_experiment("smoke", [*CONTINUED, "train.steps=30"])
+    (trial,) = plan_sweep(more, smoke_workdir).trials
+    assert trial.run_name == done.trial.run_name
+    (outcome,) = run_sweep(more, smoke_workdir)
+    assert outcome.status == "done" and outcome.step == 30
+    assert layout.worker(0)["start_step"] == 20 and not layout.worker(0)["skipped_checkpoints"]
+    losses = tracking.metric_history(mlflow_uri, outcome.mlflow_run_id, "loss")
+    assert [s for s, _ in losses] == [5, 10, 15, 20, 25, 30]  # nothing trained twice
+
+    # The latest checkpoint (step 30) truncated, as by a process killed while writing it: the next resume warns and
+    # falls back to step 20 instead of crashing or starting again from 0.
+    newest = Path(layout.checkpoint_folders()[0]) / "checkpoint.pt"
+    assert torch.load(newest, weights_only=True)["step"] == 30
+    newest.write_bytes(newest.read_bytes()[: newest.stat().st_size // 2])
+    again = load_experiment("smoke", [*CONTINUED, "train.steps=40"])
+    (outcome,) = run_sweep(again, smoke_workdir)
+    assert outcome.status == "done" and outcome.step == 40
+    worker = layout.worker(0)
+    assert worker["start_step"] == 20 and worker["restored_from"] != newest.parent.name
+    assert [s["checkpoint"] for s in worker["skipped_checkpoints"]] == [newest.parent.name]
+    assert "cannot read checkpoint" in worker["skipped_checkpoints"][0]["error"]
+    run = tracking.client(mlflow_uri).get_run(outcome.mlflow_run_id)
+    assert newest.parent.name in run.data.tags["ditscale.resume_warning"]
+    history = tracking.metric_history(mlflow_uri, outcome.mlflow_run_id, "loss")
+    by_step = {}
+    for step, value in history:
+        by_step.setdefault(step, []).append(value)
+    assert sorted(by_step) == [5, 10, 15, 20, 25, 30, 35, 40]
+    # steps 21-30 ran twice, from the same checkpoint, data order and seeds: the same losses both times
+    assert len(by_step[25]) == len(by_step[30]) == 2 and by_step[25][0] == by_step[25][1]
+    assert by_step[30][0] == by_step[30][1]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Ctrl-C, and a resume that continues exactly
+# ---------------------------------------------------------------------------------------------------------------
+
+INTERRUPTED = [
+    "name=faults-sigint",
+    "grid.presets=[DiT-d4w128/4]",
+    "train.steps=120",
+    "train.ckpt_every_steps=20",
+    "train.log_every_steps=10",
+    "train.milestone_steps=[120]",
+    "train.val_every_steps=60",
+    "train.global_batch_size=32",
+]
+
+
+def group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def test_ctrl_c_stops_cleanly_and_the_rerun_continues_as_if_never_stopped(smoke_workdir, mlflow_uri):
+    # The reference: the same trial trained without a stop (another experiment name: a folder of its own).
+    reference = load_experiment("smoke", [*INTERRUPTED, "name=faults-straight"])
+    (straight,) = run_sweep(reference, smoke_workdir)
+    straight_layout = plan_sweep(reference, smoke_workdir).layout(straight.trial)
+
+    experiment = load_experiment("smoke", INTERRUPTED)
+    plan = plan_sweep(experiment, smoke_workdir)
+    (trial,) = plan.trials
+    layout = plan.layout(trial)
+    env = {**os.environ, "MLFLOW_TRACKING_URI": mlflow_uri}
+    env.pop("RAY_ADDRESS", None)
+    proc = subprocess.Popen(
+        with_sets(cli("sweep", "smoke", "--workdir", smoke_workdir), INTERRUPTED),
+        cwd=ROOT,
+        env=env,
+        start_new_session=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    wait_for(lambda: registered_checkpoint(Path(layout.root)), "a first checkpoint", proc)
+    status = gather(experiment, smoke_workdir)  # while it trains
+    assert status.live is not None and status.live.pid == proc.pid and status.trials[0].state == "running"
+
+    os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C: a terminal signals the whole foreground process group
+    out, err = proc.communicate(timeout=900)  # (a guard against a hang, not a speed requirement)
+    assert proc.returncode == 130, out[-2000:] + err[-3000:]
+    assert "interrupted" in err and "run the same command again" in err
+    wait_for(lambda: not group_alive(proc.pid), "the sweep's processes to end", stall_s=120)
+    assert layout.done_step() is None and plan.status(trial) == "resumable"
+    assert not Path(plan.workspace.lock(experiment.name)).exists()  # the lock went with it
+    assert gather(experiment, smoke_workdir).trials[0].state == "stopped"
+
+    (outcome,) = run_sweep(experiment, smoke_workdir)  # the same command again
+    assert outcome.status == "done" and outcome.step == 120
+    assert layout.worker(0)["start_step"] >= 20  # resumed, not restarted
+    # The same losses at every logged step (a window logged before the stop and again after it, twice) and the same
+    # final weights as the run that never stopped: same step count, data order and randomness.
+    expected = dict(tracking.metric_history(mlflow_uri, straight.mlflow_run_id, "loss"))
+    history = tracking.metric_history(mlflow_uri, outcome.mlflow_run_id, "loss")
+    assert sorted({s for s, _ in history}) == sorted(expected) == list(range(10, 121, 10))
+    assert all(value == expected[step] for step, value in history)
+    ours, theirs = final_weights(layout), final_weights(straight_layout)
+    assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The embedded MLflow server killed mid-sweep
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def server_pids(db: Path) -> list[int]:
+    """The processes serving the MLflow store `db` (python -m pipeline.tracking serve <db> ...)."""
+    pids = []
+    for proc in Path("/proc").iterdir():
+        try:
+            words = (proc / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if proc.name.isdigit() and b"pipeline.tracking" in words and str(db).encode() in words:
+            pids.append(int(proc.name))
+    return pids
+
+
+def logged_steps(db: Path, key: str) -> list[tuple[int, int]]:
+    """(step, how many points) of one metric in the SQLite store, read directly."""
+    if not db.exists():
+        return []
+    with sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=30) as con:
+        try:
+            rows = con.execute("SELECT step, COUNT(*) FROM metrics WHERE key = ? GROUP BY step ORDER BY step", (key,))
+            return [tuple(r) for r in rows]
+        except sqlite3.OperationalError:  # the tables are not there yet
+            return []
+
+
+def test_the_mlflow_server_killed_mid_sweep_comes_back_and_no_point_is_lost(smoke_workdir, tmp_path):
+    workdir = tmp_path / "work"
+    steps, every = 240, 10
+    overrides = [
+        "name=faults-mlflow",
+        f"data.shards={smoke_workdir}/shards/smoke",
+        f"data.val_shards={smoke_workdir}/shards/smoke-val",
+        "grid.presets=[DiT-d4w128/4]",
+        f"train.steps={steps}",
+        "train.ckpt_every_steps=40",
+        f"train.log_every_steps={every}",
+        f"train.milestone_steps=[{steps}]",
+        "train.val_every_steps=40",
+        "train.global_batch_size=32",
+    ]
+    env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "RAY_ADDRESS")}
+    proc = subprocess.Popen(  # no MLFLOW_TRACKING_URI: the sweep runs its own embedded server over workdir
+        with_sets(cli("sweep", "smoke", "--workdir", str(workdir)), overrides),
+        cwd=ROOT,
+        env=env,
+        start_new_session=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    db = workdir / "mlflow.db"
+    wait_for(lambda: len(logged_steps(db, "loss")) >= 1, "a first loss point", proc)
+    (first,) = server_pids(db)
+    os.kill(first, signal.SIGKILL)
+    killed_after = logged_steps(db, "loss")[-1][0]
+    out, err = proc.communicate(timeout=900)  # (a guard against a hang, not a speed requirement)
+    assert proc.returncode == 0, out[-2000:] + err[-3000:]
+    assert f"the embedded server (pid {first}) exited" in err and "serving again" in err
+    assert killed_after < steps  # the server died while the trial was still training
+
+    # Every point, once: the steps logged while the server was down waited and arrived.
+    wanted = list(range(every, steps + 1, every))
+    for key in ("loss", "mse", "grad_norm", "lr", "img_per_s"):
+        assert logged_steps(db, key) == [(s, 1) for s in wanted], key
+    assert logged_steps(db, "val_loss") == [(s, 1) for s in range(40, steps + 1, 40)]
+    assert not list(Path(workdir, "runs", "faults-mlflow").glob("*/unsent_metrics.jsonl"))  # nothing left behind
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# A worker node lost mid-trial
+# ---------------------------------------------------------------------------------------------------------------
+
+NODE_LOSS_SCRIPT = r"""
+import json, sys, threading, time
+from pathlib import Path
+import ray
+from ray.cluster_utils import Cluster
+from pipeline import tracking
+from pipeline.experiment_files import load_experiment
+from pipeline.plan import plan_sweep
+from pipeline.sweep import run_sweep
+
+workdir = sys.argv[1]
+cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})  # the head runs no training worker
+nodes = [cluster.add_node(num_cpus=1), cluster.add_node(num_cpus=1)]
+cluster.wait_for_nodes()
+ray.init(address=cluster.address, log_to_driver=False)
+experiment = load_experiment("smoke", ["name=faults-node", "grid.presets=[DiT-d4w128/4]", "train.steps=100",
+    "train.ckpt_every_steps=20", "train.log_every_steps=10", "train.milestone_steps=[100]", "train.val_every_steps=50",
+    "train.global_batch_size=32", "resources.max_concurrent_trials=1"])
+layout = plan_sweep(experiment, workdir).layout(plan_sweep(experiment, workdir).trials[0])
+lost = {}
+
+def remove_the_workers_node():
+    snapshot = Path(layout.root) / "checkpoint_manager_snapshot.json"
+    while not (snapshot.exists() and "checkpoint_" in snapshot.read_text()):  # its first checkpoint is in storage
+        time.sleep(0.05)
+    node_id = layout.worker(0)["node_id"]
+    lost.update(node=node_id, pid=layout.worker(0)["pid"])
+    cluster.remove_node(next(n for n in nodes if n.node_id == node_id), allow_graceful=False)
+
+threading.Thread(target=remove_the_workers_node, daemon=True).start()
+(outcome,) = run_sweep(experiment, workdir)
+uri = __import__("os").environ["MLFLOW_TRACKING_URI"]
+print("RESULT " + json.dumps({"status": outcome.status, "step": outcome.step, "lost": lost,
+    "worker": layout.worker(0), "done": layout.done_step(), "nodes": [n.node_id for n in nodes],
+    "loss_steps": [s for s, _ in tracking.metric_history(uri, outcome.mlflow_run_id, "loss")]}))
+ray.shutdown()
+cluster.shutdown()
+"""
+
+
+def test_a_lost_node_moves_the_trial_to_the_other_node_from_its_checkpoint(smoke_workdir, mlflow_uri):
+    env = {**os.environ, "MLFLOW_TRACKING_URI": mlflow_uri}
+    env.pop("RAY_ADDRESS", None)
+    out = subprocess.run(
+        [sys.executable, "-c", NODE_LOSS_SCRIPT, smoke_workdir],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,  # a guard against a hang, not a speed requirement
+    )
+    lines = [line for line in out.stdout.splitlines() if line.startswith("RESULT ")]
+    assert lines, out.stdout[-3000:] + out.stderr[-5000:]
+    result = json.loads(lines[0][len("RESULT ") :])
+    assert result["lost"], "the node was never removed"
+    assert result["status"] == "done" and result["step"] == result["done"] == 100
+    worker = result["worker"]
+    assert worker["node_id"] != result["lost"]["node"] and worker["node_id"] in result["nodes"]  # the other node
+    assert worker["start_step"] >= 20  # from its latest checkpoint, not from 0
+    assert set(result["loss_steps"]) == set(range(10, 101, 10)) and result["loss_steps"][-1] == 100
