@@ -1,5 +1,6 @@
 """What the toy studies share: toy images in pixel space at 16 px (no VAE, no download), one CPU worker per trial
-and two trials at a time (a 2-core machine), and the download-free FID protocol."""
+and two trials at a time (a 2-core machine) with a FID sampling actor beside them, and the download-free FID
+protocol."""
 
 from pipeline.codecs import CodecConfig
 from pipeline.config import DataConfig, FidConfig, ResourcesConfig, TrainConfig
@@ -8,19 +9,24 @@ from pipeline.toy import ToyDataConfig
 
 RESOLUTION = 16  # pixels, for the toy images and the shards alike
 
-CPU_TRIALS = ResourcesConfig(workers_per_trial=1, gpus_per_worker=0, cpus_per_worker=1, max_concurrent_trials=2)
+# Two trials at a time, each one worker on 0.75 of a CPU (one torch thread), so that the FID sampling actor (0.5 of a
+# CPU, below) fits beside them on 2 CPUs: `ditscale run` scores each milestone while the other trials train.
+CPU_TRIALS = ResourcesConfig(workers_per_trial=1, gpus_per_worker=0, cpus_per_worker=0.75, max_concurrent_trials=2)
 
-# 500 DDIM-20 samples per checkpoint with balanced labels and no guidance, scored with the classifier extractor,
-# whose logits also give the samples' class accuracy.
+# 500 DDIM-20 samples per checkpoint with balanced labels and no guidance, scored with the classifier extractor
+# (trained for a fixed 1,000 steps, so that every machine gets the same extractor; about 25 s on an idle 2-core
+# machine), whose logits also give the samples' class accuracy. One sampling actor on half a CPU, beside the trials.
 TOY_FID = FidConfig(
     num_samples=500,
     sampler="ddim",
     sampling_steps=20,
     labels="balanced",
     extractor="ditscale-classifier",
-    classifier_seconds=25,
+    classifier_steps=1000,
     slice_size=125,
     batch_size=125,
+    workers=1,
+    cpus_per_worker=0.5,
 )
 
 

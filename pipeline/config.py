@@ -278,7 +278,10 @@ class FidConfig:
     slice_size: int = 250  # images per actor call; each slice has its own seed, so results do not depend on workers
     batch_size: int = 250  # images per network evaluation batch
     compile: bool | None = None  # torch.compile the DiT for sampling; None (null) = on GPU, not on CPU
-    workers: int = 0  # sampling actors; 0 = one per GPU, or one per CPU
+    workers: int = 0  # sampling actors; 0 = one per GPU, or one per CPU (beside training, in `ditscale run`: 1)
+    cpus_per_worker: float = 1.0  # CPUs each sampling actor holds (a share, e.g. 0.5, lets it sit beside trials)
+    gpus_per_worker: float = 1.0  # GPUs each sampling actor holds on a cluster with GPUs (0: sample on CPUs)
+    during_training: bool = True  # `ditscale run` scores each milestone as it lands, on actors beside the trials
     seed: int = 0
     save_npz: bool = False  # also keep the samples as an ADM-evaluator .npz (arr_0, uint8 NHWC)
 
@@ -296,6 +299,11 @@ class FidConfig:
             raise ConfigError(f"fid.dinov2 must be one of {', '.join(DINOV2_EXTRACTORS)}, got {self.dinov2!r}")
         if self.guidance_channels < 0 or self.workers < 0 or self.reference_images < 0:
             raise ConfigError("fid.guidance_channels, fid.workers and fid.reference_images must be >= 0")
+        if self.cpus_per_worker <= 0 or self.gpus_per_worker < 0:
+            raise ConfigError(
+                f"fid.cpus_per_worker must be > 0 and fid.gpus_per_worker >= 0, got {self.cpus_per_worker} and "
+                f"{self.gpus_per_worker}"
+            )
         if self.guidance_interval and (
             len(self.guidance_interval) != 2 or not 0 <= self.guidance_interval[0] <= self.guidance_interval[1] <= 1
         ):

@@ -49,38 +49,74 @@ def ensure_data(experiment: ExperimentConfig, workdir: str, progress: bool = Tru
 
 
 def run_all(experiment: ExperimentConfig, workdir: str, step: int | None = None) -> dict[str, Any]:
-    """toy data (if asked for) -> prepare -> sweep -> fid -> analyze, each skipping work already done.
+    """toy data (if asked for) -> prepare -> sweep, with fid scoring each milestone as it lands (fid.during_training;
+    else after the sweep) -> analyze, each skipping work already done.
 
-    One MLflow server (or MLFLOW_TRACKING_URI) serves every stage. Returns the analysis summary (or its error).
+    Holds the study's lock throughout; one MLflow server (or MLFLOW_TRACKING_URI) serves every stage. Returns the
+    analysis summary (or its error), with the run's timeline. Raises KeyboardInterrupt after a clean stop on Ctrl-C.
     """
     from analysis.fits import FitError
     from pipeline import tracking
     from pipeline.analyze import analyze_experiment
-    from pipeline.fid.score import run_fid
-    from pipeline.sweep import run_sweep
+    from pipeline.fid.score import FidErrors, ScoringWhileTraining, run_fid
+    from pipeline.lock import study_lock
+    from pipeline.plan import plan_sweep
+    from pipeline.ray_utils import ensure_ray
+    from pipeline.sweep import command_line, run_sweep
 
-    start, workspace = time.perf_counter(), Workspace(workdir)
-    ensure_data(experiment, workdir)
-    with tracking.tracking_uri(experiment.tracking.tracking_uri, workdir) as uri:
-        previous = os.environ.get("MLFLOW_TRACKING_URI")
-        os.environ["MLFLOW_TRACKING_URI"] = uri  # every stage logs through this one server
-        try:
-            outcomes = run_sweep(experiment, workdir)
-            run_fid(experiment, workdir)
-            exp_id = tracking.experiment_id(uri, experiment.mlflow_experiment)
+    start, workspace = time.time(), Workspace(workdir)
+    marks: dict[str, float] = {"start": start}
+    fid_errors = None
+    with study_lock(workspace.lock(experiment.name), command_line()) as lock:
+        ensure_data(experiment, workdir)
+        marks["data"] = time.time()
+        with tracking.tracking_uri(experiment.tracking.tracking_uri, workdir) as uri:
+            lock.update(tracking_uri=uri)
+            previous = os.environ.get("MLFLOW_TRACKING_URI")
+            os.environ["MLFLOW_TRACKING_URI"] = uri  # every stage logs through this one server
             try:
-                summary = analyze_experiment(experiment, workdir, step)
-            except FitError as exc:
-                summary = {"error": str(exc)}
-                print(f"analyze: {exc}")
-        finally:
-            if previous is None:
-                os.environ.pop("MLFLOW_TRACKING_URI", None)
-            else:
-                os.environ["MLFLOW_TRACKING_URI"] = previous
-    minutes = (time.perf_counter() - start) / 60
+                plan = plan_sweep(experiment, workdir)
+                training = any(plan.status(t) not in ("done", "diverged") for t in plan.trials)
+                if experiment.fid.during_training and training:
+                    ensure_ray()
+                    with ScoringWhileTraining(experiment, workdir, uri) as scoring:
+                        outcomes = run_sweep(experiment, workdir, reserved=scoring.reserved)
+                        marks["sweep"] = time.time()
+                        try:
+                            if not scoring.finish():
+                                print("fid: nothing new to score")
+                        except FidErrors as exc:
+                            fid_errors = exc
+                else:  # score after the sweep (or only score: every trial has finished)
+                    outcomes = run_sweep(experiment, workdir)
+                    marks["sweep"] = time.time()
+                    try:
+                        run_fid(experiment, workdir)
+                    except FidErrors as exc:
+                        fid_errors = exc
+                marks["fid"] = time.time()
+                if fid_errors is not None:
+                    print(f"fid: {fid_errors}")
+                exp_id = tracking.experiment_id(uri, experiment.mlflow_experiment)
+                try:
+                    summary = analyze_experiment(experiment, workdir, step)
+                except FitError as exc:
+                    summary = {"error": str(exc)}
+                    print(f"analyze: {exc}")
+                marks["analysis"] = time.time()
+            finally:
+                if previous is None:
+                    os.environ.pop("MLFLOW_TRACKING_URI", None)
+                else:
+                    os.environ["MLFLOW_TRACKING_URI"] = previous
+    marks["end"] = time.time()
+    minutes = (marks["end"] - start) / 60
     failed = [o.trial.run_name for o in outcomes if o.status != "done"]
     print(f"\nditscale run {experiment.name}: done in {minutes:.1f} min" + (f"; failed: {failed}" if failed else ""))
+    summary["timeline"] = timeline(marks, [workspace.trial(experiment.name, o.trial.run_name) for o in outcomes])
+    print("  " + describe_timeline(summary["timeline"]))
+    if fid_errors is not None:
+        summary["fid_errors"] = str(fid_errors)
     print(
         f"  figures and tables  {workspace.analysis(experiment.name)}/  (fid_vs_gflops.png, fid_vs_steps.png, "
         f"samples/, table4.md, summary.json)"
@@ -97,4 +133,30 @@ def run_all(experiment: ExperimentConfig, workdir: str, step: int | None = None)
         print(f"  open the MLflow UI  {tracking.ui_command(workdir)}")
         print(f"                      then http://127.0.0.1:5000/#/experiments/{exp_id}/runs (the sweep's runs)")
     summary["minutes"] = minutes
+    summary["failed_trials"] = failed
     return summary
+
+
+def timeline(marks: dict[str, float], trials: list) -> dict[str, float]:
+    """Seconds from the start of the run to the end of each phase, and the tail: from the end of the last trial
+    that trained in this run (its finished marker) to the end of the run."""
+    start = marks["start"]
+    out = {f"{k}_s": round(v - start, 1) for k, v in marks.items() if k != "start"}
+    ended = [(t.done_record() or {}).get("finished_unix_s") for t in trials]
+    ended = [e for e in ended if e is not None and e >= start]
+    if ended:
+        out["last_trial_end_s"] = round(max(ended) - start, 1)
+        out["tail_s"] = round(marks["end"] - max(ended), 1)
+        out["tail_share"] = round(out["tail_s"] / max(1e-9, marks["end"] - start), 4)
+    return out
+
+
+def describe_timeline(t: dict[str, float]) -> str:
+    phases = f"data ready at {t['data_s']:.0f} s, sweep done at {t['sweep_s']:.0f} s, FID at {t['fid_s']:.0f} s, "
+    phases += f"analysis at {t['analysis_s']:.0f} s, end at {t['end_s']:.0f} s"
+    if "tail_s" not in t:
+        return f"timeline: {phases} (no trial trained in this run)"
+    return (
+        f"timeline: {phases}; the last trial ended at {t['last_trial_end_s']:.0f} s, {t['tail_s']:.0f} s "
+        f"({t['tail_share']:.0%} of the run) before the end"
+    )

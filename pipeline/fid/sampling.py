@@ -138,23 +138,26 @@ class _SamplerActor:
 
 
 class SamplerPool:
-    """Ray actors that draw the FID samples: one per GPU (or per CPU), alive for the whole stage.
+    """Ray actors that draw the FID samples, alive for the whole stage: `fid.workers` of them (0: one per GPU, or
+    per CPU; beside training, one), each holding `fid.cpus_per_worker` CPUs, and `fid.gpus_per_worker` GPUs on a
+    cluster that has GPUs. An actor that dies (out of memory, a lost node) is restarted once.
 
     with SamplerPool(codec, fid) as pool:
         samples = generate(checkpoint, codec, fid, pool=pool)
     """
 
-    def __init__(self, codec: CodecInfo, fid: FidConfig, workers: int = 0):
+    def __init__(self, codec: CodecInfo, fid: FidConfig, workers: int = 0, beside_training: bool = False):
         import ray
 
         from pipeline.ray_utils import cluster_cpus, cluster_gpus, ensure_ray
 
         ensure_ray()
-        gpus = cluster_gpus()
+        gpus = cluster_gpus() if fid.gpus_per_worker > 0 else 0
         self.device = "cuda" if gpus else "cpu"
-        self.size = workers or fid.workers or (gpus or cluster_cpus())
-        options = {"num_gpus": 1, "num_cpus": 1} if gpus else {"num_cpus": 1}
-        actor = ray.remote(_SamplerActor).options(**options)
+        self.size = workers or fid.workers or (1 if beside_training else (gpus or cluster_cpus()))
+        options = {"num_cpus": fid.cpus_per_worker, **({"num_gpus": fid.gpus_per_worker} if gpus else {})}
+        self.reserved = {"CPU": self.size * fid.cpus_per_worker, "GPU": self.size * options.get("num_gpus", 0)}
+        actor = ray.remote(_SamplerActor).options(**options, max_restarts=1, max_task_retries=1)
         self.actors = [actor.remote(codec, self.device, compile_sampling(fid, self.device)) for _ in range(self.size)]
         # Actors known to be up. Slices go only to these: an actor still waiting for a GPU that a training trial
         # holds would otherwise sit on its slice until the trial ends.

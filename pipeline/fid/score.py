@@ -13,7 +13,6 @@ plan for the trials and the layout for their milestones.
 
 from __future__ import annotations
 
-import contextlib
 import tempfile
 import time
 from dataclasses import replace
@@ -39,6 +38,22 @@ def frechet_distance(stats_1: dict[str, np.ndarray], stats_2: dict[str, np.ndarr
     s1 = {k: np.asarray(v, dtype=np.float64) for k, v in stats_1.items()}
     s2 = {k: np.asarray(v, dtype=np.float64) for k, v in stats_2.items()}
     return float(fid_statistics_to_metric(s1, s2, False)["frechet_inception_distance"])
+
+
+def scoring_space(fid: FidConfig, manifest: Manifest, workdir: str):
+    """What scoring needs before any sample: the extractor (trained once, for the classifier), its reference
+    statistics (computed once and cached), and the DINOv2 space when fd_dinov2 is asked for. Calling it ahead of
+    the first checkpoint (`StudyScorer.warm_up`) takes this work off the critical path."""
+    cuda = torch.cuda.is_available()
+    weights = reference.extractor_weights(fid, manifest, workdir)
+    layer = reference.feature_layer(fid)
+    # the classifier extractor is also the judge of class fidelity: its logits score the samples' labels
+    classify = fid.extractor == classifier.NAME
+    layers = sorted({layer} | ({"logits_unbiased"} if "isc" in fid.metrics or classify else set()))
+    extractor = reference.make_extractor(fid, weights, cuda, layers)
+    ref_stats, ref_feats = reference.reference_statistics(fid, manifest, workdir, weights, extractor, cuda)
+    dinov2 = DinoV2Space(fid, manifest, workdir, cuda) if "fd_dinov2" in fid.metrics else None
+    return cuda, weights, layer, classify, extractor, ref_stats, ref_feats, dinov2
 
 
 def score_checkpoint(
@@ -70,16 +85,7 @@ def score_checkpoint(
             f"fid.num_samples={fid.num_samples} gives a rank-deficient covariance of the {dim}-d {fid.extractor} "
             f"features: use more than {dim} samples (the paper uses 50,000)"
         )
-    cuda = torch.cuda.is_available()
-    weights = reference.extractor_weights(fid, manifest, workdir)
-    layer = reference.feature_layer(fid)
-    # the classifier extractor is also the judge of class fidelity: its logits score the samples' labels
-    classify = fid.extractor == classifier.NAME
-    layers = sorted({layer} | ({"logits_unbiased"} if "isc" in fid.metrics or classify else set()))
-    extractor = reference.make_extractor(fid, weights, cuda, layers)
-    ref_stats, ref_feats = reference.reference_statistics(fid, manifest, workdir, weights, extractor, cuda)
-
-    dinov2 = DinoV2Space(fid, manifest, workdir, cuda) if "fd_dinov2" in fid.metrics else None
+    cuda, weights, layer, classify, extractor, ref_stats, ref_feats, dinov2 = scoring_space(fid, manifest, workdir)
 
     t0 = time.perf_counter()
     samples = sampling.generate(checkpoint, manifest.codec, fid, workers, progress, pool)
@@ -155,54 +161,235 @@ def fd_dinov2(images: np.ndarray, fid: FidConfig, manifest: Manifest, workdir: s
     return DinoV2Space(replace(fid, num_samples=len(images)), manifest, workdir, cuda).distance(images)
 
 
-def run_fid(experiment: ExperimentConfig, workdir: str, progress: bool = True) -> list[dict[str, Any]]:
-    """Score every milestone not yet scored (idempotent; safe to run while the sweep trains)."""
-    from pipeline import tracking
+class StudyScorer:
+    """Scores a study's EMA milestones into MLflow: each call of `score_new` scores every milestone on disk that its
+    trial's run has no score for yet (so it is idempotent, and safe while the sweep trains).
 
-    plan = plan_sweep(experiment, workdir)
-    fid = experiment.fid  # the extractor, reference and workers: one for the study; sampling per trial
-    scored_now = []
-    pool = None  # started at the first checkpoint to score, stopped at the end
-    with contextlib.ExitStack() as stack, tracking.tracking_uri(experiment.tracking.tracking_uri, workdir) as uri:
-        exp_id = tracking.experiment_id(uri, experiment.mlflow_experiment)
-        for trial in plan.trials:
-            if not plan.layout(trial).milestones():
-                continue
-            run = tracking.find_run(uri, exp_id, {tracking.TAG_ROLE: "trial", tracking.TAG_RUN_NAME: trial.run_name})
+    It asks the plan for the trials and the layout for their milestones, reads which steps MLflow has scored once
+    per (trial, EMA), then remembers what it scored. A checkpoint that cannot be scored (an unreadable file, a
+    sampling actor lost) is reported, tagged on its run (`fid.error.step<N>`) and skipped: the other checkpoints go
+    on, and the next call tries it again.
+    """
+
+    def __init__(
+        self,
+        experiment: ExperimentConfig,
+        workdir: str,
+        uri: str,
+        pool: sampling.SamplerPool | None = None,
+        progress: bool = True,
+    ):
+        from pipeline import tracking
+
+        self.experiment, self.workdir, self.uri, self.progress = experiment, workdir, uri, progress
+        self.plan = plan_sweep(experiment, workdir)
+        self.exp_id = tracking.experiment_id(uri, experiment.mlflow_experiment)
+        self.pool, self.own_pool = pool, pool is None
+        self.run_ids: dict[str, str] = {}
+        self.scored: dict[tuple[str, float | None], set[int]] = {}  # (run name, decay) -> steps scored
+        self.errors: dict[tuple[str, float | None, int], str] = {}  # checkpoints that could not be scored, and why
+
+    def warm_up(self) -> None:
+        """Train the extractor and compute the reference statistics now, before any milestone lands."""
+        scoring_space(self.experiment.fid, self.plan.manifest, self.workdir)
+
+    def _run_id(self, trial) -> str | None:
+        """The trial's MLflow run id (None until the sweep has created it); checks its extractor."""
+        from pipeline import tracking
+
+        if trial.run_name not in self.run_ids:
+            run = tracking.find_run(
+                self.uri, self.exp_id, {tracking.TAG_ROLE: "trial", tracking.TAG_RUN_NAME: trial.run_name}
+            )
             if run is None:
-                raise ConfigError(f"no MLflow run for trial {trial.run_name}: run `ditscale sweep {experiment.name}`")
-            previous = run.data.tags.get("fid.extractor")
-            if previous and previous != fid.extractor:
+                return None
+            previous, extractor = run.data.tags.get("fid.extractor"), self.experiment.fid.extractor
+            if previous and previous != extractor:
                 raise ConfigError(
-                    f"run {trial.run_name} was scored with {previous}, not {fid.extractor}: FIDs of different "
+                    f"run {trial.run_name} was scored with {previous}, not {extractor}: FIDs of different "
                     f"extractors must not share a curve; set fid.extractor={previous} or use another experiment name"
                 )
+            self.run_ids[trial.run_name] = run.info.run_id
+        return self.run_ids[trial.run_name]
+
+    def pending(self) -> list[tuple[Any, float | None, int, str]]:
+        """(trial, decay, step, path) of every milestone on disk not scored yet, in step order."""
+        from pipeline import tracking
+
+        todo = []
+        for trial in self.plan.trials:
             for decay in (None, *trial.experiment.train.ema_decays):
-                available = plan.layout(trial).milestones(decay)
-                prefix = "" if decay is None else f"{ema_label(decay)}/"  # train.ema_decay's EMA: plain `fid`
-                done = {step for step, _ in tracking.metric_history(uri, run.info.run_id, f"{prefix}fid")}
-                for step in sorted(set(available) - done):
-                    if pool is None:
-                        pool = stack.enter_context(sampling.SamplerPool(plan.manifest.codec, fid))
-                    metrics, samples, facts = score_checkpoint(
-                        available[step], plan.manifest, trial.experiment.fid, workdir, progress=progress, pool=pool
+                available = self.plan.layout(trial).milestones(decay)
+                if not available:
+                    continue
+                run_id = self._run_id(trial)
+                if run_id is None:
+                    raise ConfigError(
+                        f"no MLflow run for trial {trial.run_name}: run `ditscale sweep {self.experiment.name}`"
                     )
-                    metrics = {f"{prefix}{k}": v for k, v in metrics.items()}
-                    with tempfile.TemporaryDirectory() as tmp:  # everything computed before anything is logged
-                        name = f"samples_{prefix.replace('/', '_')}step{step:07d}"
-                        grid = sampling.sample_grid(samples, Path(tmp) / f"{name}.png")
-                        tracking.set_tags(uri, run.info.run_id, facts)
-                        tracking.MetricLogger(uri, run.info.run_id).log(metrics, step=step)
-                        tracking.log_artifact(uri, run.info.run_id, grid, "samples")
-                        if fid.save_npz:
-                            npz = Path(tmp) / f"{name}.npz"
-                            np.savez(npz, arr_0=samples)
-                            tracking.log_artifact(uri, run.info.run_id, str(npz), "samples")
-                    print(
-                        f"[{trial.run_name}] step {step:,}: " + "  ".join(f"{k} {v:.4g}" for k, v in metrics.items()),
-                        flush=True,
-                    )
-                    scored_now.append({"run_name": trial.run_name, "step": step, "ema_decay": decay, **metrics})
-    if not scored_now:
+                key = (trial.run_name, decay)
+                if key not in self.scored:
+                    metric = f"{_prefix(decay)}fid"
+                    self.scored[key] = {step for step, _ in tracking.metric_history(self.uri, run_id, metric)}
+                todo += [(trial, decay, step, available[step]) for step in sorted(set(available) - self.scored[key])]
+        return sorted(todo, key=lambda item: item[2])
+
+    def score_new(self) -> list[dict[str, Any]]:
+        """Score every milestone not scored yet; returns one record per checkpoint scored now."""
+        scored_now = []
+        for trial, decay, step, path in self.pending():
+            if self.pool is None:
+                self.pool = sampling.SamplerPool(self.plan.manifest.codec, self.experiment.fid)
+            try:
+                record = self._score(trial, decay, step, path)
+            except ConfigError:
+                raise
+            except Exception as exc:  # noqa: BLE001 (one bad checkpoint never stops the stage)
+                self._failed(trial, decay, step, exc)
+                continue
+            self.scored[(trial.run_name, decay)].add(step)
+            self.errors.pop((trial.run_name, decay, step), None)
+            scored_now.append(record)
+        return scored_now
+
+    def _score(self, trial, decay: float | None, step: int, path: str) -> dict[str, Any]:
+        from pipeline import tracking
+
+        run_id, prefix = self.run_ids[trial.run_name], _prefix(decay)
+        fid = trial.experiment.fid  # the trial's own sampling (its variant may set the sampler)
+        metrics, samples, facts = score_checkpoint(
+            path, self.plan.manifest, fid, self.workdir, progress=self.progress, pool=self.pool
+        )
+        metrics = {f"{prefix}{k}": v for k, v in metrics.items()}
+        with tempfile.TemporaryDirectory() as tmp:  # everything computed before anything is logged
+            name = f"samples_{prefix.replace('/', '_')}step{step:07d}"
+            grid = sampling.sample_grid(samples, Path(tmp) / f"{name}.png")
+            tracking.set_tags(self.uri, run_id, facts)
+            logger = tracking.MetricLogger(self.uri, run_id)
+            logger.log(metrics, step=step)
+            if logger.close():
+                raise RuntimeError(f"MLflow did not take the scores of step {step}")
+            tracking.log_artifact(self.uri, run_id, grid, "samples")
+            if fid.save_npz:
+                npz = Path(tmp) / f"{name}.npz"
+                np.savez(npz, arr_0=samples)
+                tracking.log_artifact(self.uri, run_id, str(npz), "samples")
+        print(
+            f"[{trial.run_name}] step {step:,}: " + "  ".join(f"{k} {v:.4g}" for k, v in metrics.items()),
+            flush=True,
+        )
+        return {"run_name": trial.run_name, "step": step, "ema_decay": decay, **metrics}
+
+    def _failed(self, trial, decay: float | None, step: int, exc: Exception) -> None:
+        from pipeline import tracking
+
+        reason = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"[:300]
+        key = (trial.run_name, decay, step)
+        if self.errors.get(key) != reason:
+            print(f"[{trial.run_name}] step {step:,}: cannot score {_prefix(decay)}fid: {reason}", flush=True)
+            try:
+                tracking.set_tags(self.uri, self.run_ids[trial.run_name], {f"fid.error.step{step}": reason})
+            except Exception:  # noqa: BLE001 (the report above is what matters)
+                pass
+        self.errors[key] = reason
+
+    def close(self) -> None:
+        if self.pool is not None and self.own_pool:
+            self.pool.close()
+        self.pool = None
+
+    def __enter__(self) -> StudyScorer:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def _prefix(decay: float | None) -> str:
+    """The metric prefix of an EMA: "" for train.ema_decay's (plain `fid`), `ema0.999/` for a further one."""
+    return "" if decay is None else f"{ema_label(decay)}/"
+
+
+def run_fid(experiment: ExperimentConfig, workdir: str, progress: bool = True) -> list[dict[str, Any]]:
+    """Score every milestone not yet scored (idempotent; safe to run while the sweep trains). Raises FidErrors
+    after scoring the rest when some checkpoints could not be scored."""
+    from pipeline import tracking
+
+    with tracking.tracking_uri(experiment.tracking.tracking_uri, workdir) as uri:
+        with StudyScorer(experiment, workdir, uri, progress=progress) as scorer:
+            scored_now = scorer.score_new()
+            errors = dict(scorer.errors)
+    if not scored_now and not errors:
         print("fid: nothing new to score")
+    if errors:
+        raise FidErrors(errors)
     return scored_now
+
+
+class FidErrors(RuntimeError):
+    """Some checkpoints could not be scored (the others were); names each with its reason."""
+
+    def __init__(self, errors: dict[tuple[str, float | None, int], str]):
+        self.errors = errors
+        listed = "; ".join(
+            f"{run} step {step}{'' if d is None else f' (EMA {d})'}: {why}" for (run, d, step), why in errors.items()
+        )
+        super().__init__(f"{len(errors)} checkpoint(s) could not be scored: {listed}")
+
+
+class ScoringWhileTraining:
+    """`ditscale run`'s fid stage beside the sweep: a thread that scores each milestone as soon as its EMA weights
+    land, on sampling actors that hold resources of their own (`fid.workers` actors, 1 if unset, each with
+    `fid.cpus_per_worker` CPUs or `fid.gpus_per_worker` GPUs), so that FID curves fill in MLflow while the trials
+    train and the study ends soon after its last trial.
+
+        with ScoringWhileTraining(experiment, workdir, uri) as scoring:
+            run_sweep(experiment, workdir, reserved=scoring.reserved)
+            scoring.finish()     # the milestones the last trials wrote, scored now
+    """
+
+    def __init__(self, experiment: ExperimentConfig, workdir: str, uri: str, poll_s: float = 2.0):
+        import threading
+
+        self.scorer = StudyScorer(experiment, workdir, uri, progress=False)
+        self.pool = sampling.SamplerPool(self.scorer.plan.manifest.codec, experiment.fid, beside_training=True)
+        self.scorer.pool = self.pool
+        self.reserved = self.pool.reserved
+        self.poll_s, self.scored, self.error = poll_s, [], None
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._watch, name="ditscale-fid", daemon=True)
+        self.thread.start()
+
+    def _watch(self) -> None:
+        try:
+            self.scorer.warm_up()
+            while True:
+                self.scored += self.scorer.score_new()
+                if self.stop.wait(self.poll_s):
+                    return
+        except BaseException as exc:  # noqa: BLE001 (raised again by finish(), in the main thread)
+            self.error = exc
+
+    def finish(self) -> list[dict[str, Any]]:
+        """Stop watching, score what is left, and return every record scored (raise what the thread raised; a
+        FidErrors for checkpoints that could not be scored)."""
+        self.stop.set()
+        self.thread.join()
+        if self.error is not None:
+            raise self.error
+        self.scored += self.scorer.score_new()
+        if self.scorer.errors:
+            raise FidErrors(dict(self.scorer.errors))
+        return self.scored
+
+    def close(self) -> None:
+        """Stop the thread and the actors (a sampling call in flight fails and ends the thread)."""
+        self.stop.set()
+        self.pool.close()
+        self.thread.join(timeout=60)
+
+    def __enter__(self) -> ScoringWhileTraining:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

@@ -1,12 +1,20 @@
 """`ditscale run`: the quickstart's code path end to end (toy data, prepare, sweep, fid, analyze), scaled down."""
 
 import json
+import os
+import shutil
 from pathlib import Path
+
+import pytest
 
 from pipeline import tracking
 from pipeline.experiment_files import load_experiment
+from pipeline.fid.score import ScoringWhileTraining
+from pipeline.layout import Workspace
+from pipeline.plan import plan_sweep
 from pipeline.run import run_all
-from tests.helpers import trial_runs
+from tests.helpers import FAST_FID, trial_runs
+from tests.pipeline.test_faults import wait_for
 
 MINI = [
     "name=quickstart-mini",
@@ -42,8 +50,47 @@ def test_run_chains_every_stage_and_resumes(ray_session, mlflow_uri, tmp_path, c
     assert json.loads((analysis / "summary.json").read_text())["fid_vs_gflops"]["n"] == 4
     for run in trial_runs(mlflow_uri, "quickstart-mini"):
         assert [s for s, _ in tracking.metric_history(mlflow_uri, run.info.run_id, "fid")] == [10, 20]
+    # the timeline: phases in order, and the tail after the last trial measured against the whole run
+    t = summary["timeline"]
+    assert 0 < t["data_s"] <= t["last_trial_end_s"] <= t["sweep_s"] <= t["fid_s"] <= t["analysis_s"] <= t["end_s"]
+    assert t["tail_s"] == pytest.approx(t["end_s"] - t["last_trial_end_s"], abs=0.2) and 0 < t["tail_share"] < 1
+    assert f"({t['tail_share']:.0%} of the run) before the end" in out
     # Everything is done: a second run trains and scores nothing and gives the same analysis.
     again = run_all(experiment, workdir)
     out = capsys.readouterr().out
     assert "4 done, 0 to resume, 0 new" in out and "nothing new to score" in out
     assert again["fid_vs_gflops"]["b"] == summary["fid_vs_gflops"]["b"]
+    assert "tail_s" not in again["timeline"] and "no trial trained in this run" in out
+
+
+def test_milestones_are_scored_as_they_land(smoke_sweep, smoke_workdir, mlflow_uri):
+    """`ditscale run`'s fid stage beside training: a milestone that appears in a trial's folder is scored into MLflow
+    while the watcher still runs, on an actor that holds its own share of a CPU."""
+    experiment = load_experiment("smoke", [*FAST_FID, "name=smoke-watch", "fid.workers=1", "fid.cpus_per_worker=0.5"])
+    swept = Workspace(smoke_workdir)
+    plan = plan_sweep(experiment, smoke_workdir)
+    exp_id = tracking.experiment_id(mlflow_uri, experiment.mlflow_experiment)
+    parent = tracking.sweep_run(mlflow_uri, exp_id, experiment.name, {}, {})
+    trial = plan.trials[0]
+    run_id = tracking.trial_run(mlflow_uri, exp_id, parent, experiment.name, trial.run_name, {}, {})
+    source = swept.trial("smoke", trial.run_name).milestones()  # the smoke sweep's EMA weights of this trial
+
+    def land(step):  # as the training loop writes a milestone: under a temporary name, then renamed
+        target = Path(plan.layout(trial).milestone(step))
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(source[step], target.with_name(f".{target.name}.tmp"))
+        os.replace(target.with_name(f".{target.name}.tmp"), target)
+
+    def scored():
+        return [s for s, _ in tracking.metric_history(mlflow_uri, run_id, "fid")]
+
+    with ScoringWhileTraining(experiment, smoke_workdir, mlflow_uri, poll_s=0.2) as scoring:
+        assert scoring.reserved == {"CPU": 0.5, "GPU": 0}
+        land(15)
+        wait_for(lambda: scored() == [15], "the score of the first milestone")
+        assert scoring.thread.is_alive()  # scored by the watcher, before training is declared over
+        land(30)
+        wait_for(lambda: scored() == [15, 30], "the score of the second milestone")
+        records = scoring.finish()
+    assert [(r["run_name"], r["step"]) for r in records] == [(trial.run_name, 15), (trial.run_name, 30)]
+    assert all(r["fid"] > 0 for r in records)
