@@ -13,9 +13,10 @@ from pathlib import Path
 import pytest
 
 from pipeline import tracking
+from pipeline.config import ConfigError
 from pipeline.experiment_files import load_experiment
 from pipeline.plan import plan_sweep
-from pipeline.sweep import run_sweep
+from pipeline.sweep import check_cluster, max_concurrent, run_sweep
 from tests.helpers import trial_runs
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -134,7 +135,7 @@ def test_killed_worker_is_replaced_and_the_trial_finishes(smoke_workdir, mlflow_
     assert 0 <= redone <= 20 // 10, f"{redone} logging windows ran twice; at most one checkpoint interval may"
 
 
-def test_interrupted_sweep_resumes(smoke_workdir, mlflow_uri):
+def test_interrupted_sweep_resumes(smoke_workdir, mlflow_uri, capsys):
     """Kill the whole `ditscale sweep` process (and its Ray) mid-trial, then run the same command again."""
     overrides = [
         "name=smoke-resume",
@@ -165,10 +166,25 @@ def test_interrupted_sweep_resumes(smoke_workdir, mlflow_uri):
     proc.wait()
     assert plan.layout(plan.trials[0]).done_step() is None
     assert plan.status(plan.trials[0]) == "resumable"
+    lock = Path(plan.workspace.lock(experiment.name))
+    assert json.loads(lock.read_text())["pid"] == proc.pid  # SIGKILL left its lock behind
 
-    outcomes = run_sweep(experiment, smoke_workdir)
+    outcomes = run_sweep(experiment, smoke_workdir)  # takes the dead process's lock over
+    assert f"process {proc.pid} is no longer running" in capsys.readouterr().err
     assert outcomes[0].status == "done" and outcomes[0].step == 120
     assert plan.layout(plan.trials[0]).worker(0)["start_step"] >= 20
+    assert not lock.exists()
+
+
+def test_trials_leave_room_for_what_runs_beside_them(ray_session):
+    """The FID sampling actors of `ditscale run` hold resources of their own; the sweep fits its trials around them
+    and refuses, with the fix, when not even one trial fits."""
+    e = load_experiment("smoke", ["resources.cpus_per_worker=0.75", "resources.max_concurrent_trials=0"])
+    assert ray_session.cluster_resources()["CPU"] == 2
+    assert max_concurrent(e) == 2 and max_concurrent(e, {"CPU": 0.5}) == 2 and max_concurrent(e, {"CPU": 1.0}) == 1
+    check_cluster(e, {"CPU": 1.25})
+    with pytest.raises(ConfigError, match=r"has 0.5 free beside the 1.5 CPU held for FID sampling.*during_training"):
+        check_cluster(e, {"CPU": 1.5})
 
 
 TWO_NODE_SCRIPT = r"""
@@ -177,7 +193,8 @@ import ray
 from ray.cluster_utils import Cluster
 from pipeline.experiment_files import load_experiment
 from pipeline.plan import plan_sweep
-from pipeline.sweep import run_sweep
+from pipeline.config import ConfigError
+from pipeline.sweep import check_cluster, max_concurrent, run_sweep
 from pipeline import tracking
 
 workdir = sys.argv[1]
