@@ -56,10 +56,18 @@ def test_analyze_writes_and_logs_everything(scored, smoke_workdir, mlflow_uri, t
     table = pd.read_csv(tmp_path / "table4.csv")
     assert list(table["preset"]) == list(table.sort_values("gflops")["preset"]) and len(table) == 4
     assert "| preset" in (tmp_path / "table4.md").read_text()
-    assert table["class_accuracy"].between(0, 1).all()  # the classifier extractor judged every sample's label
+    # what the loader read from MLflow: the table's class accuracy is the fid stage's at step 30, and the FID
+    # progress splits the presets as their own first (step 15) and last (step 30) scores say
+    frame, _, _ = load_runs(mlflow_uri, experiment.mlflow_experiment, sweep="smoke")
+    fids = frame.pivot(index="preset", columns="step", values="fid")
+    accuracy = frame[frame["step"] == 30].set_index("preset")["class_accuracy"]
+    assert table.set_index("preset")["class_accuracy"].to_dict() == pytest.approx(accuracy.to_dict())
     progress = summary["fid_first_to_last"]
-    assert set(progress["presets"]) == set(table["preset"]) and "FID improved from the first" in out
-    assert progress["improved"] + len(progress["not"]) == 4
+    assert "FID improved from the first" in out
+    assert progress["not"] == sorted(fids.index[~(fids[30] < fids[15])])
+    assert progress["improved"] == int((fids[30] < fids[15]).sum()) == 4 - len(progress["not"])
+    assert {p: v["first_fid"] for p, v in progress["presets"].items()} == pytest.approx(fids[15].to_dict())
+    assert {p: v["last_fid"] for p, v in progress["presets"].items()} == pytest.approx(fids[30].to_dict())
     assert all((v["first_step"], v["last_step"]) == (15, 30) for v in progress["presets"].values())
     grids = sorted(p.name for p in (tmp_path / "samples").glob("*.png"))  # the fid stage's sample grids, copied
     assert grids == sorted(f"{p.replace('/', '_')}.png" for p in table["preset"])
