@@ -1,12 +1,15 @@
 """The fid stage: Frechet distance against independent math, determinism across workers, cached references,
 scoring a sweep's milestones into MLflow, and clear errors."""
 
+import json
 import threading
+import time
 from dataclasses import asdict, replace
 from pathlib import Path
 
 import numpy as np
 import pytest
+import ray
 import torch
 from scipy import linalg
 
@@ -16,7 +19,7 @@ from pipeline.experiment_files import load_experiment
 from pipeline.fid import reference
 from pipeline.fid.classifier import held_out_accuracy, train_classifier
 from pipeline.fid.reference import extractor_weights, make_extractor, real_images, reference_statistics, statistics
-from pipeline.fid.sampling import SamplerPool, SliceSampler, generate, sample_labels
+from pipeline.fid.sampling import SamplerPool, SliceSampler, generate, sample_labels, slice_labels
 from pipeline.fid.score import frechet_distance, run_fid, score_checkpoint
 from pipeline.layout import Workspace
 from pipeline.manifest import Manifest
@@ -90,7 +93,10 @@ def test_the_pool_reads_each_checkpoint_once_per_actor(fast_smoke, smoke_workdir
     assert not np.array_equal(first[0], first[1])  # the second checkpoint's weights were really loaded
 
 
-def test_slices_go_only_to_actors_that_have_started(fast_smoke, smoke_workdir):
+STALL_S = 600  # no slice finished and no actor started for this long: the stage waits on nothing (a slice takes ~1 s)
+
+
+def test_slices_go_only_to_actors_that_have_started(fast_smoke, smoke_workdir, monkeypatch):
     """With more actors than free CPUs (as when training trials hold the GPUs), the stage finishes on those that
     started instead of waiting on an actor that cannot be placed."""
     experiment, outcomes = fast_smoke
@@ -98,16 +104,21 @@ def test_slices_go_only_to_actors_that_have_started(fast_smoke, smoke_workdir):
     fid = replace(experiment.fid, num_samples=40, slice_size=10)
     path = milestone(smoke_workdir, outcomes[0], 30)
 
-    out = {}
+    out, returns = {}, []  # returns: when the stage's ray.wait last came back (a slice done or an actor up)
+    wait = ray.wait
+    monkeypatch.setattr(ray, "wait", lambda *a, **k: (wait(*a, **k), returns.append(time.monotonic()))[0])
     with SamplerPool(manifest.codec, fid, workers=3) as pool:  # the test session's Ray has 2 CPUs
 
         def draw():
             out["images"] = generate(path, manifest.codec, fid, progress=False, pool=pool)
 
         worker = threading.Thread(target=draw, daemon=True)
+        started = time.monotonic()
         worker.start()
-        worker.join(240)  # (a stuck ray.wait ignores signals; leaving the pool kills the actors and frees it)
-        assert not worker.is_alive(), "a slice waited on an actor that never started"
+        while worker.is_alive():  # fails only when nothing progresses: a slice waits on an actor that never starts
+            worker.join(5)  # (a stuck ray.wait ignores signals; leaving the pool kills the actors and frees it)
+            stalled = time.monotonic() - max(returns, default=started)
+            assert stalled < STALL_S, "a slice waited on an actor that never started"
         assert 1 <= len(pool.ready) <= 2  # the third cannot be placed; the second may start after the last slice
     images = out["images"]
     np.testing.assert_array_equal(images, generate(path, manifest.codec, fid, workers=1, progress=False))
@@ -151,6 +162,8 @@ def test_reference_statistics_are_computed_once(fast_smoke, smoke_workdir):
 
 
 def test_kid_and_prc_embed_the_real_images_once_per_process(fast_smoke, smoke_workdir, monkeypatch):
+    from pipeline.fid import sampling
+
     experiment, outcomes = fast_smoke
     fid = replace(experiment.fid, metrics=("fid", "kid", "prc"), reference_images=120)  # a reference key of its own
     manifest = Manifest.load(f"{smoke_workdir}/shards/smoke")
@@ -164,8 +177,16 @@ def test_kid_and_prc_embed_the_real_images_once_per_process(fast_smoke, smoke_wo
             path = milestone(smoke_workdir, outcomes[0], step)
             scores.append(score_checkpoint(path, manifest, fid, smoke_workdir, progress=False, pool=pool)[0])
     assert len(loads) == 1  # the statistics and the features of the real images come from one read
+    # the real images standing in for the samples: KID near 0, the real manifold covered (recall 1) and nearly every
+    # image inside it (the 80 outside the reference too); the 30-step smoke checkpoints are far from it
+    real = original(manifest)[0]  # all 200 (more than the 128 feature dimensions), the 120 of the reference among them
+    monkeypatch.setattr(sampling, "generate", lambda *a, **k: real)
+    ideal = score_checkpoint(path, manifest, fid, smoke_workdir, progress=False)[0]
+    assert len(loads) == 1  # a third checkpoint reads them no more
+    assert ideal["recall"] == 1.0 and ideal["precision"] > 0.9, ideal
     for metrics in scores:
-        assert metrics["kid"] > 0 and 0 <= metrics["precision"] <= 1 and 0 <= metrics["recall"] <= 1
+        assert metrics["kid"] > 0 and abs(ideal["kid"]) < 0.01 * metrics["kid"], (ideal, metrics)
+        assert metrics["precision"] < ideal["precision"] - 0.3, (ideal, metrics)
 
 
 def test_scoring_a_sweep_logs_fid_at_the_milestones(fast_smoke, smoke_workdir, mlflow_uri):
@@ -186,12 +207,13 @@ def test_scoring_a_sweep_logs_fid_at_the_milestones(fast_smoke, smoke_workdir, m
         run_fid(other, smoke_workdir, progress=False)
 
 
-def test_a_trained_model_scores_better_later(smoke_workdir, ray_session):
-    """Train a tiny DiT on the toy shards in-process; its 400-step EMA beats its 10-step EMA."""
+@pytest.fixture(scope="module")
+def trained(smoke_workdir, ray_session):
+    """A tiny DiT trained on the toy shards in-process (eps + learned sigma, label dropout 0.1): its EMA weights after
+    10 and 400 steps, {step: path}."""
     from dit_core import DiffusionConfig, DiT, GaussianDiffusion, create_ema, save_checkpoint, update_ema
     from pipeline.data import make_loader
 
-    manifest = Manifest.load(f"{smoke_workdir}/shards/smoke")
     torch.manual_seed(0)
     model = DiT.from_preset("DiT-d4w128/4", input_size=16, in_channels=3, num_classes=4)
     ema, diffusion = create_ema(model), GaussianDiffusion(DiffusionConfig())
@@ -207,13 +229,92 @@ def test_a_trained_model_scores_better_later(smoke_workdir, ray_session):
         opt.step()
         update_ema(ema, model, 0.95)
         if step in (10, 400):
-            paths[step] = save_checkpoint(
-                Path(smoke_workdir) / "own" / f"ema-{step}.pt", model=ema, step=step, config=config
-            )
+            path = Path(smoke_workdir) / "own" / f"ema-{step}.pt"
+            paths[step] = str(save_checkpoint(path, model=ema, step=step, config=config))
+    return paths
+
+
+def test_a_trained_model_scores_better_later(trained, smoke_workdir):
+    """The trained DiT's 400-step EMA beats its 10-step EMA."""
+    manifest = Manifest.load(f"{smoke_workdir}/shards/smoke")
     fid = load_experiment("smoke", FAST).fid
-    early, _, _ = score_checkpoint(str(paths[10]), manifest, fid, smoke_workdir, progress=False)
-    late, _, _ = score_checkpoint(str(paths[400]), manifest, fid, smoke_workdir, progress=False)
+    early, _, _ = score_checkpoint(trained[10], manifest, fid, smoke_workdir, progress=False)
+    late, _, _ = score_checkpoint(trained[400], manifest, fid, smoke_workdir, progress=False)
     assert late["fid"] < early["fid"], (early, late)
+
+
+def test_guidance_raises_the_class_accuracy_of_a_trained_model(trained, smoke_workdir):
+    """fid.cfg_scale through the stage: guided samples of the trained DiT are classified as their label more often
+    (measured: 58% unguided, 83% at scale 2), and the run's facts say how they were drawn."""
+    manifest = Manifest.load(f"{smoke_workdir}/shards/smoke")
+    fid = load_experiment("smoke", FAST).fid
+    with SamplerPool(manifest.codec, fid, workers=2) as pool:
+        plain, _, _ = score_checkpoint(trained[400], manifest, fid, smoke_workdir, progress=False, pool=pool)
+        guided, _, facts = score_checkpoint(
+            trained[400], manifest, replace(fid, cfg_scale=2.0), smoke_workdir, progress=False, pool=pool
+        )
+    assert guided["class_accuracy"] > plain["class_accuracy"] + 0.1, (plain, guided)
+    assert facts["fid.cfg_scale"] == "2.0" and facts["fid.evaluations_per_image"] == "20"
+
+
+def drawn_by_hand(path: str, manifest: Manifest, fid: FidConfig, index: int, count: int) -> np.ndarray:
+    """Slice `index` drawn with dit_core alone, as docs/fid.md describes the stage: the checkpoint's EMA DiT, the
+    sampler `fid.sampler` respaced to `fid.sampling_steps`, `make_denoiser` with the guidance settings, the slice's
+    labels and seed, the dataset's decoder."""
+    from dit_core import DDIMSampler, DDPMSampler, DiffusionConfig, DiT, make_denoiser
+    from dit_core.checkpoint import load_checkpoint, model_config_from_checkpoint
+    from pipeline.codecs import codec_from_info, tensor_to_images
+
+    ckpt = load_checkpoint(path)
+    model = DiT(model_config_from_checkpoint(ckpt)).eval()
+    model.load_state_dict(ckpt["model"])
+    sampler = {"ddpm": DDPMSampler, "ddim": DDIMSampler}[fid.sampler]
+    sampler = sampler(DiffusionConfig(**ckpt["config"]["diffusion"]), respacing=str(fid.sampling_steps))
+    denoise = make_denoiser(model, fid.cfg_scale, fid.guidance_channels or None, fid.guidance_interval or None)
+    c = model.config
+    g = torch.Generator().manual_seed(fid.seed * 1_000_003 + index)
+    y = slice_labels(fid, index, count, c.num_classes)
+    noise = torch.randn(count, c.in_channels, c.input_size, c.input_size, generator=g)  # (N, C, H, W)
+    with torch.no_grad():
+        return tensor_to_images(codec_from_info(manifest.codec).decode(sampler.sample(denoise, noise, y, generator=g)))
+
+
+def test_the_papers_ddpm_sampler_with_learned_variance(fast_smoke, smoke_workdir):
+    """fid.sampler=ddpm (the default, the paper's protocol) on a smoke checkpoint (eps + learned sigma), over 5
+    respaced steps: the same images whatever the number of workers, each slice what DDPMSampler gives, ancestral
+    noise that makes them differ from DDIM's, and a finite score."""
+    experiment, outcomes = fast_smoke
+    manifest = Manifest.load(f"{smoke_workdir}/shards/smoke")
+    path = milestone(smoke_workdir, outcomes[0], 30)
+    assert torch.load(path, weights_only=True)["config"]["diffusion"]["learn_sigma"]
+    ddpm = replace(experiment.fid, sampler=FidConfig().sampler, sampling_steps=5, num_samples=150)
+    assert ddpm.sampler == "ddpm"
+    one = generate(path, manifest.codec, ddpm, workers=1, progress=False)
+    two = generate(path, manifest.codec, ddpm, workers=2, progress=False)
+    np.testing.assert_array_equal(one, two)
+    np.testing.assert_array_equal(one[50:100], drawn_by_hand(path, manifest, ddpm, 1, 50))
+    ddim = generate(path, manifest.codec, replace(ddpm, sampler="ddim"), workers=2, progress=False)
+    assert not np.array_equal(one, ddim)  # same noise, labels and steps; DDPM adds fresh noise at every step
+    metrics, _, facts = score_checkpoint(path, manifest, ddpm, smoke_workdir, progress=False)
+    assert np.isfinite(metrics["fid"]) and metrics["fid"] > 0 and facts["fid.sampler"] == "ddpm-5"
+
+
+def test_guidance_and_its_interval_reach_the_sampler(fast_smoke, smoke_workdir):
+    """fid.cfg_scale and fid.guidance_interval through the stage: a guided slice is what make_denoiser gives with
+    them; guiding changes the images, and guiding only inside [0.3, 0.7] gives neither the unguided nor the
+    always-guided ones."""
+    experiment, outcomes = fast_smoke
+    manifest = Manifest.load(f"{smoke_workdir}/shards/smoke")
+    path = milestone(smoke_workdir, outcomes[-1], 30)
+    plain = replace(experiment.fid, num_samples=60, slice_size=30)
+    always = replace(plain, cfg_scale=4.0)
+    inside = replace(always, guidance_interval=(0.3, 0.7))
+    with SamplerPool(manifest.codec, plain, workers=2) as pool:
+        images = {f: generate(path, manifest.codec, f, progress=False, pool=pool) for f in (plain, always, inside)}
+    for fid in (always, inside):
+        np.testing.assert_array_equal(images[fid][30:], drawn_by_hand(path, manifest, fid, 1, 30))
+    assert not np.array_equal(images[plain], images[always]) and not np.array_equal(images[plain], images[inside])
+    assert not np.array_equal(images[always], images[inside])
 
 
 @pytest.mark.parametrize("labels", ["balanced", "uniform"])
@@ -278,6 +379,51 @@ def test_bad_inputs_give_clear_errors(fast_smoke, smoke_workdir, tmp_path):
         )
     with pytest.raises(ConfigError, match="classifier_steps"):
         FidConfig(classifier_steps=-1, classifier_seconds=0)
+
+
+def test_a_reference_npz_replaces_the_dataset_statistics(fast_smoke, smoke_workdir, tmp_path):
+    """fid.reference_npz (an ADM reference batch: mu, sigma) is what the samples are scored against: the dataset's
+    own cached statistics written to one give the cache's FID; with mu moved by d = mu_r - mu_g (as far again from
+    the samples' mean) the mean term |mu_g - mu_r|^2 of the FID becomes 4x, the covariance term stays."""
+    experiment, outcomes = fast_smoke
+    manifest = Manifest.load(f"{smoke_workdir}/shards/smoke")
+    path = milestone(smoke_workdir, outcomes[0], 30)
+    fid = experiment.fid
+    weights = extractor_weights(fid, manifest, smoke_workdir)
+    extractor = make_extractor(fid, weights, False, ["feat"])
+    ref, _ = reference_statistics(fid, manifest, smoke_workdir, weights, extractor, False)
+    with SamplerPool(manifest.codec, fid, workers=2) as pool:
+        cached, samples, _ = score_checkpoint(path, manifest, fid, smoke_workdir, progress=False, pool=pool)
+        mu_g = statistics(reference.features(samples, extractor, False)["feat"])["mu"]
+        mean_term = float((mu_g - ref["mu"]) @ (mu_g - ref["mu"]))
+        np.savez(tmp_path / "same.npz", mu=ref["mu"], sigma=ref["sigma"])
+        np.savez(tmp_path / "shifted.npz", mu=2 * ref["mu"] - mu_g, sigma=ref["sigma"])
+        scores = {}
+        for name in ("same", "shifted"):
+            npz = replace(fid, reference_npz=str(tmp_path / f"{name}.npz"))
+            scores[name], _, facts = score_checkpoint(path, manifest, npz, smoke_workdir, progress=False, pool=pool)
+            assert facts["fid.reference"] == npz.reference_npz
+    assert scores["same"]["fid"] == pytest.approx(cached["fid"], rel=1e-9)
+    assert mean_term > 1 and scores["shifted"]["fid"] == pytest.approx(cached["fid"] + 3 * mean_term, rel=1e-6)
+
+
+def test_cached_statistics_made_for_another_key_are_refused(fast_smoke, smoke_workdir, tmp_path):
+    """A cached reference file whose stored key is not the one asked for (another dataset's, copied or renamed into
+    place) is refused, with the fix, instead of being used."""
+    experiment, _ = fast_smoke
+    manifest = Manifest.load(f"{smoke_workdir}/shards/smoke")
+    fid, workdir = experiment.fid, str(tmp_path / "work")
+    weights = extractor_weights(fid, manifest, workdir, real_images(manifest))
+    extractor = make_extractor(fid, weights, False, ["feat"])
+    reference_statistics(fid, manifest, workdir, weights, extractor, False)
+    (cache,) = Workspace(workdir).fid_reference.glob("*.npz")
+    with np.load(cache) as npz:
+        stats, key = {k: npz[k] for k in ("mu", "sigma")}, json.loads(str(npz["key"]))
+    np.savez(cache, **stats, key=json.dumps({**key, "resolution": 32}, sort_keys=True))
+    with pytest.raises(
+        ValueError, match=r"reference statistics .* were made for .*'resolution': 32.*: delete the file"
+    ):
+        reference_statistics(fid, manifest, workdir, weights, extractor, False)
 
 
 # A stand-in for facebookresearch/dinov2 in a pre-filled torch.hub cache: the entry point torch-fidelity calls
