@@ -10,6 +10,7 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 import torch
 
 from pipeline import tracking
@@ -318,7 +319,7 @@ def test_the_mlflow_server_killed_mid_sweep_comes_back_and_no_point_is_lost(smok
 # ---------------------------------------------------------------------------------------------------------------
 
 NODE_LOSS_SCRIPT = r"""
-import json, sys, threading, time
+import json, os, sys, threading, time
 from pathlib import Path
 import ray
 from ray.cluster_utils import Cluster
@@ -329,35 +330,38 @@ from pipeline.sweep import run_sweep
 
 workdir = sys.argv[1]
 cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})  # the head runs no training worker
-nodes = [cluster.add_node(num_cpus=1), cluster.add_node(num_cpus=1)]
+nodes = [cluster.add_node(num_cpus=1) for _ in range(3)]
 cluster.wait_for_nodes()
 ray.init(address=cluster.address, log_to_driver=False)
-experiment = load_experiment("smoke", ["name=faults-node", "grid.presets=[DiT-d4w128/4]", "train.steps=100",
-    "train.ckpt_every_steps=20", "train.log_every_steps=10", "train.milestone_steps=[100]", "train.val_every_steps=50",
-    "train.global_batch_size=32", "resources.max_concurrent_trials=1"])
+experiment = load_experiment("smoke", ["name=faults-node", "grid.presets=[DiT-d2w64/4]", "train.steps=60",
+    "train.ckpt_every_steps=20", "train.log_every_steps=5", "train.milestone_steps=[60]", "train.val_every_steps=60",
+    "resources.workers_per_trial=2", "resources.max_concurrent_trials=1"])
 layout = plan_sweep(experiment, workdir).layout(plan_sweep(experiment, workdir).trials[0])
 lost = {}
 
-def remove_the_workers_node():
+def remove_a_workers_node():
     snapshot = Path(layout.root) / "checkpoint_manager_snapshot.json"
     while not (snapshot.exists() and "checkpoint_" in snapshot.read_text()):  # its first checkpoint is in storage
         time.sleep(0.05)
-    node_id = layout.worker(0)["node_id"]
-    lost.update(node=node_id, pid=layout.worker(0)["pid"])
+    lost.update(before=[layout.worker(r) for r in range(2)])
+    node_id = layout.worker(1)["node_id"]
     cluster.remove_node(next(n for n in nodes if n.node_id == node_id), allow_graceful=False)
+    lost["node"] = node_id
 
-threading.Thread(target=remove_the_workers_node, daemon=True).start()
+threading.Thread(target=remove_a_workers_node, daemon=True).start()
 (outcome,) = run_sweep(experiment, workdir)
-uri = __import__("os").environ["MLFLOW_TRACKING_URI"]
-print("RESULT " + json.dumps({"status": outcome.status, "step": outcome.step, "lost": lost,
-    "worker": layout.worker(0), "done": layout.done_step(), "nodes": [n.node_id for n in nodes],
-    "loss_steps": [s for s, _ in tracking.metric_history(uri, outcome.mlflow_run_id, "loss")]}))
+uri = os.environ["MLFLOW_TRACKING_URI"]
+series = {k: tracking.metric_history(uri, outcome.mlflow_run_id, k) for k in ("loss", "loss_rank0", "loss_rank1")}
+print("RESULT " + json.dumps({"status": outcome.status, "step": outcome.step, "lost": lost, "done": layout.done_step(),
+    "after": [layout.worker(r) for r in range(2)], "nodes": [n.node_id for n in nodes], "series": series}))
 ray.shutdown()
 cluster.shutdown()
 """
 
 
-def test_a_lost_node_moves_the_trial_to_the_other_node_from_its_checkpoint(smoke_workdir, mlflow_uri):
+def test_a_lost_node_moves_the_trial_to_the_nodes_left_from_its_checkpoint(smoke_workdir, mlflow_uri):
+    """Three 1-CPU nodes, a trial of two DDP workers (one per node); the node of rank 1 is removed after the first
+    checkpoint. The trial restarts on the two nodes left, from that checkpoint, and finishes its steps."""
     env = {**os.environ, "MLFLOW_TRACKING_URI": mlflow_uri}
     env.pop("RAY_ADDRESS", None)
     out = subprocess.run(
@@ -371,9 +375,16 @@ def test_a_lost_node_moves_the_trial_to_the_other_node_from_its_checkpoint(smoke
     lines = [line for line in out.stdout.splitlines() if line.startswith("RESULT ")]
     assert lines, out.stdout[-3000:] + out.stderr[-5000:]
     result = json.loads(lines[0][len("RESULT ") :])
-    assert result["lost"], "the node was never removed"
-    assert result["status"] == "done" and result["step"] == result["done"] == 100
-    worker = result["worker"]
-    assert worker["node_id"] != result["lost"]["node"] and worker["node_id"] in result["nodes"]  # the other node
-    assert worker["start_step"] >= 20  # from its latest checkpoint, not from 0
-    assert set(result["loss_steps"]) == set(range(10, 101, 10)) and result["loss_steps"][-1] == 100
+    assert "node" in result["lost"], "the node was never removed"
+    before, after = result["lost"]["before"], result["after"]
+    assert len({w["node_id"] for w in before}) == 2  # one worker per node
+    assert result["status"] == "done" and result["step"] == result["done"] == 60
+    assert {w["node_id"] for w in after} <= set(result["nodes"]) - {result["lost"]["node"]}  # the nodes left
+    assert len({w["node_id"] for w in after}) == 2 and all(w["start_step"] >= 20 for w in after)  # from a checkpoint
+    loss, r0, r1 = (result["series"][k] for k in ("loss", "loss_rank0", "loss_rank1"))
+    assert sorted({s for s, _ in loss}) == list(range(5, 61, 5))
+    once = {s for s, _ in loss if sum(t == s for t, _ in loss) == 1}  # steps logged once (not redone after the loss)
+    for (step, mean), (_, a), (_, b) in zip(loss, r0, r1):
+        if step in once:
+            assert mean == pytest.approx((a + b) / 2, rel=1e-6)  # the mean over ranks, not divided by the world size
+    assert any(a != pytest.approx(b) for (_, a), (_, b) in zip(r0, r1))  # the ranks saw different data
