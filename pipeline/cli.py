@@ -5,7 +5,7 @@ ditscale prepare SRC OUT [--set resolution=32 ...]      shards of latents (field
 ditscale sweep|fid|analyze|run EXPERIMENT [--set ...]    the stages of a study (fields of ExperimentConfig)
 ditscale status EXPERIMENT                              each trial's state, step, loss, FID; the time left
 ditscale presets [--preset P ...] [--all-options]       the DiT presets with params and Gflops
-ditscale demo [--seconds 60]                            dit_core on its own: train, sample, score on the CPU
+ditscale demo [--seconds 60 | --steps N]                dit_core on its own: train, sample, score on the CPU
 """
 
 from __future__ import annotations
@@ -127,7 +127,7 @@ def _cmd_status(args: argparse.Namespace) -> int:
 def _cmd_demo(args: argparse.Namespace) -> int:
     from dit_core.demo import run_demo
 
-    result = run_demo(train_seconds=args.seconds, seed=args.seed)
+    result = run_demo(train_seconds=args.seconds, train_steps=args.steps, seed=args.seed)
     return 0 if result["passed"] else 1
 
 
@@ -221,6 +221,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="train a tiny DiT on a synthetic distribution on the CPU and check its samples")
     p.add_argument("--seconds", type=float, default=60.0, help="training time budget in seconds")
+    p.add_argument("--steps", type=int, default=0, help="train exactly this many steps instead")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=_cmd_demo)
     return parser

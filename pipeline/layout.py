@@ -97,7 +97,7 @@ class TrialLayout:
     def failure_file(self) -> str:
         return f"{self.root}/ditscale_failed.json"
 
-    def mark_failed(self, kind: str, reason: str, step: int) -> None:
+    def mark_failed(self, kind: str, reason: str, step: int | None) -> None:
         """Record why the trial stopped: kind "diverged" (a re-run would diverge again: it is not retried) or
         "error" (it failed for good this time; a re-run tries again)."""
         write_json(self.failure_file, {"kind": kind, "reason": reason, "step": step, "unix_s": time.time()})

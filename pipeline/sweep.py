@@ -50,7 +50,7 @@ def manifest_hash(manifest: Manifest) -> str:
 
 def run_trial(job: TrialJob) -> None:
     """Build and fit the trial's TorchTrainer (resuming from storage if it exists); runs in a Tune trial actor."""
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig, TrainingFailedError
     from ray.train.torch import TorchTrainer
     from ray.tune.integration.ray_train import TuneReportCallback
 
@@ -76,8 +76,6 @@ def run_trial(job: TrialJob) -> None:
             callbacks=[TuneReportCallback()],
         ),
     )
-    from ray.train import TrainingFailedError
-
     if job.layout.failure() is not None:  # an error of an earlier attempt: this one tries again
         job.layout.clear_failure()
     try:

@@ -93,6 +93,10 @@ def finite_weights(state: dict[str, torch.Tensor]) -> bool:
     return all(bool(torch.isfinite(t).all()) for t in state.values() if torch.is_floating_point(t))
 
 
+class ConfigMismatch(ValueError):
+    """A checkpoint of another architecture in the trial's folder: never skipped silently."""
+
+
 def readable_state(folder: str, model_config, device: torch.device) -> dict[str, Any]:
     """The checkpoint in a Ray Train checkpoint folder, loaded and checked: ValueError if it is unreadable
     (truncated, corrupt, not a dit_core checkpoint) or holds non-finite weights; a checkpoint of another architecture
@@ -104,10 +108,6 @@ def readable_state(folder: str, model_config, device: torch.device) -> dict[str,
     if not finite_weights(state["model"]) or not finite_weights(state.get("ema", {})):
         raise ValueError(f"checkpoint {folder} holds non-finite weights")
     return state
-
-
-class ConfigMismatch(ValueError):
-    """A checkpoint of another architecture in the trial's folder: never skipped silently."""
 
 
 def restore_newest(latest, layout: TrialLayout, model_config, device: torch.device) -> tuple[dict[str, Any], dict]:
@@ -320,7 +320,7 @@ def train_loop_per_worker(loop_config: dict[str, TrialJob]) -> None:
         done = step + 1
 
         ckpt_now = done % train.ckpt_every_steps == 0 or done in milestones or done == train.steps
-        losses = window["loss"]  # this window's per-step losses (the divergence check reads them below)
+        losses = window["loss"]  # this window's per-step losses, kept for the divergence check after logging
         report = {"step": done, "steps": train.steps}
         if log_now:
             local = torch.stack([torch.stack(window[k]).float().mean() for k in ("loss", "mse", "vb", "grad_norm")])
@@ -361,7 +361,7 @@ def train_loop_per_worker(loop_config: dict[str, TrialJob]) -> None:
             window = {k: [] for k in window}
             window_steps = 0
 
-        if log_now or ckpt_now:  # (before the window is reset below; never a non-finite checkpoint or milestone)
+        if log_now or ckpt_now:  # before any checkpoint or milestone: never a non-finite one
             diverged = divergence(
                 losses, done - len(losses) + 1, done if ckpt_now else None, (model, ema), world, device
             )

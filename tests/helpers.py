@@ -1,5 +1,6 @@
-"""Builders the tests share: a tiny AutoencoderKL (random weights) made and saved locally, never downloaded, and a
-shard manifest of 200 pixel-codec samples at 16 px that no shards stand behind."""
+"""What the tests share: the fast FID settings, waiting on progress (never on a speed), a tiny AutoencoderKL (random
+weights) made and saved locally, never downloaded, and a shard manifest of 200 pixel-codec samples at 16 px that no
+shards stand behind."""
 
 from pathlib import Path
 
@@ -82,3 +83,22 @@ def trial_runs(uri: str, sweep: str) -> list:
     experiments = [e.experiment_id for e in client.search_experiments()]
     query = f"tags.`ditscale.role` = 'trial' and tags.`ditscale.sweep` = '{sweep}'"
     return client.search_runs(experiments, filter_string=query, max_results=1000)
+
+
+def wait_for(condition, what: str, proc=None, stall_s: float = 600.0) -> None:
+    """Wait until `condition()` holds. Not a speed requirement: fails only if the subprocess `proc` exits first, or
+    after `stall_s` seconds (a guard against a hang)."""
+    import time
+
+    deadline = time.monotonic() + stall_s
+    while not condition():
+        if proc is not None and proc.poll() is not None:
+            raise AssertionError(f"the process exited ({proc.returncode}) before {what}")
+        assert time.monotonic() < deadline, f"no {what} after {stall_s:.0f} s"
+        time.sleep(0.05)
+
+
+def registered_checkpoint(trial_dir) -> bool:
+    """Ray Train has registered a checkpoint of the trial (its snapshot names one once it is complete)."""
+    snapshot = Path(trial_dir) / "checkpoint_manager_snapshot.json"
+    return snapshot.exists() and "checkpoint_" in snapshot.read_text()

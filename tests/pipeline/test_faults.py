@@ -3,11 +3,11 @@ corrupt latest checkpoint, more steps on a finished sweep, Ctrl-C, the MLflow se
 
 import json
 import os
+import shutil
 import signal
 import sqlite3
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -18,25 +18,9 @@ from pipeline.experiment_files import load_experiment
 from pipeline.plan import plan_sweep
 from pipeline.status import gather, study_status
 from pipeline.sweep import main_sweep, run_sweep
+from tests.helpers import registered_checkpoint, wait_for
 
 ROOT = Path(__file__).resolve().parents[2]
-
-
-def wait_for(condition, what: str, proc: subprocess.Popen | None = None, stall_s: float = 600.0):
-    """Wait until `condition()` holds. Not a speed requirement: fails only if `proc` exits first, or after
-    `stall_s` seconds (a guard against a hang)."""
-    deadline = time.monotonic() + stall_s
-    while not condition():
-        if proc is not None and proc.poll() is not None:
-            raise AssertionError(f"the process exited ({proc.returncode}) before {what}")
-        assert time.monotonic() < deadline, f"no {what} after {stall_s:.0f} s"
-        time.sleep(0.05)
-
-
-def registered_checkpoint(trial_dir: Path) -> bool:
-    """Ray Train has registered a checkpoint of the trial (written once it is complete)."""
-    snapshot = trial_dir / "checkpoint_manager_snapshot.json"
-    return snapshot.exists() and "checkpoint_" in snapshot.read_text()
 
 
 def cli(*args: str) -> list[str]:
@@ -114,6 +98,29 @@ def test_a_diverging_trial_stops_at_once_and_the_others_go_on(smoke_workdir, mlf
     outcomes = run_sweep(experiment, smoke_workdir)
     assert "1 diverged earlier" in capsys.readouterr().out
     assert [o.status for o in sorted(outcomes, key=lambda o: o.trial.experiment.train.lr)] == ["done", "failed"]
+
+
+def test_a_trial_that_fails_for_good_is_recorded_with_its_reason(smoke_workdir, mlflow_uri, tmp_path, capsys):
+    """A shard cut short under the trial: its worker group fails, Ray Train restarts it (resources.max_failures=1),
+    it fails again; the trial is then recorded as failed with the error's own words and its run is FAILED, and Tune
+    does not start it a third time."""
+    shards = tmp_path / "shards"
+    shutil.copytree(f"{smoke_workdir}/shards/smoke", shards)
+    for tar in shards.glob("train-*.tar"):
+        tar.write_bytes(tar.read_bytes()[: tar.stat().st_size // 2])
+    experiment = load_experiment(
+        "smoke",
+        ["name=faults-error", f"data.shards={shards}", "grid.presets=[DiT-d2w64/8]", "resources.max_failures=1"],
+    )
+    assert main_sweep(experiment, smoke_workdir, dry_run=False) == 1
+    plan = plan_sweep(experiment, smoke_workdir)
+    failure = plan.layout(plan.trials[0]).failure()
+    assert failure["kind"] == "error" and "truncated tar shard" in failure["reason"]
+    assert "re-run `ditscale prepare`" in failure["reason"]  # the reader's own advice reaches the table
+    assert f"failed: {failure['reason']}" in capsys.readouterr().out
+    (run,) = tracking.trial_runs_by_name(mlflow_uri, experiment.mlflow_experiment, experiment.name).values()
+    assert run.info.status == "FAILED" and run.data.tags["ditscale.failure"] == failure["reason"]
+    assert plan.status(plan.trials[0]) == "new"  # not "diverged": the same command tries it again
 
 
 # ---------------------------------------------------------------------------------------------------------------

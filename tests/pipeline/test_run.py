@@ -13,8 +13,7 @@ from pipeline.fid.score import ScoringWhileTraining
 from pipeline.layout import Workspace
 from pipeline.plan import plan_sweep
 from pipeline.run import run_all
-from tests.helpers import FAST_FID, trial_runs
-from tests.pipeline.test_faults import wait_for
+from tests.helpers import FAST_FID, trial_runs, wait_for
 
 MINI = [
     "name=quickstart-mini",

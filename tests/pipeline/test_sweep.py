@@ -17,7 +17,7 @@ from pipeline.config import ConfigError
 from pipeline.experiment_files import load_experiment
 from pipeline.plan import plan_sweep
 from pipeline.sweep import check_cluster, max_concurrent, run_sweep
-from tests.helpers import trial_runs
+from tests.helpers import registered_checkpoint, trial_runs, wait_for
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -39,6 +39,19 @@ def test_smoke_sweep_runs_every_trial_to_the_end(smoke, smoke_workdir, mlflow_ur
         assert sorted(milestones) == [15, 30] and all(Path(p).is_file() for p in milestones.values())
         assert Path(milestones[30]).name == "ema-0000030.pt"
         assert len(glob.glob(f"{layout.root}/checkpoint_*/checkpoint.pt")) == experiment.train.keep_checkpoints
+
+
+def test_the_largest_trials_start_first(smoke, smoke_workdir):
+    """Two slots and four trials listed smallest-first-ish in the grid (d2w64/4, d2w64/8, d4w128/4, d4w128/8): the two
+    with the most training compute take the slots; each of the others starts only after one of them has finished."""
+    experiment, outcomes = smoke
+    plan = plan_sweep(experiment, smoke_workdir)
+    by_compute = sorted(plan.trials, key=lambda t: -t.training_compute["flops"])
+    assert [t.preset for t in plan.trials] != [t.preset for t in by_compute]  # the grid's own order is another
+    started = {t.run_name: plan.layout(t).worker(0)["started_unix_s"] for t in plan.trials}
+    finished = {t.run_name: plan.layout(t).done_record()["finished_unix_s"] for t in plan.trials}
+    first_end = min(finished[t.run_name] for t in by_compute[:2])
+    assert all(started[t.run_name] > first_end for t in by_compute[2:])
 
 
 def test_mlflow_has_one_parent_and_a_child_per_trial(smoke, mlflow_uri):
@@ -107,14 +120,12 @@ def test_killed_worker_is_replaced_and_the_trial_finishes(smoke_workdir, mlflow_
     )
     layout = plan_sweep(experiment, smoke_workdir).layout(plan_sweep(experiment, smoke_workdir).trials[0])
     trial_dir = Path(layout.root)
-    killed = {}
+    killed, swept = {}, threading.Event()
 
-    def killer():
-        deadline = time.time() + 900  # a guard, not a speed requirement: ends at the first checkpoint
-        while time.time() < deadline:
+    def killer():  # waits for the first checkpoint as long as the sweep runs (no deadline)
+        while not swept.is_set():
             info = Path(layout.worker_file(0))
-            snapshot = trial_dir / "checkpoint_manager_snapshot.json"  # written once Train has registered one
-            if info.exists() and snapshot.exists() and "checkpoint_" in snapshot.read_text():
+            if info.exists() and registered_checkpoint(trial_dir):
                 pid = json.loads(info.read_text())["pid"]
                 os.kill(pid, signal.SIGKILL)
                 killed["pid"] = pid
@@ -124,7 +135,8 @@ def test_killed_worker_is_replaced_and_the_trial_finishes(smoke_workdir, mlflow_
     thread = threading.Thread(target=killer, daemon=True)
     thread.start()
     outcomes = run_sweep(experiment, smoke_workdir)
-    thread.join(timeout=5)
+    swept.set()
+    thread.join()
     assert "pid" in killed, "the worker was never killed"
     assert outcomes[0].status == "done" and outcomes[0].step == 160
     restarted = layout.worker(0)
@@ -157,11 +169,7 @@ def test_interrupted_sweep_resumes(smoke_workdir, mlflow_uri, capsys):
     proc = subprocess.Popen(
         cmd, cwd=ROOT, env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
     )
-    snapshot = trial_dir / "checkpoint_manager_snapshot.json"  # written once Train has registered a checkpoint
-    deadline = time.time() + 900  # a guard, not a speed requirement: ends at the first checkpoint
-    while time.time() < deadline and not (snapshot.exists() and "checkpoint_" in snapshot.read_text()):
-        assert proc.poll() is None, "the sweep ended before it could be interrupted"
-        time.sleep(0.05)
+    wait_for(lambda: registered_checkpoint(trial_dir), "a first checkpoint", proc)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     assert plan.layout(plan.trials[0]).done_step() is None
