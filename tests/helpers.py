@@ -85,16 +85,36 @@ def trial_runs(uri: str, sweep: str) -> list:
     return client.search_runs(experiments, filter_string=query, max_results=1000)
 
 
-def wait_for(condition, what: str, proc=None, stall_s: float = 600.0) -> None:
-    """Wait until `condition()` holds. Not a speed requirement: fails only if the subprocess `proc` exits first, or
-    after `stall_s` seconds (a guard against a hang)."""
+def newest_change(folder) -> float:
+    """The latest modification time of anything under `folder` (0 if nothing): files come and go as a job runs."""
+    newest = 0.0
+    for path in Path(folder).rglob("*"):
+        try:
+            newest = max(newest, path.stat().st_mtime)
+        except OSError:
+            continue
+    return newest
+
+
+def wait_for(condition, what: str, proc=None, stall_s: float = 600.0, watch=None, failed=None) -> None:
+    """Wait until `condition()` holds. Not a speed requirement: it fails only if the subprocess `proc` exits first,
+    `failed()` returns an error, or nothing progresses for `stall_s` seconds (a hang): with `watch`, a folder, any
+    change under it counts as progress."""
     import time
 
-    deadline = time.monotonic() + stall_s
+    last_progress, seen, scanned = time.monotonic(), None, 0.0
     while not condition():
         if proc is not None and proc.poll() is not None:
             raise AssertionError(f"the process exited ({proc.returncode}) before {what}")
-        assert time.monotonic() < deadline, f"no {what} after {stall_s:.0f} s"
+        error = failed() if failed is not None else None
+        if error is not None:
+            raise AssertionError(f"failed before {what}: {error!r}")
+        now = time.monotonic()
+        if watch is not None and now - scanned > 5:
+            scanned, newest = now, newest_change(watch)
+            if newest != seen:
+                seen, last_progress = newest, now
+        assert now - last_progress < stall_s, f"no {what}, and no progress for {stall_s:.0f} s"
         time.sleep(0.05)
 
 

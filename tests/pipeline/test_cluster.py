@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import trial_runs
+from tests.helpers import newest_change, trial_runs
 
 ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
@@ -40,17 +40,6 @@ JOB = [
     "fid.slice_size=75",
     "fid.batch_size=75",
 ]
-
-
-def newest_change(folder: Path) -> float:
-    """The latest modification time of a file under `folder` (0 if none): files come and go while a job runs."""
-    newest = 0.0
-    for path in folder.rglob("*"):
-        try:
-            newest = max(newest, path.stat().st_mtime)
-        except OSError:
-            continue
-    return newest
 
 
 STARTED: list[Path] = []  # temp dirs of the clusters this module started

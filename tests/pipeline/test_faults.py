@@ -222,7 +222,7 @@ def test_ctrl_c_stops_cleanly_and_the_rerun_continues_as_if_never_stopped(smoke_
         stderr=subprocess.PIPE,
         text=True,
     )
-    wait_for(lambda: registered_checkpoint(Path(layout.root)), "a first checkpoint", proc)
+    wait_for(lambda: registered_checkpoint(Path(layout.root)), "a first checkpoint", proc, watch=plan.storage)
     status = gather(experiment, smoke_workdir)  # while it trains
     assert status.live is not None and status.live.pid == proc.pid and status.trials[0].state == "running"
 
@@ -304,7 +304,7 @@ def test_the_mlflow_server_killed_mid_sweep_comes_back_and_no_point_is_lost(smok
         text=True,
     )
     db = workdir / "mlflow.db"
-    wait_for(lambda: len(logged_steps(db, "loss")) >= 1, "a first loss point", proc)
+    wait_for(lambda: len(logged_steps(db, "loss")) >= 1, "a first loss point", proc, watch=workdir)
     (first,) = server_pids(db)
     os.kill(first, signal.SIGKILL)
     killed_after = logged_steps(db, "loss")[-1][0]

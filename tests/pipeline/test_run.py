@@ -86,10 +86,10 @@ def test_milestones_are_scored_as_they_land(smoke_sweep, smoke_workdir, mlflow_u
     with ScoringWhileTraining(experiment, smoke_workdir, mlflow_uri, poll_s=0.2) as scoring:
         assert scoring.reserved == {"CPU": 0.5, "GPU": 0}
         land(15)
-        wait_for(lambda: scored() == [15], "the score of the first milestone")
+        wait_for(lambda: scored() == [15], "the score of the first milestone", failed=lambda: scoring.error)
         assert scoring.thread.is_alive()  # scored by the watcher, before training is declared over
         land(30)
-        wait_for(lambda: scored() == [15, 30], "the score of the second milestone")
+        wait_for(lambda: scored() == [15, 30], "the score of the second milestone", failed=lambda: scoring.error)
         records = scoring.finish()
     assert [(r["run_name"], r["step"]) for r in records] == [(trial.run_name, 15), (trial.run_name, 30)]
     assert all(r["fid"] > 0 for r in records)
