@@ -12,14 +12,18 @@ from pipeline.prepare import PrepareConfig, prepare
 from pipeline.toy import ToyDataConfig, write_toy_dataset
 
 
+def toy_shards(root, per_class: int, samples_per_shard: int) -> str:
+    """Pixel-codec shards of 3 toy classes at 16 px under `root`."""
+    write_toy_dataset(root / "src", ToyDataConfig(num_classes=3, per_class=per_class, resolution=16), progress=False)
+    config = PrepareConfig(resolution=16, codec=CodecConfig(kind="pixel"), samples_per_shard=samples_per_shard)
+    prepare(str(root / "src"), str(root / "shards"), config, progress=False)
+    return str(root / "shards")
+
+
 @pytest.fixture(scope="module")
 def shards(ray_session, tmp_path_factory):
     """30 toy images of 3 classes at 16 px in 4 uneven shards (8, 8, 7, 7)."""
-    root = tmp_path_factory.mktemp("data")
-    write_toy_dataset(root / "src", ToyDataConfig(num_classes=3, per_class=10, resolution=16), progress=False)
-    config = PrepareConfig(resolution=16, codec=CodecConfig(kind="pixel"), samples_per_shard=8)
-    prepare(str(root / "src"), str(root / "shards"), config, progress=False)
-    return str(root / "shards")
+    return toy_shards(tmp_path_factory.mktemp("data"), per_class=10, samples_per_shard=8)
 
 
 def test_batches_have_the_right_shapes_and_labels(shards):
@@ -115,11 +119,7 @@ def test_npy_fast_path_matches_numpy_and_refuses_pickles():
 @pytest.fixture(scope="module")
 def many_shards(ray_session, tmp_path_factory):
     """60 toy images of 3 classes at 16 px in 15 shards of 4: more shards than the 6 readers of 3 ranks x 2 workers."""
-    root = tmp_path_factory.mktemp("many")
-    write_toy_dataset(root / "src", ToyDataConfig(num_classes=3, per_class=20, resolution=16), progress=False)
-    config = PrepareConfig(resolution=16, codec=CodecConfig(kind="pixel"), samples_per_shard=4)
-    prepare(str(root / "src"), str(root / "shards"), config, progress=False)
-    return str(root / "shards")
+    return toy_shards(tmp_path_factory.mktemp("many"), per_class=20, samples_per_shard=4)
 
 
 def read_keys(root, rank, world_size, num_workers, epochs, batch_size=5, start_batch=0):

@@ -23,14 +23,14 @@ from tests.helpers import registered_checkpoint, wait_for
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def cli(*args: str) -> list[str]:
-    return [sys.executable, "-m", "pipeline.cli", *args]
-
-
-def with_sets(cmd: list[str], overrides: list[str]) -> list[str]:
+def start_sweep(workdir: str, overrides: list[str], env: dict[str, str]) -> subprocess.Popen:
+    """`ditscale sweep smoke --workdir W --set ...` in a process group of its own (as a terminal would start it)."""
+    cmd = [sys.executable, "-m", "pipeline.cli", "sweep", "smoke", "--workdir", workdir]
     for item in overrides:
         cmd += ["--set", item]
-    return cmd
+    return subprocess.Popen(
+        cmd, cwd=ROOT, env=env, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
 
 
 def final_weights(layout) -> dict[str, torch.Tensor]:
@@ -213,15 +213,7 @@ def test_ctrl_c_stops_cleanly_and_the_rerun_continues_as_if_never_stopped(smoke_
     layout = plan.layout(trial)
     env = {**os.environ, "MLFLOW_TRACKING_URI": mlflow_uri}
     env.pop("RAY_ADDRESS", None)
-    proc = subprocess.Popen(
-        with_sets(cli("sweep", "smoke", "--workdir", smoke_workdir), INTERRUPTED),
-        cwd=ROOT,
-        env=env,
-        start_new_session=True,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    proc = start_sweep(smoke_workdir, INTERRUPTED, env)
     wait_for(lambda: registered_checkpoint(Path(layout.root)), "a first checkpoint", proc, watch=plan.storage)
     status = gather(experiment, smoke_workdir)  # while it trains
     assert status.live is not None and status.live.pid == proc.pid and status.trials[0].state == "running"
@@ -294,15 +286,7 @@ def test_the_mlflow_server_killed_mid_sweep_comes_back_and_no_point_is_lost(smok
         "train.global_batch_size=32",
     ]
     env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "RAY_ADDRESS")}
-    proc = subprocess.Popen(  # no MLFLOW_TRACKING_URI: the sweep runs its own embedded server over workdir
-        with_sets(cli("sweep", "smoke", "--workdir", str(workdir)), overrides),
-        cwd=ROOT,
-        env=env,
-        start_new_session=True,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    proc = start_sweep(str(workdir), overrides, env)  # no MLFLOW_TRACKING_URI: its own embedded server over workdir
     db = workdir / "mlflow.db"
     wait_for(lambda: len(logged_steps(db, "loss")) >= 1, "a first loss point", proc, watch=workdir)
     (first,) = server_pids(db)
