@@ -510,8 +510,6 @@ def _write_spill(path: str, metrics: list) -> None:
             f.write(json.dumps({"key": m.key, "value": m.value, "timestamp": m.timestamp, "step": m.step}) + "\n")
 
 
-
-
 def metric_history(uri: str, run_id: str, key: str) -> list[tuple[int, float]]:
     """[(step, value), ...] of one metric, in step order."""
     return sorted((m.step, m.value) for m in client(uri).get_metric_history(run_id, key))
