@@ -272,7 +272,7 @@ def logged_steps(db: Path, key: str) -> list[tuple[int, int]]:
 
 def test_the_mlflow_server_killed_mid_sweep_comes_back_and_no_point_is_lost(smoke_workdir, tmp_path):
     workdir = tmp_path / "work"
-    steps, every = 240, 10
+    steps, every = 120, 10
     overrides = [
         "name=faults-mlflow",
         f"data.shards={smoke_workdir}/shards/smoke",
