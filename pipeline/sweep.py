@@ -60,7 +60,7 @@ def run_trial(job: TrialJob) -> None:
     # The Train controller takes reports off each worker's queue of one when it polls; the default 2 s poll would
     # stall a worker that reports twice within 2 s. 0.25 s keeps reports cheap at negligible controller CPU.
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25")
-    # Starting a worker group (a process per worker, importing torch) takes longer than Ray's default 60 s on a
+    # Starting a worker group (a process per worker, importing torch) can take longer than Ray's default 60 s on a
     # loaded node; a slow start is not a failure and must not use up resources.max_failures.
     os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "600")
     r = job.experiment.resources
