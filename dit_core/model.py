@@ -127,13 +127,19 @@ def rope_2d_tables(head_dim: int, grid_size: int, base: float = 10000.0) -> tupl
 
 
 def apply_rope_2d(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate (N, heads, T, hd) queries or keys by the tables of `rope_2d_tables`: x * cos + rotate(x) * sin."""
+    """Rotate (N, heads, T, hd) queries or keys by the tables of `rope_2d_tables`: x * cos + rotate(x) * sin.
+
+    The rotation is computed in fp32 (or x's dtype if wider) and returned in x's dtype: under bf16 autocast q and k
+    are rounded once, after the rotation, rather than the tables, each product and the sum being rounded to bf16.
+    """
+    dtype = torch.promote_types(x.dtype, torch.float32)
+    x_rot = x.to(dtype)
     half = x.shape[-1] // 2
     rotated = []
-    for part in (x[..., :half], x[..., half:]):  # the row half, the column half
+    for part in (x_rot[..., :half], x_rot[..., half:]):  # the row half, the column half
         a, b = part.chunk(2, dim=-1)
         rotated.append(torch.cat([-b, a], dim=-1))
-    return x * cos.to(x.dtype) + torch.cat(rotated, dim=-1) * sin.to(x.dtype)
+    return (x_rot * cos.to(dtype) + torch.cat(rotated, dim=-1) * sin.to(dtype)).to(x.dtype)
 
 
 def make_norm(kind: str, hidden_size: int) -> nn.Module:
