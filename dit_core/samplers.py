@@ -160,9 +160,11 @@ class FlowSampler:
     - "euler": x_{t-h} = x_t - h v(x_t, t)                                            (N evaluations)
     - "heun": Euler, then the trapezoid with v at the Euler point (Heun's 2nd order)   (2N evaluations)
     - "sde": Euler-Maruyama of the reverse SDE with the ODE's marginals (SiT),
-          dx = [v - 1/2 w(t) s(x, t)] dt + sqrt(w(t)) dW,  score s = -eps_hat / t,  w(t) = diffusion_norm * t
-      so x_{t-h} = x_t - h (v + 1/2 diffusion_norm eps_hat) + sqrt(diffusion_norm t h) z; the last step takes the
-      drift alone (no noise), as SiT's "Mean" last step does.
+          dx = [v - 1/2 w(t) s(x, t)] dt + sqrt(w(t)) dW,  score s = -eps_hat / t,  w(t) = 2 diffusion_norm t
+      so x_{t-h} = x_t - h (v + diffusion_norm eps_hat) + sqrt(2 diffusion_norm t h) z; the last step takes the
+      drift alone (no noise), as SiT's "Mean" last step does. w(t) is SiT's default diffusion form "sigma": its
+      sampler adds sqrt(2 D) dW with D = diffusion_norm sigma_t, and sigma_t = t here, so the same diffusion_norm
+      (SiT's --diffusion-norm, default 1) gives the same SDE.
     The model is called at model time t * T (flow.py); only its first C output channels are read.
     """
 
@@ -208,9 +210,9 @@ class FlowSampler:
                 x = x - h * 0.5 * (v + self.velocity(denoise, x_euler, t - h, y))
             else:
                 eps_hat = x + (1 - t) * v  # flow.predict_x0_eps: eps implied by v at x_t
-                x = x - h * (v + 0.5 * self.diffusion_norm * eps_hat)
+                x = x - h * (v + self.diffusion_norm * eps_hat)  # -h (v - 1/2 w(t) s), w(t) s = -2 norm eps_hat
                 if i < self.num_steps - 1:
-                    x = x + (self.diffusion_norm * t * h) ** 0.5 * _randn_like(x, generator)
+                    x = x + (2 * self.diffusion_norm * t * h) ** 0.5 * _randn_like(x, generator)
         return x
 
 

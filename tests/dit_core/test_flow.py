@@ -101,6 +101,27 @@ def test_sde_sampler_recovers_gaussian_data():
     torch.testing.assert_close(x, again)  # and reproducible from its generator
 
 
+def test_sde_step_follows_sits_sigma_diffusion_form():
+    """SiT's Euler-Maruyama with diffusion form "sigma" and norm k: D = k t, x += drift h + sqrt(2 D h) z. So a step
+    from t is x - h (v + k eps_hat) + sqrt(2 k t h) z, eps_hat = x + (1 - t) v, with z the generator's next draw."""
+    k, c, steps = 0.7, 0.3, 4  # diffusion_norm, a constant velocity v = c, h = 1/4
+    seen = []
+
+    def constant_velocity(x, t_model, y):
+        seen.append(x.clone())
+        return torch.full_like(x, c)
+
+    noise = torch.randn(3, 1, 2, 2, generator=torch.Generator().manual_seed(0))
+    FlowSampler(FLOW, "sde", steps, diffusion_norm=k).sample(
+        constant_velocity, noise, torch.zeros(3, dtype=torch.long), torch.Generator().manual_seed(1)
+    )
+    g, x, h = torch.Generator().manual_seed(1), noise, 1 / steps
+    for i, t in enumerate((1.0, 0.75, 0.5)):  # the steps that add noise (the last one does not)
+        eps_hat = x + (1 - t) * c
+        x = x - h * (c + k * eps_hat) + math.sqrt(2 * k * t * h) * torch.randn(x.shape, generator=g)
+        torch.testing.assert_close(seen[i + 1], x)
+
+
 def test_guidance_interval_leaves_the_steps_outside_it_unguided():
     torch.manual_seed(0)
     config = dit_config("DiT-d1w48/2", DiTOptions(), input_size=4, in_channels=1, num_classes=3, learn_sigma=False)
