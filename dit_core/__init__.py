@@ -5,7 +5,7 @@ model = DiT.from_preset("DiT-XL/2")                         # 675M params, 118.6
 diffusion = GaussianDiffusion()                             # linear betas, eps + learned sigma, hybrid loss
 losses = diffusion.training_losses(model, x0, t, y)         # {"loss", "mse", "vb"}
 step = TrainStep(model, diffusion, adamw(model))            # forward, loss, backward, AdamW (+ clip, EMA, bf16)
-x = DDPMSampler(respacing="250").sample(make_denoiser(model.eval()), noise, y)
+x = DDPMSampler(respacing="250").sample(make_denoiser(model.eval(), num_timesteps=1000), noise, y)
 """
 
 from dit_core.checkpoint import load_checkpoint, model_config_from_checkpoint, restore, save_checkpoint

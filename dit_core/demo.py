@@ -106,7 +106,8 @@ def run_demo(
     log(f"sampling {num_eval} latents with DDPM-250 (learned variance) from the EMA weights ...")
     y = torch.arange(num_eval) % NUM_CLASSES
     noise = torch.randn(num_eval, CHANNELS, SIZE, SIZE, generator=g)
-    samples = DDPMSampler(diffusion.config, respacing="250").sample(make_denoiser(ema), noise, y, generator=g)
+    denoise = make_denoiser(ema, num_timesteps=diffusion.config.num_timesteps)
+    samples = DDPMSampler(diffusion.config, respacing="250").sample(denoise, noise, y, generator=g)
 
     real_a, real_y = sample_data(templates, num_eval, g)
     real_b, _ = sample_data(templates, num_eval, g)

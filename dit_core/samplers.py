@@ -33,13 +33,24 @@ def make_denoiser(
     cfg_scale: float = 1.0,
     guidance_channels: int | None = None,
     guidance_interval: tuple[float, float] | None = None,
+    *,
+    num_timesteps: int,
 ) -> Denoiser:
     """denoise(x_t, t, y) for a DiT; with cfg_scale != 1 the conditional and unconditional passes run batched.
 
-    guidance_interval (lo, hi) guides only the steps whose noise level t / T lies in [lo, hi] (T = the model's 1000
-    training timesteps; for a flow, t / T is the path time), the others take one unguided pass (Kynkaanniemi et al.
-    2024, "Applying guidance in a limited interval"). None guides every step.
+    Args:
+        model: the DiT (its `forward_with_cfg` runs the guided pass).
+        cfg_scale: classifier-free guidance scale s, out = uncond + s (cond - uncond); 1 = no guidance.
+        guidance_channels: guide only the first this many output channels (None: all C; 3: the official sampler).
+        guidance_interval: (lo, hi) guides only the steps whose noise level lies in [lo, hi], ends included; the
+            others take one conditional pass (Kynkaanniemi et al. 2024, "Applying guidance in a limited interval").
+            The noise level is the model time over num_timesteps: t / T for DDPM (t the original training timestep
+            0..T-1, which every sampler passes, respaced or not), the path time s in [0, 1] for a flow (its model time
+            is s * T, flow.py). 0 is data, 1 is pure noise. None guides every step.
+        num_timesteps: T, the diffusion config's `num_timesteps` (the model time's scale).
     """
+    if num_timesteps < 1:
+        raise ValueError(f"num_timesteps must be the diffusion config's T >= 1, got {num_timesteps}")
     if cfg_scale == 1.0:
         return lambda x, t, y: model(x, t, y)
     guided = lambda x, t, y: model.forward_with_cfg(x, t, y, cfg_scale, guidance_channels)  # noqa: E731
@@ -50,18 +61,16 @@ def make_denoiser(
         raise ValueError(f"guidance_interval must be (lo, hi) with 0 <= lo <= hi <= 1, got {guidance_interval}")
 
     def denoise(x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        level = t.float() / GUIDANCE_TIME_SCALE  # (N,)
+        level = t.float() / num_timesteps  # (N,) noise level: t / T (DDPM) or the path time s (flow)
         inside = (level >= lo) & (level <= hi)
-        if bool(inside.all()):
-            return guided(x, t, y)
-        if not bool(inside.any()):
-            return model(x, t, y)
+        if t.device.type != "meta":  # one pass where the batch agrees (a meta tensor has no values to decide on)
+            if bool(inside.all()):
+                return guided(x, t, y)
+            if not bool(inside.any()):
+                return model(x, t, y)
         return torch.where(inside.view(-1, 1, 1, 1), guided(x, t, y), model(x, t, y))
 
     return denoise
-
-
-GUIDANCE_TIME_SCALE = 1000.0  # the model's timestep range: t / 1000 is the noise level a guidance interval names
 
 
 def _randn_like(x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:

@@ -95,7 +95,13 @@ class SliceSampler:
         """denoise(x_t, t, y) for the sampler (benchmarks/fid_throughput.py wraps it to time the DiT forward)."""
         from dit_core.samplers import make_denoiser
 
-        return make_denoiser(model, fid.cfg_scale, fid.guidance_channels or None, fid.guidance_interval or None)
+        return make_denoiser(
+            model,
+            fid.cfg_scale,
+            fid.guidance_channels or None,
+            fid.guidance_interval or None,
+            num_timesteps=self.diffusion_config.num_timesteps,
+        )
 
     def sample(self, checkpoint: str, fid: FidConfig, index: int, count: int) -> np.ndarray:
         """Slice `index` of the samples: `count` uint8 (H, W, 3) images."""

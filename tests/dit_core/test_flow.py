@@ -129,7 +129,7 @@ def test_guidance_interval_leaves_the_steps_outside_it_unguided():
     for p in model.parameters():
         p.data.add_(0.1 * torch.randn_like(p))
     x, y = torch.randn(2, 1, 4, 4), torch.tensor([0, 2])
-    denoise = make_denoiser(model, cfg_scale=3.0, guidance_interval=(0.2, 0.6))
+    denoise = make_denoiser(model, cfg_scale=3.0, guidance_interval=(0.2, 0.6), num_timesteps=1000)
     with torch.no_grad():
         for level in (0.1, 0.19, 0.7, 0.95):  # outside: the conditional pass alone
             t = torch.full((2,), level * 1000)
@@ -143,7 +143,7 @@ def test_guidance_interval_leaves_the_steps_outside_it_unguided():
         torch.testing.assert_close(out[0], model(x, t, y)[0])
         torch.testing.assert_close(out[1], model.forward_with_cfg(x, t, y, 3.0)[1])
     with pytest.raises(ValueError, match="guidance_interval"):
-        make_denoiser(model, 2.0, guidance_interval=(0.7, 0.2))
+        make_denoiser(model, 2.0, guidance_interval=(0.7, 0.2), num_timesteps=1000)
 
 
 def test_train_step_learns_a_flow():

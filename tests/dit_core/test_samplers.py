@@ -7,7 +7,14 @@ import torch
 
 from dit_core.diffusion import DiffusionConfig, GaussianDiffusion
 from dit_core.model import DiT
-from dit_core.samplers import DDIMSampler, DDPMSampler, DiffusersSampler, diffusers_scheduler, make_denoiser
+from dit_core.samplers import (
+    DDIMSampler,
+    DDPMSampler,
+    DiffusersSampler,
+    FlowSampler,
+    diffusers_scheduler,
+    make_denoiser,
+)
 
 MU, SIGMA = 0.5, 0.8  # data: x0 ~ N(MU, SIGMA^2) elementwise
 SHAPE = (2000, 2, 2, 2)  # 16,000 scalar samples
@@ -114,12 +121,58 @@ def test_make_denoiser_with_a_dit_and_guidance():
     g = torch.Generator().manual_seed(0)
     noise = torch.randn(4, 4, 8, 8, generator=g)
     y = torch.tensor([0, 1, 2, 0])
-    plain = DDIMSampler(respacing="ddim10").sample(make_denoiser(model), noise, y)
-    guided = DDIMSampler(respacing="ddim10").sample(make_denoiser(model, cfg_scale=4.0), noise, y)
+    plain = DDIMSampler(respacing="ddim10").sample(make_denoiser(model, num_timesteps=1000), noise, y)
+    guided = DDIMSampler(respacing="ddim10").sample(make_denoiser(model, cfg_scale=4.0, num_timesteps=1000), noise, y)
     assert plain.shape == guided.shape == noise.shape and torch.isfinite(guided).all()
     assert not torch.allclose(plain, guided)
-    same = DDIMSampler(respacing="ddim10").sample(make_denoiser(model, cfg_scale=1.0), noise, y)
+    same = DDIMSampler(respacing="ddim10").sample(make_denoiser(model, cfg_scale=1.0, num_timesteps=1000), noise, y)
     torch.testing.assert_close(plain, same)
+
+
+class RecordingDiT:
+    """Stands in for a DiT: outputs zeros, and records the model times of its plain and of its guided passes."""
+
+    def __init__(self, out_channels: int):
+        self.out_channels = out_channels
+        self.plain: set[float] = set()
+        self.guided: set[float] = set()
+
+    def zeros(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.zeros(x.shape[0], self.out_channels, *x.shape[2:])
+
+    def __call__(self, x, t, y):
+        self.plain.update(t.tolist())
+        return self.zeros(x)
+
+    def forward_with_cfg(self, x, t, y, cfg_scale, guidance_channels=None):
+        self.guided.update(t.tolist())
+        return self.zeros(x)
+
+
+@pytest.mark.parametrize("num_timesteps", [500, 1000])
+def test_guidance_interval_guides_exactly_the_steps_at_noise_levels_inside_it(num_timesteps):
+    """guidance_interval (0.2, 0.6) names noise levels: t / T for DDPM, the path time s for a flow (model time s T),
+    whatever T is. The steps inside, ends included, take the guided pass and no others do."""
+    T, y = num_timesteps, torch.zeros(2, dtype=torch.long)
+    ddpm = DiffusionConfig(num_timesteps=T)
+    model = RecordingDiT(out_channels=4)  # eps and the learned variance channels
+    denoise = make_denoiser(model, cfg_scale=4.0, guidance_interval=(0.2, 0.6), num_timesteps=T)
+    DDPMSampler(ddpm, respacing="ddim50").sample(denoise, torch.randn(2, 2, 2, 2), y)
+    stride = T // 50  # the respaced chain visits 0, stride, ..., T - stride: 0.2 T and 0.6 T among them
+    assert model.guided == set(range(T // 5, 3 * T // 5 + 1, stride))
+    assert model.plain == set(range(0, T, stride)) - model.guided
+
+    flow = DiffusionConfig(objective="flow", prediction="v", learn_sigma=False, loss="mse", num_timesteps=T)
+    model = RecordingDiT(out_channels=2)
+    denoise = make_denoiser(model, cfg_scale=4.0, guidance_interval=(0.2, 0.6), num_timesteps=T)
+    FlowSampler(flow, "heun", num_steps=8).sample(denoise, torch.randn(2, 2, 2, 2), y)  # s = 1, 7/8, ..., 0
+    assert {t / T for t in model.guided} == {0.25, 0.375, 0.5}
+    assert {t / T for t in model.plain} == {0.0, 0.125, 0.625, 0.75, 0.875, 1.0}
+
+
+def test_make_denoiser_refuses_a_timestep_count_below_one():
+    with pytest.raises(ValueError, match="num_timesteps"):
+        make_denoiser(RecordingDiT(4), num_timesteps=0)
 
 
 def test_unknown_diffusers_scheduler():

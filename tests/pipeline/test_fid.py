@@ -270,7 +270,13 @@ def drawn_by_hand(path: str, manifest: Manifest, fid: FidConfig, index: int, cou
     model.load_state_dict(ckpt["model"])
     sampler = {"ddpm": DDPMSampler, "ddim": DDIMSampler}[fid.sampler]
     sampler = sampler(DiffusionConfig(**ckpt["config"]["diffusion"]), respacing=str(fid.sampling_steps))
-    denoise = make_denoiser(model, fid.cfg_scale, fid.guidance_channels or None, fid.guidance_interval or None)
+    denoise = make_denoiser(
+        model,
+        fid.cfg_scale,
+        fid.guidance_channels or None,
+        fid.guidance_interval or None,
+        num_timesteps=sampler.diffusion.config.num_timesteps,
+    )
     c = model.config
     g = torch.Generator().manual_seed(fid.seed * 1_000_003 + index)
     y = slice_labels(fid, index, count, c.num_classes)
