@@ -122,7 +122,7 @@ class TrainStep:
         out = {"loss": loss.detach(), "mse": terms["mse"].detach().mean()}
         out["vb"] = terms["vb"].detach().mean() if "vb" in terms else torch.zeros((), device=x0.device)
         if self.grad_clip > 0:
-            out["grad_norm"] = torch.nn.utils.clip_grad_norm_(self.params, self.grad_clip, foreach=True).detach()
+            out["grad_norm"] = torch.nn.utils.clip_grad_norm_(self.params, self.grad_clip).detach()
         elif measure_grad_norm:
             grads = [p.grad for p in self.params if p.grad is not None]
             out["grad_norm"] = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
