@@ -1,7 +1,8 @@
 """The shard manifest: what a shard folder holds, as one frozen dataclass with one loader and one writer.
 
-    <shards>/manifest.json   format version, codec, resolution, latent shape, class names, per-shard sample counts
-                             and sha256, total, skipped inputs with reasons, the prepare config that produced it
+    <shards>/manifest.json   format version, codec (with the VAE's precision), resolution, latent shape, class
+                             names, per-shard sample counts, sha256 and encoding device, total, skipped inputs with
+                             reasons, the prepare config that produced it
 
 The prepare stage writes it (atomically, after every shard: a write that fails, on a full disk too, leaves the
 previous manifest whole and raises an error that says what to do); the training reader, the planner and the fid stage
@@ -43,6 +44,7 @@ class ShardEntry:
     bytes: int
     skipped: tuple[SkippedInput, ...] = ()  # inputs of this shard that could not be used
     seconds: float = 0.0  # time it took to write
+    device: str | None = None  # where the codec ran: "cuda" or "cpu" (None: written before this was recorded)
 
 
 @dataclass(frozen=True)
@@ -133,6 +135,7 @@ class Manifest:
                     s["bytes"],
                     tuple(SkippedInput(k["path"], k["reason"]) for k in s.get("skipped", ())),
                     s.get("seconds", 0.0),
+                    s.get("device"),
                 )
                 for s in d["shards"]
             )

@@ -127,6 +127,7 @@ class ShardEncoder:
         self.decode_threads = decode_threads
         self.config, self.src, self.out = config, src, out
         self.codec = build_codec(config.codec, device=device)
+        self.device = torch.device(device).type  # recorded per shard: "cuda" or "cpu"
         self.src_fs, self.src_root = fsspec.core.url_to_fs(src)
         self.out_fs, self.out_root = fsspec.core.url_to_fs(out)
         self.out_root = self.out_root.rstrip("/")
@@ -173,8 +174,9 @@ class ShardEncoder:
             if full is not None:
                 raise out_of_space_error(full, f"shard {name} to {self.out}") from exc
             raise
+        seconds = time.perf_counter() - start
         return ShardEntry(
-            index, name, count, stream.hash.hexdigest(), stream.bytes, tuple(skipped), time.perf_counter() - start
+            index, name, count, stream.hash.hexdigest(), stream.bytes, tuple(skipped), seconds, self.device
         )
 
     def _write(self, tmp: str, items: list[tuple[int, str, int]]) -> tuple[int, list[SkippedInput], _HashingWriter]:
@@ -261,11 +263,35 @@ def _check_output(out: str) -> tuple[Any, str]:
     return fs, root
 
 
+def _with_codec_dtype(manifest: Manifest, out: str) -> Manifest:
+    """A manifest written before codec.dtype was recorded, brought up to date where its precision is known.
+
+    pixel: no precision to know (the image is stored as it is), so fp32 is recorded, as it is now. vae: encoded in fp32
+    if prepare ran on CPUs and in bf16 if on GPUs, which the folder cannot tell: refused, unless its config's codec
+    has been given the dtype by hand. The codec record is left as it is (no dtype: the data identity, and so the run
+    names of trials trained on the folder, do not change).
+    """
+    codec = manifest.config.get("codec")
+    if not isinstance(codec, dict):  # malformed: the identity check reports it
+        return manifest
+    if "dtype" not in codec:
+        if codec.get("kind") == "pixel":
+            return replace(manifest, config={**manifest.config, "codec": {**codec, "dtype": "fp32"}})
+        raise ValueError(
+            f"output folder {out} was made before ditscale recorded the VAE's precision (codec.dtype): its shards "
+            f"were encoded in fp32 if prepare ran on CPUs, in bf16 if on GPUs, and the folder cannot tell which.\n"
+            f"Use a new output folder (or delete this one to rebuild it); or, if you know what made them, add "
+            f'"dtype": "fp32" or "bf16" to "config" -> "codec" in {out}/{MANIFEST_FILE} and request that codec.dtype'
+        )
+    return manifest
+
+
 def _start_or_continue(out: str, fs, root: str, config: PrepareConfig, source: SourceInfo, classes, planned: int):
     """The manifest to continue from: the folder's own if it was made with this config and source, else a new one
     (refused if the folder holds anything else)."""
     manifest = Manifest.read(out)
     if manifest is not None:
+        manifest = _with_codec_dtype(manifest, out)
         diffs = _differences(manifest.config, config.identity())
         same = ("num_files", "listing_sha256")  # the root may move; the listing may not change
         diffs += _differences({k: getattr(manifest.source, k) for k in same}, {k: getattr(source, k) for k in same})

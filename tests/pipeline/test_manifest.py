@@ -6,6 +6,7 @@ from dataclasses import replace
 
 import pytest
 
+from pipeline.codecs import CodecInfo
 from pipeline.manifest import FORMAT_VERSION, Manifest, ManifestError, SkippedInput
 from tests import faults
 from tests.helpers import pixel_manifest
@@ -28,6 +29,20 @@ def test_save_and_load_round_trip(tmp_path):
         "stores_moments": False,
         "space_to_depth": 1,
     }
+
+
+def test_codec_precision_and_encoding_device_round_trip(tmp_path):
+    """A VAE manifest records the precision it encoded in and each shard's device; one from before has neither."""
+    codec = CodecInfo("vae", 4, 0.18215, True, vae="some/vae", downsample=8, dtype="bf16")
+    manifest = replace(MANIFEST, codec=codec, shards=(replace(MANIFEST.shards[0], device="cuda"),))
+    manifest.save(str(tmp_path))
+    assert Manifest.load(str(tmp_path)) == manifest
+    raw = json.loads((tmp_path / "manifest.json").read_text())
+    assert raw["codec"]["dtype"] == "bf16" and raw["shards"][0]["device"] == "cuda"
+    del raw["codec"]["dtype"], raw["shards"][0]["device"]  # as written before they were recorded
+    (tmp_path / "manifest.json").write_text(json.dumps(raw))
+    old = Manifest.load(str(tmp_path))
+    assert old.codec.dtype is None and old.shards[0].device is None
 
 
 def test_with_shard_keeps_the_shards_in_order_and_replaces_a_redone_one():
@@ -72,6 +87,7 @@ def test_a_full_disk_leaves_the_previous_manifest_whole(method, tmp_path):
     code = f"""
 import sys
 from dataclasses import replace
+from pipeline.codecs import CodecInfo
 from pipeline.manifest import SkippedInput
 from tests.helpers import pixel_manifest
 manifest = pixel_manifest()

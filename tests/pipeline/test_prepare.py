@@ -11,6 +11,7 @@ import subprocess
 import sys
 import tarfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -127,6 +128,47 @@ def test_vae_codec_from_a_local_folder(ray_session, toy_src, tiny_vae, tmp_path)
         posterior = codec.vae.encode(images_to_tensor(crop[None])).latent_dist
     expected = torch.cat([posterior.mean, posterior.logvar], dim=1)[0].numpy()
     np.testing.assert_allclose(stored.astype(np.float32), expected, atol=2e-3, rtol=2e-3)
+
+
+def test_codec_dtype_is_part_of_the_shard_identity(ray_session, toy_src, tiny_vae, tmp_path):
+    """Shards record the VAE's precision (and each shard its device); a re-run in another precision is refused, and a
+    folder from before the precision was recorded is refused unless told by hand what made it."""
+    out = tmp_path / "vae-shards"
+    config = PrepareConfig(resolution=16, codec=CodecConfig(kind="vae", vae=str(tiny_vae)), samples_per_shard=24)
+    manifest = prepare(str(toy_src), str(out), config, progress=False)
+    assert manifest.codec.dtype == "fp32" and manifest.config["codec"]["dtype"] == "fp32"
+    assert [s.device for s in manifest.shards] == ["cpu", "cpu"]
+    bf16 = replace(config, codec=replace(config.codec, dtype="bf16"))
+    with pytest.raises(
+        ValueError, match=r"(?s)codec.dtype: existing 'fp32', requested 'bf16'.*use a new output folder"
+    ):
+        prepare(str(toy_src), str(out), bf16, progress=False)
+
+    raw = json.loads((out / "manifest.json").read_text())
+    del raw["config"]["codec"]["dtype"], raw["codec"]["dtype"]  # as written before the precision was recorded
+    (out / "manifest.json").write_text(json.dumps(raw))
+    with pytest.raises(ValueError, match=r"(?s)made before ditscale recorded the VAE's precision.*new output folder"):
+        prepare(str(toy_src), str(out), config, progress=False)
+    raw["config"]["codec"]["dtype"] = "fp32"  # the user knows they were made on CPUs
+    (out / "manifest.json").write_text(json.dumps(raw))
+    stamps = {p.name: p.stat().st_mtime_ns for p in out.glob("train-*.tar")}
+    kept = prepare(str(toy_src), str(out), config, progress=False)
+    assert kept.shards == manifest.shards and kept.config == config.identity()
+    assert kept.codec.dtype is None  # the data identity (run names) of the old folder stays as it was
+    assert {p.name: p.stat().st_mtime_ns for p in out.glob("train-*.tar")} == stamps
+
+
+def test_pixel_shards_from_before_the_codec_dtype_are_kept(ray_session, toy_src, tmp_path):
+    """The pixel codec has no precision to be unsure of: an old folder is continued, and fp32 recorded."""
+    out = tmp_path / "shards"
+    first = prepare(str(toy_src), str(out), pixel_config(), progress=False)
+    assert first.codec.dtype is None and "dtype" not in first.codec.to_dict()
+    raw = json.loads((out / "manifest.json").read_text())
+    del raw["config"]["codec"]["dtype"]
+    (out / "manifest.json").write_text(json.dumps(raw))
+    again = prepare(str(toy_src), str(out), pixel_config(), progress=False)
+    assert again.shards == first.shards and again.config["codec"]["dtype"] == "fp32"
+    assert Manifest.load(str(out)).config == pixel_config().identity()
 
 
 def make_bad_folder(root: Path) -> dict[str, str]:
