@@ -9,7 +9,7 @@ CPU (default): DiT-d4w128/4 at 16 px (pixel codec), ditscale-classifier extracto
 GPU (--device cuda): DiT-XL/2 at 256 px (32x32x4 latents), bf16, compiled; an SD-architecture VAE saved with
 save_pretrained and loaded as the stage loads it, and torch-fidelity's InceptionV3, both with random weights (the
 real compute, without downloads: the device machine reaches no network). The first slice of each run is a warm-up
-(compilation), not timed.
+(compilation), not timed. Each sampler's result is written as soon as it exists.
 
     python benchmarks/fid_throughput.py [--device cuda] [--samples 256]
 """
@@ -144,6 +144,9 @@ def main() -> None:
     checkpoint = str(save_checkpoint(f"{tmp}/ema.pt", model=model, step=0, config=config))
     del model
     sampler = TimedSliceSampler(codec, args.device, compile_sampling(fid, args.device))
+    name = torch.cuda.get_device_name() if gpu else "cpu"
+    out = Path(args.json)
+    out.parent.mkdir(parents=True, exist_ok=True)
     results = []
     for sampler_name, steps in (("ddpm", 250), ("ddim", 25)):
         cfg = replace(fid, sampler=sampler_name, sampling_steps=steps, num_samples=n, slice_size=n)
@@ -173,7 +176,7 @@ def main() -> None:
                 "config": asdict(cfg),
             }
         )
-    name = torch.cuda.get_device_name() if gpu else "cpu"
+        out.write_text(json.dumps({"device": name, "torch": torch.__version__, "results": results}, indent=2))
     print(f"FID stage on {name}: {preset}, {n} samples per measurement, compiled: {sampler.compile}")
     print(f"{'sampler':<10} {'samples/s':>10} {'DiT forward':>12} {'rest of slice':>14} {'features':>9}")
     for r in results:
@@ -181,9 +184,6 @@ def main() -> None:
             f"{r['sampler']:<10} {r['samples_per_s']:>10.1f} {r['share_dit_forward']:>12.1%} "
             f"{r['share_sampler_and_decode_other']:>14.1%} {r['share_features']:>9.1%}"
         )
-    out = Path(args.json)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"device": name, "torch": torch.__version__, "results": results}, indent=2))
     print(f"wrote {out}")
 
 

@@ -28,11 +28,9 @@ from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from train_step import make_sample_step, make_train_step  # noqa: E402  (benchmarks/, the script's own folder)
+from train_step import OFFICIAL_MODELS, Measurement, build  # noqa: E402  (benchmarks/, the script's own folder)
 
-from dit_core.config import dit_config  # noqa: E402
-from dit_core.model import DiT  # noqa: E402
-from dit_core.training import COMPILE_MODES  # noqa: E402
+from dit_core.training import COMPILE_MODES, enable_tf32  # noqa: E402
 
 # "other": views, allocation, Python-side op overhead
 CLASSES = ("matmul", "attention", "fused", "norm", "elementwise", "optimizer+ema", "copy", "other")
@@ -135,12 +133,10 @@ class ByteCounter(TorchDispatchMode):
 
 def make_step(preset: str, args, device: torch.device):
     """(config, step): the step benchmarks/train_step.py times (TrainStep, or the sampling forward), on one model."""
-    config = dit_config(preset, input_size=args.input_size, in_channels=args.in_channels, num_classes=1000)
     torch._dynamo.reset()  # nothing compiled for the previous preset carries over
-    torch.manual_seed(0)
-    model = DiT(config).to(device).train(args.kind == "train")
-    make = make_train_step if args.kind == "train" else make_sample_step
-    return config, make(model, device, args.batch, config, args, "compiled" if args.compiled else "")
+    m = Measurement(args.kind, preset, "dit_core", "compiled" if args.compiled else "eager", args.batch)
+    config = m.config(args)
+    return config, build(m, config, args, device)
 
 
 def profile(step, device: torch.device, steps: int) -> dict[str, float]:
@@ -208,7 +204,10 @@ def main() -> None:
     args.input_size = args.input_size or (32 if gpu else 16)
     args.in_channels = args.in_channels or (4 if gpu else 3)
     args.precision = args.precision or ("bf16" if gpu else "fp32")
+    args.official = OFFICIAL_MODELS  # unused: dit_core's step only
     device = torch.device(args.device)
+    if gpu:
+        enable_tf32()  # as train_step.py and the pipeline's workers run
     name = torch.cuda.get_device_name() if gpu else "cpu"
     report = {
         "device": name,

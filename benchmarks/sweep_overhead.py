@@ -25,9 +25,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from train_step import make_train_step, timed  # noqa: E402  (benchmarks/, the script's own folder)
+from train_step import OFFICIAL_MODELS, Measurement, build, timed  # noqa: E402  (benchmarks/, the script's own folder)
 
-from dit_core.model import DiT  # noqa: E402
 from pipeline import tracking  # noqa: E402
 from pipeline.experiment_files import load_experiment  # noqa: E402
 from pipeline.plan import plan_sweep  # noqa: E402
@@ -35,15 +34,18 @@ from pipeline.run import ensure_data  # noqa: E402
 from pipeline.sweep import run_sweep  # noqa: E402
 
 
-def bare_img_per_s(model_config, batch: int, steps: int, threads: int, device: str, rounds: int = 5) -> float:
+def bare_img_per_s(
+    preset: str, model_config, batch: int, steps: int, threads: int, device: str, rounds: int = 5
+) -> float:
     """The worker's TrainStep alone, data in memory: the median of `rounds` timed rounds of `steps` steps."""
     if device == "cpu":
         torch.set_num_threads(threads)
-    torch.manual_seed(0)
     dev = torch.device(device)
-    model = DiT(model_config).to(dev).train()
-    options = SimpleNamespace(precision="bf16" if device == "cuda" else "fp32", compile_mode="default")
-    step = make_train_step(model, dev, batch, model_config, options, compiled="")
+    options = SimpleNamespace(
+        precision="bf16" if device == "cuda" else "fp32", compile_mode="default", official=OFFICIAL_MODELS
+    )
+    m = Measurement("train", preset, "dit_core", "eager", batch)
+    step = build(m, model_config, options, dev)  # with the trial's own config (its classes, latent size)
     timed(step, 10, dev)  # warm-up
     return statistics.median(batch / timed(step, steps, dev) for _ in range(rounds))
 
@@ -88,7 +90,7 @@ def main() -> None:
         model_config = plan_sweep(experiment, workdir).trials[0].model
         ray.shutdown()
     pipeline_img_s = statistics.median(v for _, v in windows[1:])
-    bare = bare_img_per_s(model_config, args.batch, 100, threads, args.device)
+    bare = bare_img_per_s(args.preset, model_config, args.batch, 100, threads, args.device)
     result = {
         "preset": args.preset,
         "batch": args.batch,

@@ -8,10 +8,14 @@ plus the patch embedding, the timestep MLP and the final layer. The block option
 three D x h matrices give 3*T*D*h, with h = 2/3 of GELU's hidden width (the same count when 3 divides 4D); RoPE,
 RMSNorm and QK-norm are elementwise and add nothing in this convention. Training compute in the paper = Gflops x batch x
 steps x 3 (forward + backward, still MACs); multiply by 2 for true FLOPs, the unit of 6*N*D estimates and of MFU.
+
+MFU is per device: the FLOPs of the whole job's throughput over (devices x one device's peak), the peak being the
+dense bf16 tensor-core rate of the vendor's datasheet (DEVICE_PEAKS, looked up by the name CUDA reports).
 """
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 from dit_core.config import DiTConfig
@@ -90,10 +94,55 @@ def training_compute(config: DiTConfig, global_batch_size: int, steps: int) -> d
     return {"paper_gflops": macs / 1e9, "flops": 2 * macs}
 
 
-def train_mfu(config: DiTConfig, images_per_s: float, peak_flops: float) -> float:
-    """Model FLOPs utilisation of training: 6 x forward MACs x images/s over the peak FLOP/s of the hardware."""
-    return 6 * forward_macs(config).total * images_per_s / peak_flops
+def train_mfu(config: DiTConfig, images_per_s: float, peak_flops: float, num_devices: int = 1) -> float:
+    """Model FLOPs utilisation of training, per device: 6 x forward MACs x images/s over num_devices x peak_flops.
+
+    images_per_s: the throughput of all `num_devices` together (a DDP job's global batch per second);
+    peak_flops: one device's peak FLOP/s (device_peak(name).flops for a known GPU)."""
+    return 6 * forward_macs(config).total * images_per_s / (num_devices * peak_flops)
 
 
-# Dense bf16 matrix rate measured on one NVIDIA H200 (a large bf16 matmul); the reference for MFU.
-H200_BF16_PEAK_FLOPS = 790e12
+# ---------------------------------------------------------------------------------------------------------------
+# Peak FLOP/s of one device, for MFU
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class DevicePeak:
+    """The dense bf16 peak of one GPU model, as its vendor's datasheet states it."""
+
+    name: str  # regular expression matched against the whole of torch.cuda.get_device_name()
+    tflops: float  # dense bf16 tensor-core peak (no 2:4 sparsity; FP32 accumulate), TFLOP/s
+    source: str  # the vendor document the figure comes from
+
+    @property
+    def flops(self) -> float:
+        return self.tflops * 1e12
+
+
+# Datasheets give bf16 "with sparsity" (2:4 structured) beside or instead of the dense rate: the dense rate is half of
+# it, and the dense rate is what a DiT's matmuls can reach. Only devices whose figure is certain are listed; for any
+# other device set the peak yourself (train.peak_tflops in the pipeline). A MIG slice is never matched.
+DEVICE_PEAKS = (
+    DevicePeak(r"NVIDIA H100 80GB HBM3", 989.5, "NVIDIA H100 Tensor Core GPU datasheet, H100 SXM: 1,979 sparse"),
+    DevicePeak(r"NVIDIA H100 PCIe", 756.5, "NVIDIA H100 Tensor Core GPU datasheet, H100 PCIe: 1,513 sparse"),
+    DevicePeak(r"NVIDIA H100 NVL", 835.5, "NVIDIA H100 Tensor Core GPU datasheet, H100 NVL: 1,671 sparse"),
+    DevicePeak(r"NVIDIA H200", 989.5, "NVIDIA H200 Tensor Core GPU datasheet, H200 SXM: 1,979 sparse"),
+    DevicePeak(r"NVIDIA H200 NVL", 835.5, "NVIDIA H200 Tensor Core GPU datasheet, H200 NVL: 1,671 sparse"),
+    DevicePeak(r"NVIDIA GH200( .*)?", 989.5, "NVIDIA GH200 Grace Hopper Superchip datasheet: 1,979 sparse"),
+    DevicePeak(r"NVIDIA A100[- ].*", 312.0, "NVIDIA A100 Tensor Core GPU datasheet: 312 dense, 624 sparse"),
+    DevicePeak(r"NVIDIA A10", 125.0, "NVIDIA A10 Tensor Core GPU datasheet: 125 dense, 250 sparse"),
+    DevicePeak(r"NVIDIA L4", 121.0, "NVIDIA L4 Tensor Core GPU datasheet: 242 sparse"),
+    DevicePeak(r"NVIDIA L40", 181.05, "NVIDIA L40 GPU datasheet: 181.05 dense, 362.1 sparse"),
+    DevicePeak(r"NVIDIA L40S", 362.05, "NVIDIA L40S GPU datasheet: 362.05 dense, 733 sparse"),
+    DevicePeak(r"NVIDIA B200", 2250.0, "NVIDIA HGX B200 datasheet: 4.5 PFLOPS sparse per GPU"),
+    DevicePeak(r"NVIDIA GeForce RTX 4090", 165.2, "NVIDIA Ada GPU Architecture whitepaper: 165.2 with FP32 accumulate"),
+)
+
+
+def device_peak(device_name: str) -> DevicePeak | None:
+    """The DEVICE_PEAKS entry for a device named as torch.cuda.get_device_name() names it; None if the device is not
+    listed or is a MIG slice (a fraction of the GPU's SMs)."""
+    if "MIG" in device_name:
+        return None
+    return next((p for p in DEVICE_PEAKS if re.fullmatch(p.name, device_name.strip())), None)

@@ -132,3 +132,17 @@ class TrainStep:
         for decay, ema in self.more_emas.items():
             update_ema(ema, self.model, decay)
         return out
+
+
+def enable_tf32() -> None:
+    """TF32 for fp32 matmuls and cuDNN convolutions on CUDA (the official DiT recipe: 'TF32 on').
+
+    Sets torch's per-backend precision (`torch.backends.cuda.matmul.fp32_precision`, `cudnn.conv.fp32_precision`).
+    `torch.set_float32_matmul_precision("high")` comes first, and means the same: without it, once the per-backend
+    setting is used, `torch.get_float32_matmul_precision()` raises ("mix of the legacy and new APIs"), and inductor's
+    autotuning still reads it (torch 2.14: its autotune cache and precompile keys; pytorch/pytorch#196728), so a
+    max-autotune compile would fail. It also sets oneDNN's CPU matmuls to TF32 where the CPU has it.
+    """
+    torch.set_float32_matmul_precision("high")
+    torch.backends.cuda.matmul.fp32_precision = "tf32"
+    torch.backends.cudnn.conv.fp32_precision = "tf32"

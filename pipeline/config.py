@@ -187,7 +187,8 @@ class TrainConfig:
     val_every_steps: int = 5_000  # validation-loss interval, in steps (needs data.val_shards)
     val_batches: int = 4  # validation batches (of the per-worker batch size) per evaluation
     loader_workers: int = 2  # DataLoader worker processes per training worker
-    peak_tflops: float = 0.0  # accelerator peak for MFU (bf16 dense); 0 = 790 on GPU, MFU not logged on CPU
+    peak_tflops: float = 0.0  # one device's peak for the `mfu` metric, TFLOP/s (dense bf16); 0 = the GPU's datasheet
+    # figure, looked up by its name (dit_core.flops.DEVICE_PEAKS; no `mfu` for an unlisted GPU, or on CPUs)
 
     def __post_init__(self) -> None:
         _positive(
@@ -217,8 +218,10 @@ class TrainConfig:
                 f"train.ema_decays must be distinct decays in [0, 1] other than train.ema_decay ({self.ema_decay}), "
                 f"got {list(self.ema_decays)}"
             )
-        if self.warmup_steps < 0 or self.loader_workers < 0 or self.grad_clip < 0:
-            raise ConfigError("train.warmup_steps, train.loader_workers and train.grad_clip must be >= 0")
+        if self.warmup_steps < 0 or self.loader_workers < 0 or self.grad_clip < 0 or self.peak_tflops < 0:
+            raise ConfigError(
+                "train.warmup_steps, train.loader_workers, train.grad_clip and train.peak_tflops must be >= 0"
+            )
         late = [m for m in self.milestone_steps if not 0 < m <= self.steps]
         if late:
             raise ConfigError(f"train.milestone_steps {late} lie outside 1..train.steps ({self.steps})")
@@ -229,15 +232,22 @@ class ResourcesConfig:
     """What each trial asks of the Ray cluster."""
 
     workers_per_trial: int = 8  # DDP workers (processes) per trial
-    gpus_per_worker: float = 1.0  # 0 trains on CPUs
+    gpus_per_worker: float = 1.0  # 1: one GPU per DDP worker; 0: train on CPUs (nothing else works)
     cpus_per_worker: float = 4.0  # CPUs reserved per worker (data loading + host work)
     max_concurrent_trials: int = 0  # 0 = as many as the cluster's free resources allow
     max_failures: int = 3  # worker-group restarts per trial (from the latest checkpoint) before it fails
 
     def __post_init__(self) -> None:
         _positive("resources", workers_per_trial=self.workers_per_trial, cpus_per_worker=self.cpus_per_worker)
-        if self.gpus_per_worker < 0 or self.max_concurrent_trials < 0 or self.max_failures < 0:
-            raise ConfigError("resources.gpus_per_worker, max_concurrent_trials and max_failures must be >= 0")
+        if self.max_concurrent_trials < 0 or self.max_failures < 0:
+            raise ConfigError("resources.max_concurrent_trials and max_failures must be >= 0")
+        if self.gpus_per_worker not in (0, 1):
+            raise ConfigError(
+                f"resources.gpus_per_worker must be 1 (one GPU per DDP worker) or 0 (train on CPUs), got "
+                f"{self.gpus_per_worker}: a fraction puts two DDP ranks on one GPU (NCCL stops: 'Duplicate GPU "
+                f"detected') and more than 1 holds GPUs a worker never uses; for more GPUs per trial raise "
+                f"resources.workers_per_trial"
+            )
 
 
 @dataclass(frozen=True)

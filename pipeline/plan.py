@@ -19,7 +19,7 @@ from typing import Any
 
 from dit_core.config import DiTConfig, DiTOptions, dit_config, parse_preset
 from dit_core.diffusion import DiffusionConfig
-from dit_core.flops import H200_BF16_PEAK_FLOPS, gflops, param_count, training_compute
+from dit_core.flops import device_peak, gflops, param_count, training_compute
 from pipeline.config import ConfigError, ExperimentConfig, TrainConfig, config_to_dict, flatten
 from pipeline.experiment_files import variants
 from pipeline.layout import TrialLayout, Workspace
@@ -359,12 +359,18 @@ def trial_params(plan: SweepPlan, trial: Trial) -> dict[str, Any]:
 DEFAULT_VARIANT = "default"  # the `variant` param of a study without variants or axes
 
 
-def describe_plan(plan: SweepPlan, mfu: float = 0.4) -> str:
+# The device the dry run prices GPU-hours on when train.peak_tflops is 0: the driver cannot see the cluster's GPUs.
+PLAN_DEVICE = "NVIDIA H200"
+
+
+def describe_plan(plan: SweepPlan, mfu: float = 0.3) -> str:
     """The dry-run report: one row per trial with params, Gflops, training compute and, for GPU runs, the expected
-    accelerator-hours of training and of FID sampling at `mfu` of train.peak_tflops (0 = the H200's 790)."""
+    accelerator-hours of training and of FID sampling at `mfu` of one device's peak: train.peak_tflops, or (when 0)
+    PLAN_DEVICE's dense bf16 datasheet figure."""
     e, t, f = plan.experiment, plan.experiment.train, plan.experiment.fid
     gpu = e.resources.gpus_per_worker > 0
-    peak = (t.peak_tflops or H200_BF16_PEAK_FLOPS / 1e12) * 1e12
+    peak = t.peak_tflops * 1e12 or device_peak(PLAN_DEVICE).flops
+    device = "train.peak_tflops" if t.peak_tflops else f"an {PLAN_DEVICE.removeprefix('NVIDIA ')}'s dense bf16 peak"
     cost = f"{'train GPU-h':>12} {'FID GPU-h':>10}" if gpu else ""
     width = max([18] + [len(trial.run_name) for trial in plan.trials])
     lines = [
@@ -400,10 +406,10 @@ def describe_plan(plan: SweepPlan, mfu: float = 0.4) -> str:
     lines.append(f"total training compute: {total / 1e15:.4g} PFLOP ({total / 8.64e19:.4g} PF-days; 6 x MACs)")
     if gpu:
         lines.append(
-            f"expected cost at {mfu:.0%} MFU of {peak / 1e12:.0f} TFLOP/s: {hours[0]:,.1f} GPU-hours of training + "
-            f"{hours[1]:,.1f} of FID sampling ({f.num_samples:,} samples x {f.sampling_steps} steps x "
-            f"{len(t.milestone_steps)} milestones); the peers measured 16-50% MFU on an H200, small models at the "
-            f"low end"
+            f"expected cost at {mfu:.0%} MFU of {peak / 1e12:.0f} TFLOP/s ({device}): {hours[0]:,.1f} GPU-hours of "
+            f"training + {hours[1]:,.1f} of FID sampling ({f.num_samples:,} samples x {f.sampling_steps} steps x "
+            f"{len(t.milestone_steps)} milestones); the peers' training steps reached 12-39% MFU on an H200 (small "
+            f"models at the low end, a compiled XL/2 at the top)"
         )
     if plan.manifest is None:
         lines.append(

@@ -29,10 +29,10 @@ import torch.distributed as dist
 
 from dit_core.checkpoint import config_differences, load_checkpoint, restore, save_checkpoint
 from dit_core.ema import create_ema, unwrap_model
-from dit_core.flops import H200_BF16_PEAK_FLOPS, train_mfu
+from dit_core.flops import device_peak, train_mfu
 from dit_core.flow import Process, make_process
 from dit_core.model import DiT
-from dit_core.training import TrainStep, adamw
+from dit_core.training import TrainStep, adamw, enable_tf32
 from pipeline.config import TrainConfig, config_to_dict
 from pipeline.data import LatentShardStream, make_loader
 from pipeline.layout import CHECKPOINT_FILE, TrialLayout
@@ -212,6 +212,25 @@ def peak_memory_gib(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
 
 
+def mfu_peak_flops(peak_tflops: float, device: torch.device, warn: bool = True) -> float | None:
+    """One device's peak FLOP/s for the `mfu` metric: train.peak_tflops when set, else the dense bf16 spec of the
+    CUDA device (dit_core.flops.DEVICE_PEAKS); None (no `mfu`) on a CPU without train.peak_tflops, and on a GPU the
+    table does not list, with a warning that names it."""
+    if peak_tflops:
+        return peak_tflops * 1e12
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    peak = device_peak(name)
+    if peak is None and warn:
+        print(
+            f"train: WARNING: no dense bf16 peak is known for the device {name!r}, so `mfu` is not logged: set "
+            f"train.peak_tflops (TFLOP/s of one device, dense bf16) to log it",
+            flush=True,
+        )
+    return None if peak is None else peak.flops
+
+
 def train_loop_per_worker(loop_config: dict[str, TrialJob]) -> None:
     """Ray Train entry point; `loop_config["job"]` is the trial's TrialJob, built by pipeline.sweep."""
     import ray.train
@@ -229,8 +248,7 @@ def train_loop_per_worker(loop_config: dict[str, TrialJob]) -> None:
     if device.type == "cpu":
         torch.set_num_threads(max(1, int(e.resources.cpus_per_worker)))
     else:
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
+        enable_tf32()
     use_bf16 = train.precision == "bf16" or (train.precision == "auto" and device.type == "cuda")
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if use_bf16 else nullcontext()
 
@@ -297,7 +315,7 @@ def train_loop_per_worker(loop_config: dict[str, TrialJob]) -> None:
         if resumed.get("skipped_checkpoints"):
             skipped = ", ".join(f"{s['checkpoint']} ({s['error']})" for s in resumed["skipped_checkpoints"])
             set_tags(job.tracking_uri, job.mlflow_run_id, {"ditscale.resume_warning": f"skipped {skipped}"})
-    peak = train.peak_tflops * 1e12 or (H200_BF16_PEAK_FLOPS if device.type == "cuda" else 0.0)
+    peak = mfu_peak_flops(train.peak_tflops, device, warn=rank == 0)  # one device's; None: no `mfu` metric
     milestones = set(train.milestone_steps)
 
     # --- the loop -----------------------------------------------------------------------------------------------
@@ -350,8 +368,8 @@ def train_loop_per_worker(loop_config: dict[str, TrialJob]) -> None:
             }
             if 1 < world <= 8:
                 metrics.update({f"loss_rank{r}": per_rank[r, 0].item() for r in range(world)})
-            if peak:
-                metrics["mfu"] = train_mfu(model_config, img_per_s, peak)
+            if peak is not None:  # per device: the trial's img/s over `world` devices' peaks
+                metrics["mfu"] = train_mfu(model_config, img_per_s, peak, num_devices=world)
             if val_set is not None and (done % train.val_every_steps == 0 or done == train.steps):
                 metrics["val_loss"] = validation_loss(unwrap_model(model), diffusion, val_set, autocast)
                 metrics["val_loss_ema"] = validation_loss(ema, diffusion, val_set, autocast)

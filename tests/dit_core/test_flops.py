@@ -1,11 +1,14 @@
-"""Analytic Gflops against the paper's Table 4 and torch's FlopCounterMode; params; training compute."""
+"""Analytic Gflops against the paper's Table 4 and torch's FlopCounterMode; params; training compute; MFU and the
+devices' peaks."""
+
+import re
 
 import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from dit_core.config import dit_config
-from dit_core.flops import forward_macs, gflops, param_count, train_mfu, training_compute
+from dit_core.flops import DEVICE_PEAKS, device_peak, forward_macs, gflops, param_count, train_mfu, training_compute
 from dit_core.model import DiT
 
 # Table 4 of the paper: Gflops of each preset at 256 px (32x32x4 latents), 2 decimals.
@@ -60,3 +63,54 @@ def test_training_compute_conventions():
 def test_mfu_matches_reference_anchor():
     # measured for the official XL/2 on one H200: bf16 + compile, 520 img/s = 46.9% MFU at 790 TFLOP/s.
     assert train_mfu(dit_config("DiT-XL/2"), 520, 790e12) == pytest.approx(0.469, abs=0.001)
+
+
+def test_mfu_is_per_device():
+    """A DDP job's throughput over N devices is N devices' work: the same MFU as one device doing 1/N of it."""
+    config = dit_config("DiT-B/2")
+    assert train_mfu(config, 8 * 150.0, 989.5e12, num_devices=8) == pytest.approx(train_mfu(config, 150.0, 989.5e12))
+    assert train_mfu(config, 1000.0, 1e15, num_devices=2) == pytest.approx(6 * gflops(config) * 1e9 * 1000 / 2e15)
+
+
+# Names as torch.cuda.get_device_name() reports them, with the dense bf16 figure (TFLOP/s) of the vendor's datasheet.
+KNOWN_DEVICES = {
+    "NVIDIA H100 80GB HBM3": 989.5,  # H100 SXM
+    "NVIDIA H100 PCIe": 756.5,
+    "NVIDIA H100 NVL": 835.5,
+    "NVIDIA H200": 989.5,
+    "NVIDIA H200 NVL": 835.5,
+    "NVIDIA GH200 480GB": 989.5,
+    "NVIDIA A100-SXM4-80GB": 312.0,
+    "NVIDIA A100-SXM4-40GB": 312.0,
+    "NVIDIA A100-PCIE-40GB": 312.0,
+    "NVIDIA A100 80GB PCIe": 312.0,
+    "NVIDIA A10": 125.0,
+    "NVIDIA L4": 121.0,
+    "NVIDIA L40": 181.05,
+    "NVIDIA L40S": 362.05,
+    "NVIDIA B200": 2250.0,
+    "NVIDIA GeForce RTX 4090": 165.2,
+}
+
+
+@pytest.mark.parametrize("name", KNOWN_DEVICES)
+def test_device_peak_by_name(name):
+    peak = device_peak(name)
+    assert peak is not None and peak.tflops == KNOWN_DEVICES[name] and peak.flops == KNOWN_DEVICES[name] * 1e12
+    assert sum(re.fullmatch(p.name, name) is not None for p in DEVICE_PEAKS) == 1  # no entry shadows another
+    assert "datasheet" in peak.source or "whitepaper" in peak.source
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "NVIDIA A10G",  # AWS's variant: no NVIDIA datasheet figure
+        "NVIDIA GeForce RTX 4090 D",  # fewer SMs than the RTX 4090
+        "NVIDIA A100-SXM4-40GB MIG 1g.5gb",  # a MIG slice: a seventh of the SMs
+        "Tesla V100-SXM2-16GB",  # no bf16 tensor cores
+        "NVIDIA H800",
+        "cpu",
+    ],
+)
+def test_an_unlisted_device_has_no_peak(name):
+    assert device_peak(name) is None

@@ -163,3 +163,24 @@ def test_several_emas_each_follow_their_own_decay():
         for got, want in zip(copy_.parameters(), expected[decay]):
             torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-7)
     assert any(not torch.equal(a, b) for a, b in zip(main.parameters(), slow.parameters()))  # they differ
+
+
+TF32_CHECK = """
+import warnings
+import torch
+from dit_core.training import enable_tf32
+with warnings.catch_warnings():
+    warnings.simplefilter("error")  # a deprecated switch would raise here
+    enable_tf32()
+print(torch.backends.cuda.matmul.fp32_precision, torch.backends.cudnn.conv.fp32_precision)
+print(torch.get_float32_matmul_precision())  # inductor's autotuning reads it: it must not raise
+"""
+
+
+def test_enable_tf32_sets_the_per_backend_switches_without_warnings():
+    """In a fresh process (the switches are global): TF32 for CUDA matmuls and cuDNN convolutions through
+    `fp32_precision`, no warning, and the legacy getter that inductor's autotune cache calls still answers."""
+    import subprocess
+
+    out = subprocess.run([sys.executable, "-c", TF32_CHECK], capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["tf32", "tf32", "high"], out.stderr[-2000:]

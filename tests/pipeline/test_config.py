@@ -122,6 +122,22 @@ def test_invalid_values_are_refused_when_the_experiment_is_built(overrides, mess
         load_experiment("smoke", overrides)
 
 
+@pytest.mark.parametrize("gpus", ["0.5", "2", "0.25", "-1"])
+def test_a_training_worker_takes_no_gpu_or_one(gpus):
+    """A fraction would put two DDP ranks on one GPU (NCCL: 'Duplicate GPU detected'); 2 would hold a GPU no rank
+    uses. Refused through `--set`, with the fix named."""
+    with pytest.raises(ConfigError, match=r"resources.gpus_per_worker must be 1 .* or 0 .*workers_per_trial"):
+        load_experiment("smoke", [f"resources.gpus_per_worker={gpus}"])
+
+
+def test_zero_or_one_gpu_per_worker_is_accepted():
+    assert load_experiment("smoke", ["resources.gpus_per_worker=1"]).resources.gpus_per_worker == 1
+    assert load_experiment("smoke", ["resources.gpus_per_worker=0"]).resources.gpus_per_worker == 0
+    assert load_experiment("paper_grid").resources.gpus_per_worker == 1
+    with pytest.raises(ConfigError, match="train.peak_tflops must be >= 0"):
+        load_experiment("smoke", ["train.peak_tflops=-1"])
+
+
 def test_a_section_checks_itself_when_constructed():
     with pytest.raises(ConfigError, match="train.lr_schedule"):
         TrainConfig(lr_schedule="linear")
