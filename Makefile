@@ -43,7 +43,7 @@ format: setup
 	$(VENV)/bin/ruff format .
 
 bench: setup
-	$(PY) benchmarks/train_step.py --modes eager compiled-model compiled --sample-presets DiT-Nano/2
+	$(PY) benchmarks/train_step.py --modes eager compiled-model compiled --sample-presets DiT-d6w128/2
 
 clean:
 	rm -rf $(VENV) ditscale-work .pytest_cache

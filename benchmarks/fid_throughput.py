@@ -38,7 +38,7 @@ from pipeline.codecs import CodecInfo, PixelCodec  # noqa: E402
 from pipeline.config import FidConfig  # noqa: E402
 from pipeline.fid.classifier import NAME as CLASSIFIER  # noqa: E402
 from pipeline.fid.classifier import train_classifier  # noqa: E402
-from pipeline.fid.reference import features, make_extractor  # noqa: E402
+from pipeline.fid.reference import FeatureSpace, embed  # noqa: E402
 from pipeline.fid.sampling import SliceSampler, compile_sampling  # noqa: E402
 
 
@@ -130,7 +130,7 @@ def main() -> None:
         preset, size, channels, classes = "DiT-XL/2", 32, 4, 1000
         codec = sd_vae_codec(tmp)
         fid = FidConfig(extractor="inception-v3-compat", batch_size=n, compile=compile_flag)
-        extractor = make_extractor(fid, random_inception_weights(tmp), True, ["2048"])
+        space = FeatureSpace("inception-v3-compat", random_inception_weights(tmp), ("2048",))
     else:
         preset, size, channels, classes = "DiT-d4w128/4", 16, 3, 10
         codec = PixelCodec().describe()
@@ -138,7 +138,7 @@ def main() -> None:
         rng = np.random.default_rng(0)
         images = (rng.random((500, 16, 16, 3)) * 255).astype(np.uint8)
         train_classifier(images, rng.integers(0, 10, 500), f"{tmp}/c.pt", seconds=2)
-        extractor = make_extractor(fid, f"{tmp}/c.pt", False, ["feat"])
+        space = FeatureSpace(CLASSIFIER, f"{tmp}/c.pt", ("feat",))
     model = DiT.from_preset(preset, input_size=size, in_channels=channels, num_classes=classes)
     config = {"model": asdict(model.config), "diffusion": asdict(DiffusionConfig())}
     checkpoint = str(save_checkpoint(f"{tmp}/ema.pt", model=model, step=0, config=config))
@@ -158,7 +158,7 @@ def main() -> None:
         t_slice = time.perf_counter() - start
         t_forward = sampler.forward_seconds()
         start = time.perf_counter()
-        features(images, extractor, gpu, batch_size=n)
+        embed(images, space, gpu, batch_size=n)  # as the sampling actors embed a slice
         synchronize(args.device)
         t_feat = time.perf_counter() - start
         total = t_slice + t_feat

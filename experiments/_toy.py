@@ -15,7 +15,10 @@ CPU_TRIALS = ResourcesConfig(workers_per_trial=1, gpus_per_worker=0, cpus_per_wo
 
 # 500 DDIM-20 samples per checkpoint with balanced labels and no guidance, scored with the classifier extractor
 # (trained for a fixed 1,000 steps, so that every machine gets the same extractor; about 25 s on an idle 2-core
-# machine), whose logits also give the samples' class accuracy. One sampling actor on half a CPU, beside the trials.
+# machine), whose logits also give the samples' class accuracy. One sampling actor on half a CPU, beside the trials,
+# scoring each milestone as it lands ("spare"). On CPUs even where GPUs are (gpus_per_worker=0, as the trials): the
+# toy studies' documented numbers are fp32 CPU numbers, bitwise reproducible with one thread per actor; a machine
+# with GPUs reproduces them as they are (`--set fid.gpus_per_worker=1` samples on a GPU, in bf16, other numbers).
 TOY_FID = FidConfig(
     num_samples=500,
     sampler="ddim",
@@ -27,6 +30,8 @@ TOY_FID = FidConfig(
     batch_size=125,
     workers=1,
     cpus_per_worker=0.5,
+    gpus_per_worker=0,
+    schedule="spare",
 )
 
 

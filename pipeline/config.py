@@ -259,6 +259,7 @@ class TrackingConfig:
 
 
 FID_METRICS = ("fid", "isc", "kid", "prc", "fd_dinov2")
+FID_SCHEDULES = ("spare", "between", "after")  # when `ditscale run` scores milestones (FidConfig.schedule)
 DINOV2_EXTRACTORS = {"dinov2-vit-s-14": 384, "dinov2-vit-b-14": 768, "dinov2-vit-l-14": 1024, "dinov2-vit-g-14": 1536}
 
 
@@ -291,7 +292,15 @@ class FidConfig:
     workers: int = 0  # sampling actors; 0 = one per GPU, or one per CPU (beside training, in `ditscale run`: 1)
     cpus_per_worker: float = 1.0  # CPUs each sampling actor holds (a share, e.g. 0.5, lets it sit beside trials)
     gpus_per_worker: float = 1.0  # GPUs each sampling actor holds on a cluster with GPUs (0: sample on CPUs)
-    during_training: bool = True  # `ditscale run` scores each milestone as it lands, on actors beside the trials
+    # when `ditscale run` scores the milestones (FID_SCHEDULES): "spare" as each lands, on sampling actors that
+    # hold fid.workers x (cpus|gpus)_per_worker beside the trials for the whole sweep (costs trial slots when the
+    # cluster has none to spare; `--dry-run` says how many); "between": each trial scores its own milestones when it
+    # has trained, on the resources its workers just released, before the next trial takes its slot (no slot lost;
+    # a trial's curve appears when it ends); "after": once the whole sweep has trained
+    schedule: str = "between"
+    precision: str = "auto"  # the DiT's sampling precision: "auto" (bf16 autocast on a GPU, fp32 on a CPU), "bf16",
+    # "fp32"; recorded with every score, and a run refuses scores of another precision (the VAE decodes in the
+    # dtype data.prepare.codec.dtype encoded the shards with)
     seed: int = 0
     save_npz: bool = False  # also keep the samples as an ADM-evaluator .npz (arr_0, uint8 NHWC)
 
@@ -314,6 +323,10 @@ class FidConfig:
                 f"fid.cpus_per_worker must be > 0 and fid.gpus_per_worker >= 0, got {self.cpus_per_worker} and "
                 f"{self.gpus_per_worker}"
             )
+        if self.schedule not in FID_SCHEDULES:
+            raise ConfigError(f"fid.schedule must be one of {', '.join(FID_SCHEDULES)}, got {self.schedule!r}")
+        if self.precision not in ("auto", "bf16", "fp32"):
+            raise ConfigError(f"fid.precision must be 'auto', 'bf16' or 'fp32', got {self.precision!r}")
         if self.guidance_interval and (
             len(self.guidance_interval) != 2 or not 0 <= self.guidance_interval[0] <= self.guidance_interval[1] <= 1
         ):

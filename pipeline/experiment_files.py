@@ -42,6 +42,11 @@ MOVED = {
     "data.toy_style": "data.toy.style",
     "data.toy_seed": "data.toy.seed",
 }
+# Fields replaced by another with other values: old path -> what to set instead.
+REPLACED = {
+    "fid.during_training": "fid.schedule: 'spare' (was true: actors beside the trials), 'after' (was false), or "
+    "'between' (each trial scores its milestones in its own slot when it has trained)",
+}
 
 
 def available_experiments() -> list[str]:
@@ -114,6 +119,8 @@ def merge(config: Any, values: dict[str, Any], where: str, path: str = "") -> An
     for key, value in values.items():
         name = f"{path}{key}"
         if key not in known:
+            if name in REPLACED:
+                raise ConfigError(f"{where}: {name} is gone; set {REPLACED[name]}")
             if name in MOVED:
                 raise ConfigError(f"{where}: {name} is now {MOVED[name]}: set {MOVED[name]}={value!r} instead")
             raise ConfigError(f"{where}: unknown field {name!r} ({type(config).__name__} has: {', '.join(known)})")

@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -312,11 +313,36 @@ class TrialJob:
     val_shards: str | None
     tracking_uri: str
     mlflow_run_id: str
+    workdir: str = ""  # the workspace's root
+    data: DataSpec | None = None  # the plan's view of the shards
+    manifest: Manifest | None = None
+    # called with this job in the trial's Tune actor once it has trained (fid.schedule "between": the fid stage's
+    # score_trial, handed in by `ditscale run`); a module-level function, so that Ray can pickle it
+    after_training: Callable[[TrialJob], Any] | None = None
+
+    def plan(self) -> SweepPlan:
+        """The plan of this trial alone (what the fid stage asks of a plan), without planning the study again."""
+        return SweepPlan(
+            self.experiment, Workspace(self.workdir), self.shards, self.val_shards, self.data, (self.trial,),
+            self.manifest,
+        )  # fmt: skip
 
 
-def trial_job(plan: SweepPlan, trial: Trial, tracking_uri: str, mlflow_run_id: str) -> TrialJob:
+def trial_job(
+    plan: SweepPlan, trial: Trial, tracking_uri: str, mlflow_run_id: str, after_training: Callable | None = None
+) -> TrialJob:
     return TrialJob(
-        trial.experiment, trial, plan.layout(trial), plan.shards, plan.val_shards, tracking_uri, mlflow_run_id
+        trial.experiment,
+        trial,
+        plan.layout(trial),
+        plan.shards,
+        plan.val_shards,
+        tracking_uri,
+        mlflow_run_id,
+        plan.workspace.root,
+        plan.data,
+        plan.manifest,
+        after_training,
     )
 
 

@@ -49,8 +49,9 @@ def ensure_data(experiment: ExperimentConfig, workdir: str, progress: bool = Tru
 
 
 def run_all(experiment: ExperimentConfig, workdir: str, step: int | None = None) -> dict[str, Any]:
-    """toy data (if asked for) -> prepare -> sweep, with fid scoring each milestone as it lands (fid.during_training;
-    else after the sweep) -> analyze, each skipping work already done.
+    """toy data (if asked for) -> prepare -> sweep, with the fid stage on fid.schedule (as each milestone lands,
+    "spare"; in each trial's slot when it has trained, "between"; after the sweep, "after") -> analyze, each skipping
+    work already done.
 
     Holds the study's lock throughout; one MLflow server (or MLFLOW_TRACKING_URI) serves every stage. Returns the
     analysis summary (or its error), with the run's timeline. Raises KeyboardInterrupt after a clean stop on Ctrl-C.
@@ -58,7 +59,7 @@ def run_all(experiment: ExperimentConfig, workdir: str, step: int | None = None)
     from analysis.fits import FitError
     from pipeline import tracking
     from pipeline.analyze import analyze_experiment
-    from pipeline.fid.score import FidErrors, ScoringWhileTraining, run_fid
+    from pipeline.fid.score import FidErrors, ScoringWhileTraining, StudyScorer, run_fid, score_trial
     from pipeline.lock import study_lock
     from pipeline.plan import plan_sweep
     from pipeline.ray_utils import ensure_ray
@@ -77,7 +78,8 @@ def run_all(experiment: ExperimentConfig, workdir: str, step: int | None = None)
             try:
                 plan = plan_sweep(experiment, workdir)
                 training = any(plan.status(t) not in ("done", "diverged") for t in plan.trials)
-                if experiment.fid.during_training and training:
+                schedule = experiment.fid.schedule if training else "after"
+                if schedule == "spare":  # actors beside the trials, scoring each milestone as it lands
                     ensure_ray()
                     with ScoringWhileTraining(experiment, workdir, uri) as scoring:
                         outcomes = run_sweep(experiment, workdir, reserved=scoring.reserved)
@@ -87,10 +89,15 @@ def run_all(experiment: ExperimentConfig, workdir: str, step: int | None = None)
                                 print("fid: nothing new to score")
                         except FidErrors as exc:
                             fid_errors = exc
-                else:  # score after the sweep (or only score: every trial has finished)
-                    outcomes = run_sweep(experiment, workdir)
+                else:
+                    if schedule == "between":  # extractor and reference statistics ready before the first trial
+                        ensure_ray()
+                        with StudyScorer(experiment, workdir, uri, progress=False, plan=plan) as scorer:
+                            scorer.warm_up()
+                    in_slot = score_trial if schedule == "between" else None
+                    outcomes = run_sweep(experiment, workdir, after_training=in_slot)
                     marks["sweep"] = time.time()
-                    try:
+                    try:  # "after": everything; "between": what the trials could not score in their slots
                         run_fid(experiment, workdir)
                     except FidErrors as exc:
                         fid_errors = exc

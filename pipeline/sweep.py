@@ -16,17 +16,18 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import os
 import subprocess
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pipeline.config import ConfigError, ExperimentConfig, config_to_dict, flatten
+from pipeline.config import ExperimentConfig, config_to_dict, flatten
 from pipeline.manifest import Manifest
 from pipeline.plan import SweepPlan, Trial, TrialJob, describe_plan, plan_study, plan_sweep, trial_job, trial_params
+from pipeline.slots import check_fits, describe_schedules, dry_run_clusters, slots_that_fit
 
 
 def git_commit() -> str:
@@ -83,6 +84,8 @@ def run_trial(job: TrialJob) -> None:
         job.layout.clear_failure()
     try:
         trainer.fit()
+        if job.after_training is not None:  # fid.schedule "between": in this slot, on the resources it released
+            after_training(job)
     except TrainingFailedError as exc:
         # Failed for good (after resources.max_failures restarts of the worker group): recorded for the outcome and
         # MLflow, and not raised, so that Tune restarts a trial only when its own process is lost (a node failure).
@@ -90,6 +93,16 @@ def run_trial(job: TrialJob) -> None:
         job.layout.mark_failed("error", reason, None)
         set_tags(job.tracking_uri, job.mlflow_run_id, {"ditscale.failure": reason})
         set_status(job.tracking_uri, job.mlflow_run_id, "FAILED")
+
+
+def after_training(job: TrialJob) -> None:
+    """Run the job's after-training step (`ditscale run` scores the trial's milestones there, fid.schedule
+    "between"); a failure is reported, never the trial's: the trial has trained, and the fid pass after the sweep
+    scores what is left and raises what is wrong."""
+    try:
+        job.after_training(job)
+    except Exception as exc:  # noqa: BLE001
+        print(f"[{job.trial.run_name}] after training: {failure_reason(exc)}", flush=True)
 
 
 def failure_reason(exc: BaseException) -> str:
@@ -141,47 +154,18 @@ class TrialOutcome:
     mlflow_run_id: str
 
 
-def _free_for_trials(reserved: dict[str, float] | None) -> dict[str, float]:
-    """The cluster's CPUs and GPUs less what others reserve beside the trials (the fid stage's sampling actors)."""
+def max_concurrent(experiment: ExperimentConfig, reserved: dict[str, float] | None = None) -> int:
+    """resources.max_concurrent_trials, or as many trials as the Ray cluster holds beside `reserved`."""
     import ray
 
-    cluster = ray.cluster_resources()
-    reserved = reserved or {}
-    return {kind: cluster.get(kind, 0) - reserved.get(kind, 0) for kind in ("CPU", "GPU")}
-
-
-def max_concurrent(experiment: ExperimentConfig, reserved: dict[str, float] | None = None) -> int:
-    """resources.max_concurrent_trials, or as many trials as the cluster holds beside `reserved`."""
-    r = experiment.resources
-    if r.max_concurrent_trials:
-        return r.max_concurrent_trials
-    free = _free_for_trials(reserved)
-    # (a small epsilon: 2.0 - 0.5 over 0.75 is 2 trials, not 1.9999)
-    fits = [math.floor(free["CPU"] / (r.workers_per_trial * r.cpus_per_worker) + 1e-9)]
-    if r.gpus_per_worker:
-        fits.append(math.floor(free["GPU"] / (r.workers_per_trial * r.gpus_per_worker) + 1e-9))
-    return max(1, min(fits))
+    return max(1, slots_that_fit(experiment, ray.cluster_resources(), reserved))
 
 
 def check_cluster(experiment: ExperimentConfig, reserved: dict[str, float] | None = None) -> None:
-    """One trial fits on the cluster beside `reserved`; else a ConfigError that says what to change."""
-    r = experiment.resources
-    free = _free_for_trials(reserved)
-    beside = ""
-    if reserved and any(reserved.values()):
-        held = ", ".join(f"{v:g} {k}" for k, v in reserved.items() if v)
-        beside = f" beside the {held} held for FID sampling while training (fid.workers x fid.cpus_per_worker / gpus)"
-    for kind, per_worker, fix in (
-        ("GPU", r.gpus_per_worker, "set resources.gpus_per_worker=0 to train on CPUs, or add GPU nodes"),
-        ("CPU", r.cpus_per_worker, "lower resources.cpus_per_worker or workers_per_trial"),
-    ):
-        need = r.workers_per_trial * per_worker
-        if need and free[kind] < need - 1e-9:
-            raise ConfigError(
-                f"a trial needs {need:g} {kind}s (resources.workers_per_trial x {kind.lower()}s_per_worker) but the "
-                f"Ray cluster has {free[kind]:g} free{beside}: {fix}"
-                + ("; or score after training (fid.during_training=false)" if beside else "")
-            )
+    """One trial fits on the Ray cluster beside `reserved`; else a ConfigError that says what to change."""
+    import ray
+
+    check_fits(experiment, ray.cluster_resources(), reserved)
 
 
 def run_sweep(
@@ -189,11 +173,15 @@ def run_sweep(
     workdir: str,
     progress_interval_s: float = 15.0,
     reserved: dict[str, float] | None = None,
+    after_training: Callable[[TrialJob], Any] | None = None,
 ) -> list[TrialOutcome]:
     """Run (or resume) every unfinished trial of the experiment; returns one outcome per trial.
 
     Holds the study's lock (pipeline.lock) while it works; `reserved` ({"CPU": ..., "GPU": ...}) is left free for
-    work beside the trials (`ditscale run` samples FID there). Raises KeyboardInterrupt after a clean stop on Ctrl-C
+    work beside the trials (`ditscale run` samples FID there, fid.schedule "spare"); `after_training(job)` runs in each
+    trial's slot once it has trained (`ditscale run` scores its milestones there, fid.schedule "between"). Raises
+    KeyboardInterrupt
+    after a clean stop on Ctrl-C
     (the trials keep their latest checkpoints; the same command resumes them).
     """
     from ray import tune
@@ -236,15 +224,15 @@ def run_sweep(
             if concurrency < alone:
                 print(
                     f"sweep: {concurrency} trial(s) at a time beside the FID sampling actors ({alone} without them): "
-                    f"lower fid.workers or fid.cpus_per_worker / gpus_per_worker, or score after training "
-                    f"(fid.during_training=false)",
+                    f"lower fid.workers or fid.cpus_per_worker / gpus_per_worker, or score between trials or after "
+                    f"the sweep (fid.schedule=between or after)",
                     flush=True,
                 )
             lock.update(tracking_uri=uri, concurrent_trials=concurrency)
             os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # our one-line-per-trial progress instead of Tune's
             # longest first: the largest trials start at once, so that none trains alone at the end
             todo.sort(key=lambda t: -t.training_compute["flops"])
-            jobs = [trial_job(plan, t, uri, run_ids[t.run_name]) for t in todo]
+            jobs = [trial_job(plan, t, uri, run_ids[t.run_name], after_training) for t in todo]
             tuner = tune.Tuner(
                 tune.with_resources(run_trial_from_tune, {"CPU": 0, "memory": 1}),  # the driver needs no CPU
                 param_space={"job": tune.grid_search(jobs)},
@@ -352,9 +340,25 @@ def summary_table(outcomes: list[TrialOutcome]) -> str:
     return "\n".join(lines)
 
 
+def connected_cluster() -> dict[str, float] | None:
+    """The resources of the Ray cluster this process is connected to or RAY_ADDRESS names; None without one (a
+    dry run starts no Ray)."""
+    import ray
+
+    if not ray.is_initialized() and not os.environ.get("RAY_ADDRESS"):
+        return None
+    from pipeline.ray_utils import ensure_ray
+
+    ensure_ray()
+    return dict(ray.cluster_resources())
+
+
 def main_sweep(experiment: ExperimentConfig, workdir: str, dry_run: bool) -> int:
     if dry_run:
         print(describe_plan(plan_study(experiment, workdir)))
+        print(
+            "\n".join(describe_schedules(experiment, dry_run_clusters(experiment, connected_cluster(), os.cpu_count())))
+        )
         return 0
     outcomes = run_sweep(experiment, workdir)
     return 0 if all(o.status == "done" for o in outcomes) else 1

@@ -60,7 +60,11 @@ def save_milestone(
     """EMA weights at `step` for the FID stage, where the layout keeps milestones (a dit_core checkpoint); `decay`
     names a further EMA of train.ema_decays (None: train.ema_decay's)."""
     path = layout.milestone(step, decay)
-    extra = {"weights": "ema", "ema_decay": config["train"]["ema_decay"] if decay is None else decay}
+    extra = {
+        "weights": "ema",
+        "ema_decay": config["train"]["ema_decay"] if decay is None else decay,
+        "trained_with": config.get("trained_with", {}),  # precision, compile, device: recorded with every FID
+    }
     if "://" not in path:
         save_checkpoint(path, model=ema, step=step, config=config, extra=extra)
         return path
@@ -264,6 +268,7 @@ def train_loop_per_worker(loop_config: dict[str, TrialJob]) -> None:
         "diffusion": config_to_dict(e.diffusion),
         "train": config_to_dict(train),
         "run_name": job.trial.run_name,
+        "trained_with": {"precision": "bf16" if use_bf16 else "fp32", "compile": train.compile, "device": device.type},
     }
 
     start_step, resumed = 0, {}

@@ -13,9 +13,11 @@ plan for the trials and the layout for their milestones.
 
 from __future__ import annotations
 
+import json
+import os
 import tempfile
 import time
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +28,7 @@ from pipeline.config import ConfigError, ExperimentConfig, FidConfig
 from pipeline.fid import classifier, reference, sampling
 from pipeline.layout import ema_label
 from pipeline.manifest import Manifest
-from pipeline.plan import plan_sweep
+from pipeline.plan import SweepPlan, plan_sweep
 
 
 def frechet_distance(stats_1: dict[str, np.ndarray], stats_2: dict[str, np.ndarray]) -> float:
@@ -40,20 +42,71 @@ def frechet_distance(stats_1: dict[str, np.ndarray], stats_2: dict[str, np.ndarr
     return float(fid_statistics_to_metric(s1, s2, False)["frechet_inception_distance"])
 
 
-def scoring_space(fid: FidConfig, manifest: Manifest, workdir: str):
-    """What scoring needs before any sample: the extractor (trained once, for the classifier), its reference
-    statistics (computed once and cached), and the DINOv2 space when fd_dinov2 is asked for. Calling it ahead of
-    the first checkpoint (`StudyScorer.warm_up`) takes this work off the critical path."""
-    cuda = torch.cuda.is_available()
-    weights = reference.extractor_weights(fid, manifest, workdir)
-    layer = reference.feature_layer(fid)
-    # the classifier extractor is also the judge of class fidelity: its logits score the samples' labels
-    classify = fid.extractor == classifier.NAME
-    layers = sorted({layer} | ({"logits_unbiased"} if "isc" in fid.metrics or classify else set()))
-    extractor = reference.make_extractor(fid, weights, cuda, layers)
-    ref_stats, ref_feats = reference.reference_statistics(fid, manifest, workdir, weights, extractor, cuda)
-    dinov2 = DinoV2Space(fid, manifest, workdir, cuda) if "fd_dinov2" in fid.metrics else None
-    return cuda, weights, layer, classify, extractor, ref_stats, ref_feats, dinov2
+@dataclass
+class ScoringSetup:
+    """What scoring needs before any sample: the feature spaces (the extractor trained once, for the classifier) and
+    the real images' statistics in each (computed once on the actors and cached). `prepare_scoring` builds it once
+    per process and FID settings; calling it ahead of the first checkpoint (`StudyScorer.warm_up`) takes this work
+    off the critical path, and a missing extractor (weights, hub cache) fails there, before any sampling."""
+
+    main: reference.FeatureSpace
+    dinov2: reference.FeatureSpace | None
+    reference: dict[str, np.ndarray]  # mu, sigma of the real images in `main`
+    dinov2_reference: dict[str, np.ndarray] | None
+    classify: bool  # the classifier extractor also judges class fidelity: its logits score the samples' labels
+
+
+_SETUPS: dict[str, ScoringSetup] = {}
+
+
+def prepare_scoring(fid: FidConfig, manifest: Manifest, workdir: str, pool: sampling.SamplerPool) -> ScoringSetup:
+    """The ScoringSetup of `fid` for this dataset (see there); the real images are embedded on `pool`'s actors."""
+    weights = reference.extractor_weights(fid, manifest, workdir, pool=pool)
+    key = json.dumps(
+        [reference.reference_key(fid, manifest, weights), fid.reference_npz, fid.metrics, fid.dinov2, workdir]
+    )
+    if key in _SETUPS:
+        return _SETUPS[key]
+    main, dinov2 = reference.scoring_spaces(fid, weights)
+    pool.prepare([main] + ([dinov2] if dinov2 else []))
+    keep = bool({"kid", "prc"} & set(fid.metrics))
+    ref_stats, ref_feats = reference.reference_statistics(fid, manifest, workdir, main, pool, keep_features=keep)
+    if keep:
+        reference.real_features(fid, manifest, main, pool, ref_feats)
+    dinov2_ref = None
+    if dinov2 is not None:
+        space = replace(fid, extractor=fid.dinov2, extractor_weights="", reference_npz="")
+        dinov2_ref, _ = reference.reference_statistics(space, manifest, workdir, dinov2, pool)
+    _SETUPS[key] = ScoringSetup(main, dinov2, ref_stats, dinov2_ref, fid.extractor == classifier.NAME)
+    return _SETUPS[key]
+
+
+def check_sample_count(fid: FidConfig) -> None:
+    """Enough samples for a full-rank covariance in every feature space asked for."""
+    spaces = [(fid.extractor, "fid.extractor")] + ([(fid.dinov2, "fid.dinov2")] if "fd_dinov2" in fid.metrics else [])
+    for extractor, field_name in spaces:
+        dim = reference.FEATURE_DIM.get(extractor)
+        if dim and fid.num_samples <= dim:
+            smaller = ", or fid.dinov2=dinov2-vit-s-14 (384-d)" if field_name == "fid.dinov2" else ""
+            raise ValueError(
+                f"fid.num_samples={fid.num_samples} gives a rank-deficient covariance of the {dim}-d {extractor} "
+                f"features ({field_name}): use more than {dim} samples (the paper uses 50,000){smaller}"
+            )
+
+
+GRID_IMAGES = 100  # samples kept for the grid image logged beside each score
+
+
+def sample_features(checkpoint: str, fid: FidConfig, spaces, pool: sampling.SamplerPool, all_images: bool, progress):
+    """(slice index, [features per space], the checkpoint's training facts, images) of every slice of the
+    checkpoint's samples, in slice order, drawn and embedded by the actors of `pool`; images are the slice's first
+    ones that the grid still needs (all of them when `all_images`, for fid.save_npz), else None."""
+    calls = []
+    for index, count in sampling.slices(fid):
+        wanted = count if all_images else max(0, min(count, GRID_IMAGES - index * fid.slice_size))
+        calls.append((index, "embed_samples", (checkpoint, fid, index, count, tuple(spaces), wanted), count))
+    for index, (feats, trained_with, images) in sampling.dispatch(pool, calls, "fid samples", progress):
+        yield index, feats, trained_with, images
 
 
 def score_checkpoint(
@@ -64,57 +117,88 @@ def score_checkpoint(
     workers: int = 0,
     progress: bool = True,
     pool: sampling.SamplerPool | None = None,
+    npz_path: str | None = None,
 ) -> tuple[dict[str, float], np.ndarray, dict[str, str]]:
-    """(metrics, samples, extractor facts) of one EMA checkpoint against the dataset's reference statistics.
+    """(metrics, the first 100 samples, facts) of one EMA checkpoint against the dataset's reference statistics.
 
-    `pool` draws the samples (a stage scoring many checkpoints passes one); None starts one for this checkpoint.
+    The actors of `pool` (a new pool if None) sample, decode and embed each slice on their own devices and return
+    features; this process merges them into running statistics slice by slice, in slice order (the same FID
+    whatever the number of actors), and holds features only where KID, precision/recall or the Inception Score need
+    them. With fid.save_npz and `npz_path`, the samples are streamed into that ADM-evaluator .npz (arr_0) one slice
+    at a time. Facts: the extractor, the sampler, and the precision of sampling, decoding and training.
     """
     from dit_core.checkpoint import load_checkpoint, model_config_from_checkpoint
 
+    if pool is None:
+        with sampling.SamplerPool(manifest.codec, fid, workers) as own:
+            return score_checkpoint(checkpoint, manifest, fid, workdir, progress=progress, pool=own, npz_path=npz_path)
     ckpt = load_checkpoint(checkpoint)  # clear error if missing or not a dit_core checkpoint
     model_config = model_config_from_checkpoint(ckpt)
+    del ckpt
     latent = manifest.latent_shape
     if (model_config.in_channels, model_config.input_size, model_config.input_size) != tuple(latent):
         raise ValueError(
             f"{checkpoint} is a model of {model_config.in_channels}x{model_config.input_size}x"
             f"{model_config.input_size} latents, but the dataset's latents are {'x'.join(map(str, latent))}"
         )
-    dim = reference.FEATURE_DIM.get(fid.extractor)
-    if dim and fid.num_samples <= dim:
-        raise ValueError(
-            f"fid.num_samples={fid.num_samples} gives a rank-deficient covariance of the {dim}-d {fid.extractor} "
-            f"features: use more than {dim} samples (the paper uses 50,000)"
-        )
-    cuda, weights, layer, classify, extractor, ref_stats, ref_feats, dinov2 = scoring_space(fid, manifest, workdir)
+    check_sample_count(fid)
+    setup = prepare_scoring(fid, manifest, workdir, pool)
+    spaces = (setup.main,) + ((setup.dinov2,) if setup.dinov2 else ())
+    layer = setup.main.layer
+    keep_feats = bool({"kid", "prc"} & set(fid.metrics))
+    gen = reference.Moments(reference.FEATURE_DIM.get(fid.extractor, 2048))
+    dino = reference.Moments(reference.FEATURE_DIM[fid.dinov2]) if setup.dinov2 else None
+    kept, logits, correct, grid, trained_with = [], [], 0, [], {}
+    npz = _NpzWriter(npz_path, fid.num_samples) if fid.save_npz and npz_path else None
 
     t0 = time.perf_counter()
-    samples = sampling.generate(checkpoint, manifest.codec, fid, workers, progress, pool)
+    for index, feats, slice_trained_with, images in sample_features(checkpoint, fid, spaces, pool, bool(npz), progress):
+        main, trained_with = feats[0], slice_trained_with
+        gen.add(main[layer])
+        if keep_feats:
+            kept.append(main[layer])
+        if dino is not None:
+            dino.add(feats[1]["dinov2"])
+        if setup.classify:
+            labels = sampling.slice_labels(fid, index, len(main[layer]), model_config.num_classes).numpy()
+            correct += int((main["logits_unbiased"].argmax(1) == labels).sum())
+        if "isc" in fid.metrics:
+            logits.append(main["logits_unbiased"])
+        if images is not None:
+            if npz is not None:
+                npz.write(images)
+            if sum(len(g) for g in grid) < GRID_IMAGES:
+                grid.append(images[: GRID_IMAGES - sum(len(g) for g in grid)])
     t_sample = time.perf_counter() - t0
-    gen_feats = reference.features(samples, extractor, cuda)
-    metrics = {"fid": frechet_distance(reference.statistics(gen_feats[layer]), ref_stats)}
-    if {"kid", "prc"} & set(fid.metrics):
-        ref_feats = reference.real_features(fid, manifest, weights, extractor, cuda, ref_feats)
+    if npz is not None:
+        npz.close()
+
+    metrics = {"fid": frechet_distance(gen.statistics(), setup.reference)}
+    if keep_feats:
+        gen_feats = torch.from_numpy(np.concatenate(kept))
+        ref_feats = torch.from_numpy(reference.real_features(fid, manifest, setup.main, pool))
         if "kid" in fid.metrics:
             from torch_fidelity.metric_kid import kid_features_to_metric
 
-            subset = min(1000, len(samples), len(ref_feats[layer]))
-            kid = kid_features_to_metric(gen_feats[layer], ref_feats[layer], kid_subset_size=subset, verbose=False)
+            subset = min(1000, len(gen_feats), len(ref_feats))
+            kid = kid_features_to_metric(gen_feats, ref_feats, kid_subset_size=subset, verbose=False)
             metrics["kid"] = float(kid["kernel_inception_distance_mean"])
         if "prc" in fid.metrics:
             from torch_fidelity.metric_prc import prc_features_to_metric
 
-            prc = prc_features_to_metric(gen_feats[layer], ref_feats[layer], verbose=False)
+            prc = prc_features_to_metric(gen_feats, ref_feats, verbose=False)
             metrics["precision"], metrics["recall"] = float(prc["precision"]), float(prc["recall"])
-    if dinov2 is not None:
-        metrics["fd_dinov2"] = dinov2.distance(samples)
-    if classify:
-        labels = torch.from_numpy(sampling.sample_labels(fid, model_config.num_classes))
-        metrics["class_accuracy"] = float((gen_feats["logits_unbiased"].argmax(1).cpu() == labels).float().mean())
+    if dino is not None:
+        metrics["fd_dinov2"] = frechet_distance(dino.statistics(), setup.dinov2_reference)
+    if setup.classify:
+        metrics["class_accuracy"] = correct / fid.num_samples
     if "isc" in fid.metrics:
         from torch_fidelity.metric_isc import isc_features_to_metric
 
-        metrics["isc"] = float(isc_features_to_metric(gen_feats["logits_unbiased"])["inception_score_mean"])
+        isc = isc_features_to_metric(torch.from_numpy(np.concatenate(logits)))
+        metrics["isc"] = float(isc["inception_score_mean"])
     metrics["fid_sample_seconds"] = t_sample
+    weights = setup.main.weights
     facts = {
         "fid.extractor": fid.extractor,
         "fid.extractor_weights": reference.reference_key(fid, manifest, weights)["weights"] or "torch-fidelity default",
@@ -126,39 +210,68 @@ def score_checkpoint(
         "fid.guidance_interval": str(list(fid.guidance_interval) or "all steps"),
         "fid.labels": fid.labels,
         "fid.evaluations_per_image": str(fid.evaluations_per_image),
+        **pool.facts(fid),
+        "fid.train_precision": str(trained_with.get("precision", "unrecorded")),
+        "fid.train_compile": str(trained_with.get("compile", "unrecorded")).lower(),
     }
     if "fd_dinov2" in fid.metrics:
         facts["fid.fd_dinov2_extractor"] = fid.dinov2
-    if classify:
+    if setup.classify:
         facts["fid.classifier_real_accuracy"] = f"{classifier.held_out_accuracy(weights):.4f}"
+    samples = np.concatenate(grid) if grid else np.zeros((0, *manifest_image_shape(manifest)), np.uint8)
     return metrics, samples, facts
 
 
-class DinoV2Space:
-    """FD_DINOv2 (EDM2, dgm-eval): the Frechet distance in the features of torch-fidelity's `fid.dinov2` extractor
-    (loaded through torch.hub), against the real images' statistics in the same space (cached like FID's). Built
-    before any sampling, so that a missing hub cache fails at once."""
-
-    def __init__(self, fid: FidConfig, manifest: Manifest, workdir: str, cuda: bool):
-        self.space = replace(fid, extractor=fid.dinov2, extractor_weights="", reference_npz="")
-        dim = reference.FEATURE_DIM[fid.dinov2]
-        if fid.num_samples <= dim:
-            raise ValueError(
-                f"fid.num_samples={fid.num_samples} gives a rank-deficient covariance of the {dim}-d {fid.dinov2} "
-                f"features: use more than {dim} samples, or fid.dinov2=dinov2-vit-s-14 (384-d)"
-            )
-        self.layer, self.cuda = reference.feature_layer(self.space), cuda
-        self.extractor = reference.make_extractor(self.space, "", cuda, [self.layer])
-        self.reference, _ = reference.reference_statistics(self.space, manifest, workdir, "", self.extractor, cuda)
-
-    def distance(self, images: np.ndarray) -> float:
-        feats = reference.features(images, self.extractor, self.cuda)[self.layer]
-        return frechet_distance(reference.statistics(feats), self.reference)
+def manifest_image_shape(manifest: Manifest) -> tuple[int, int, int]:
+    return (manifest.resolution, manifest.resolution, 3)
 
 
-def fd_dinov2(images: np.ndarray, fid: FidConfig, manifest: Manifest, workdir: str, cuda: bool) -> float:
-    """FD_DINOv2 of uint8 (N, H, W, 3) images (see DinoV2Space)."""
-    return DinoV2Space(replace(fid, num_samples=len(images)), manifest, workdir, cuda).distance(images)
+class _NpzWriter:
+    """An ADM-evaluator .npz (one uint8 NHWC array arr_0) written slice by slice: a memory-mapped .npy beside it,
+    zipped into place at the end, so no more than one slice of images is in memory at a time."""
+
+    def __init__(self, path: str, count: int):
+        self.path, self.count, self.filled, self.array = path, count, 0, None
+        self.npy = f"{path}.arr_0.npy"
+
+    def write(self, images: np.ndarray) -> None:
+        if self.array is None:
+            shape = (self.count, *images.shape[1:])
+            self.array = np.lib.format.open_memmap(self.npy, mode="w+", dtype=np.uint8, shape=shape)
+        self.array[self.filled : self.filled + len(images)] = images
+        self.filled += len(images)
+
+    def close(self) -> None:
+        import zipfile
+
+        if self.array is None:
+            return
+        self.array.flush()
+        del self.array
+        tmp = f"{self.path}.tmp"
+        with zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED, allowZip64=True) as z:
+            z.write(self.npy, "arr_0.npy")
+        os.replace(tmp, self.path)
+        os.remove(self.npy)
+
+
+PRECISION_FACTS = ("fid.precision", "fid.decode_dtype", "fid.compile")  # a run never mixes scores that differ here
+
+
+def fd_dinov2(images: np.ndarray, fid: FidConfig, manifest: Manifest, workdir: str, pool) -> float:
+    """FD_DINOv2 (EDM2, dgm-eval) of uint8 (N, H, W, 3) images: the Frechet distance in the features of
+    torch-fidelity's `fid.dinov2` extractor (loaded through torch.hub in the actors of `pool`), against the real
+    images' statistics in the same space."""
+    import ray
+
+    space = reference.FeatureSpace(fid.dinov2, "", ("dinov2",))
+    check_sample_count(replace(fid, num_samples=len(images), metrics=("fid", "fd_dinov2")))
+    ref, _ = reference.reference_statistics(
+        replace(fid, extractor=fid.dinov2, extractor_weights="", reference_npz=""), manifest, workdir, space, pool
+    )
+    actor = pool.actors[pool.first_ready()]
+    feats = ray.get(actor.embed_images.remote(images, (space,)))[0]["dinov2"]
+    return frechet_distance(reference.statistics(feats), ref)
 
 
 class StudyScorer:
@@ -178,20 +291,30 @@ class StudyScorer:
         uri: str,
         pool: sampling.SamplerPool | None = None,
         progress: bool = True,
+        plan: SweepPlan | None = None,
+        run_names: tuple[str, ...] | None = None,
     ):
         from pipeline import tracking
 
         self.experiment, self.workdir, self.uri, self.progress = experiment, workdir, uri, progress
-        self.plan = plan_sweep(experiment, workdir)
+        self.plan = plan or plan_sweep(experiment, workdir)
+        self.trials = [t for t in self.plan.trials if run_names is None or t.run_name in run_names]
         self.exp_id = tracking.experiment_id(uri, experiment.mlflow_experiment)
         self.pool, self.own_pool = pool, pool is None
         self.run_ids: dict[str, str] = {}
+        self.run_tags: dict[str, dict[str, str]] = {}  # what each trial's run says of its earlier scores
         self.scored: dict[tuple[str, float | None], set[int]] = {}  # (run name, decay) -> steps scored
         self.errors: dict[tuple[str, float | None, int], str] = {}  # checkpoints that could not be scored, and why
 
+    def _pool(self) -> sampling.SamplerPool:
+        if self.pool is None:
+            self.pool = sampling.SamplerPool(self.plan.manifest.codec, self.experiment.fid)
+        return self.pool
+
     def warm_up(self) -> None:
-        """Train the extractor and compute the reference statistics now, before any milestone lands."""
-        scoring_space(self.experiment.fid, self.plan.manifest, self.workdir)
+        """Train the extractor, build it in an actor and compute the reference statistics now, before any
+        milestone lands."""
+        prepare_scoring(self.experiment.fid, self.plan.manifest, self.workdir, self._pool())
 
     def _run_id(self, trial) -> str | None:
         """The trial's MLflow run id (None until the sweep has created it); checks its extractor."""
@@ -210,14 +333,29 @@ class StudyScorer:
                     f"extractors must not share a curve; set fid.extractor={previous} or use another experiment name"
                 )
             self.run_ids[trial.run_name] = run.info.run_id
+            self.run_tags[trial.run_name] = dict(run.data.tags)
         return self.run_ids[trial.run_name]
+
+    def _check_precision(self, trial, fid: FidConfig) -> None:
+        """Refuse to add scores of another sampling precision, decoding dtype or compile to a run's curve."""
+        facts = self._pool().facts(fid)
+        earlier = self.run_tags.get(trial.run_name, {})
+        differ = [
+            f"{k}={earlier[k]} before, {facts[k]} now" for k in PRECISION_FACTS if earlier.get(k, facts[k]) != facts[k]
+        ]
+        if differ:
+            raise ConfigError(
+                f"run {trial.run_name} was scored at another precision ({'; '.join(differ)}): scores of different "
+                f"precision must not share a curve; set fid.precision / fid.compile (and score on the same kind of "
+                f"device) as before, or use another experiment name"
+            )
 
     def pending(self) -> list[tuple[Any, float | None, int, str]]:
         """(trial, decay, step, path) of every milestone on disk not scored yet, in step order."""
         from pipeline import tracking
 
         todo = []
-        for trial in self.plan.trials:
+        for trial in self.trials:
             for decay in (None, *trial.experiment.train.ema_decays):
                 available = self.plan.layout(trial).milestones(decay)
                 if not available:
@@ -238,8 +376,6 @@ class StudyScorer:
         """Score every milestone not scored yet; returns one record per checkpoint scored now."""
         scored_now = []
         for trial, decay, step, path in self.pending():
-            if self.pool is None:
-                self.pool = sampling.SamplerPool(self.plan.manifest.codec, self.experiment.fid)
             try:
                 record = self._score(trial, decay, step, path)
             except ConfigError:
@@ -257,23 +393,24 @@ class StudyScorer:
 
         run_id, prefix = self.run_ids[trial.run_name], _prefix(decay)
         fid = trial.experiment.fid  # the trial's own sampling (its variant may set the sampler)
-        metrics, samples, facts = score_checkpoint(
-            path, self.plan.manifest, fid, self.workdir, progress=self.progress, pool=self.pool
-        )
-        metrics = {f"{prefix}{k}": v for k, v in metrics.items()}
+        self._check_precision(trial, fid)
         with tempfile.TemporaryDirectory() as tmp:  # everything computed before anything is logged
             name = f"samples_{prefix.replace('/', '_')}step{step:07d}"
+            npz = str(Path(tmp) / f"{name}.npz") if fid.save_npz else None
+            metrics, samples, facts = score_checkpoint(
+                path, self.plan.manifest, fid, self.workdir, progress=self.progress, pool=self._pool(), npz_path=npz
+            )
+            metrics = {f"{prefix}{k}": v for k, v in metrics.items()}
             grid = sampling.sample_grid(samples, Path(tmp) / f"{name}.png")
             tracking.set_tags(self.uri, run_id, facts)
+            self.run_tags[trial.run_name].update(facts)
             logger = tracking.MetricLogger(self.uri, run_id)
             logger.log(metrics, step=step)
             if logger.close():
                 raise RuntimeError(f"MLflow did not take the scores of step {step}")
             tracking.log_artifact(self.uri, run_id, grid, "samples")
-            if fid.save_npz:
-                npz = Path(tmp) / f"{name}.npz"
-                np.savez(npz, arr_0=samples)
-                tracking.log_artifact(self.uri, run_id, str(npz), "samples")
+            if npz is not None:
+                tracking.log_artifact(self.uri, run_id, npz, "samples")
         print(
             f"[{trial.run_name}] step {step:,}: " + "  ".join(f"{k} {v:.4g}" for k, v in metrics.items()),
             flush=True,
@@ -393,3 +530,21 @@ class ScoringWhileTraining:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def score_trial(job) -> list[dict[str, Any]]:
+    """fid.schedule "between": a trial that has trained scores its own milestones in its Tune slot, before the next
+    trial takes it, on sampling actors that take the resources its workers just released (`fid.workers`, 0: as many
+    as the trial had workers). Runs in the trial's Tune actor, which holds no GPU; checkpoints that cannot be scored
+    are reported and left to the pass after the sweep."""
+    fid = job.experiment.fid
+    workers = fid.workers or job.experiment.resources.workers_per_trial
+    with sampling.SamplerPool(job.manifest.codec, fid, workers) as pool:
+        with StudyScorer(
+            job.experiment, job.workdir, job.tracking_uri, pool, False, job.plan(), (job.trial.run_name,)
+        ) as scorer:
+            scorer.warm_up()
+            scored = scorer.score_new()
+            for (run, _, step), why in scorer.errors.items():
+                print(f"[{run}] step {step}: not scored in the trial's slot ({why}); the pass after the sweep retries")
+    return scored

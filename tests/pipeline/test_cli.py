@@ -43,8 +43,11 @@ def test_dry_run_plans_the_paper_grid_before_any_data_exists(tmp_path, capsys):
     assert len(rows) == 12
     xl2 = next(row for row in rows if row[1] == "DiT-XL/2")
     assert xl2[2] == "674,834,720" and xl2[3] == "118.6"
-    # train GPU-hours = 6 x MACs x batch x steps / (40% of 790 TFLOP/s), as the table's columns say
-    assert float(xl2[-2]) == pytest.approx(6 * 118.62e9 * 256 * 400_000 / (0.4 * 790e12) / 3600, rel=1e-3)
+    # train GPU-hours = 6 x MACs x batch x steps / (30% of an H200's 989.5 TFLOP/s), as the table's columns say
+    assert float(xl2[-2]) == pytest.approx(6 * 118.62e9 * 256 * 400_000 / (0.3 * 989.5e12) / 3600, rel=1e-3)
+    # what each fid.schedule costs in trial slots on the 8-GPU nodes the experiment is written for
+    assert "on one 8-GPU node (8 GPU, 96 CPU)" in out and "spare: refused, no trial fits beside 1 CPU, 1 GPU" in out
+    assert "*between: 2 at a time" in out and "spare: 1 at a time beside 1 CPU, 1 GPU held for sampling (1 slot" in out
     assert "GPU-hours of training" in out and "latents 4x32x32 (assumed: an SD-style VAE" in out
     assert "1000 classes (assumed: ImageNet's 1000 classes)" in out and "run names are provisional" in out
     assert not (tmp_path / "runs").exists()  # planning writes nothing

@@ -16,9 +16,9 @@ from scipy import linalg
 from pipeline import tracking
 from pipeline.config import ConfigError, FidConfig
 from pipeline.experiment_files import load_experiment
-from pipeline.fid import reference
+from pipeline.fid import reference, sampling, score
 from pipeline.fid.classifier import held_out_accuracy, train_classifier
-from pipeline.fid.reference import extractor_weights, make_extractor, real_images, reference_statistics, statistics
+from pipeline.fid.reference import FeatureSpace, extractor_weights, real_images, reference_statistics, statistics
 from pipeline.fid.sampling import SamplerPool, SliceSampler, generate, sample_labels, slice_labels
 from pipeline.fid.score import frechet_distance, run_fid, score_checkpoint
 from pipeline.layout import Workspace
@@ -149,40 +149,51 @@ def test_reference_statistics_are_computed_once(fast_smoke, smoke_workdir):
     fid = replace(experiment.fid, reference_images=150)  # a key of its own
     manifest = Manifest.load(f"{smoke_workdir}/shards/smoke")
 
-    weights = extractor_weights(fid, manifest, smoke_workdir)
-    extractor = make_extractor(fid, weights, False, ["feat"])
-    first, feats = reference_statistics(fid, manifest, smoke_workdir, weights, extractor, False)
-    assert feats is not None  # computed now
-    cache = list(Workspace(smoke_workdir).fid_reference.glob("*.npz"))
-    stamps = {p: p.stat().st_mtime_ns for p in cache}
-    again, feats = reference_statistics(fid, manifest, smoke_workdir, weights, extractor, False)
+    space = FeatureSpace(fid.extractor, extractor_weights(fid, manifest, smoke_workdir), ("feat",))
+    with SamplerPool(manifest.codec, fid, workers=2) as pool:
+        first, feats = reference_statistics(fid, manifest, smoke_workdir, space, pool, keep_features=True)
+        assert feats.shape == (150, 128)  # computed now, on the actors
+        cache = list(Workspace(smoke_workdir).fid_reference.glob("*.npz"))
+        stamps = {p: p.stat().st_mtime_ns for p in cache}
+        again, feats = reference_statistics(fid, manifest, smoke_workdir, space, pool, keep_features=True)
     assert feats is None  # from the cache
     np.testing.assert_array_equal(first["mu"], again["mu"])
     assert {p: p.stat().st_mtime_ns for p in cache} == stamps
 
 
-def test_kid_and_prc_embed_the_real_images_once_per_process(fast_smoke, smoke_workdir, monkeypatch):
-    from pipeline.fid import sampling
+def images_as_samples(images: np.ndarray):
+    """A stand-in for score.sample_features that embeds `images` (on the pool's actors) in place of a checkpoint's
+    samples, slice by slice as the stage would."""
 
+    def stand_in(checkpoint, fid, spaces, pool, all_images, progress):
+        actor = pool.actors[pool.first_ready()]
+        for index, count in sampling.slices(fid):
+            chunk = images[index * fid.slice_size : index * fid.slice_size + count]
+            yield index, ray.get(actor.embed_images.remote(chunk, tuple(spaces))), {}, chunk
+
+    return stand_in
+
+
+def test_kid_and_prc_embed_the_real_images_once_per_process(fast_smoke, smoke_workdir, monkeypatch):
     experiment, outcomes = fast_smoke
     fid = replace(experiment.fid, metrics=("fid", "kid", "prc"), reference_images=120)  # a reference key of its own
     manifest = Manifest.load(f"{smoke_workdir}/shards/smoke")
     extractor_weights(fid, manifest, smoke_workdir)  # the classifier extractor, trained beforehand
-    loads = []
-    original = reference.real_images
-    monkeypatch.setattr(reference, "real_images", lambda *a, **k: loads.append(1) or original(*a, **k))
+    passes = []
+    original = reference.embed_real_images
+    monkeypatch.setattr(reference, "embed_real_images", lambda *a, **k: passes.append(1) or original(*a, **k))
     scores = []
     with SamplerPool(manifest.codec, fid, workers=2) as pool:
         for step in (15, 30):
             path = milestone(smoke_workdir, outcomes[0], step)
             scores.append(score_checkpoint(path, manifest, fid, smoke_workdir, progress=False, pool=pool)[0])
-    assert len(loads) == 1  # the statistics and the features of the real images come from one read
-    # the real images standing in for the samples: KID near 0, the real manifold covered (recall 1) and nearly every
-    # image inside it (the 80 outside the reference too); the 30-step smoke checkpoints are far from it
-    real = original(manifest)[0]  # all 200 (more than the 128 feature dimensions), the 120 of the reference among them
-    monkeypatch.setattr(sampling, "generate", lambda *a, **k: real)
-    ideal = score_checkpoint(path, manifest, fid, smoke_workdir, progress=False)[0]
-    assert len(loads) == 1  # a third checkpoint reads them no more
+        assert len(passes) == 1  # the statistics and the features of the real images come from one pass
+        # the real images standing in for the samples: KID near 0, the real manifold covered (recall 1) and nearly
+        # every image inside it (the 80 outside the reference too); the 30-step smoke checkpoints are far from it
+        real = real_images(manifest)[0]  # all 200 (more than the 128 feature dimensions), the reference's among them
+        monkeypatch.setattr(score, "sample_features", images_as_samples(real))
+        ideal = score_checkpoint(path, manifest, replace(fid, num_samples=200), smoke_workdir, False, pool=pool)[0]
+    assert len(passes) == 1  # a third checkpoint embeds them no more
     assert ideal["recall"] == 1.0 and ideal["precision"] > 0.9, ideal
     for metrics in scores:
         assert metrics["kid"] > 0 and abs(ideal["kid"]) < 0.01 * metrics["kid"], (ideal, metrics)
@@ -327,8 +338,6 @@ def test_guidance_and_its_interval_reach_the_sampler(fast_smoke, smoke_workdir):
 def test_class_accuracy_judges_each_sample_by_its_own_label(fast_smoke, smoke_workdir, monkeypatch, labels):
     """Stand real images in for the samples, in the order of the labels the sampler conditions on: the classifier
     must find them right about as often as on its held-out images; with every label off by one, rarely."""
-    from pipeline.fid import sampling
-
     experiment, outcomes = fast_smoke
     manifest = Manifest.load(f"{smoke_workdir}/shards/smoke")
     fid = replace(experiment.fid, labels=labels, num_samples=240, slice_size=70)  # a ragged last slice
@@ -338,7 +347,7 @@ def test_class_accuracy_judges_each_sample_by_its_own_label(fast_smoke, smoke_wo
     rng = np.random.default_rng(0)
     for shift, check in ((0, lambda acc, ceiling: acc >= ceiling - 0.15), (1, lambda acc, _: acc < 0.4)):
         picks = [rng.choice(np.flatnonzero(real_labels == (label + shift) % 4)) for label in wanted]
-        monkeypatch.setattr(sampling, "generate", lambda *args, chosen=images[picks], **kw: chosen)
+        monkeypatch.setattr(score, "sample_features", images_as_samples(images[picks]))
         path = milestone(smoke_workdir, outcomes[0], 30)
         metrics, _, facts = score_checkpoint(path, manifest, fid, smoke_workdir, progress=False)
         ceiling = float(facts["fid.classifier_real_accuracy"])
@@ -395,12 +404,13 @@ def test_a_reference_npz_replaces_the_dataset_statistics(fast_smoke, smoke_workd
     manifest = Manifest.load(f"{smoke_workdir}/shards/smoke")
     path = milestone(smoke_workdir, outcomes[0], 30)
     fid = experiment.fid
-    weights = extractor_weights(fid, manifest, smoke_workdir)
-    extractor = make_extractor(fid, weights, False, ["feat"])
-    ref, _ = reference_statistics(fid, manifest, smoke_workdir, weights, extractor, False)
+    space = FeatureSpace(fid.extractor, extractor_weights(fid, manifest, smoke_workdir), ("feat",))
     with SamplerPool(manifest.codec, fid, workers=2) as pool:
-        cached, samples, _ = score_checkpoint(path, manifest, fid, smoke_workdir, progress=False, pool=pool)
-        mu_g = statistics(reference.features(samples, extractor, False)["feat"])["mu"]
+        ref, _ = reference_statistics(fid, manifest, smoke_workdir, space, pool)
+        cached, _, _ = score_checkpoint(path, manifest, fid, smoke_workdir, progress=False, pool=pool)
+        samples = generate(path, manifest.codec, fid, progress=False, pool=pool)
+        feats = ray.get(pool.actors[pool.first_ready()].embed_images.remote(samples, (space,)))[0]["feat"]
+        mu_g = statistics(feats)["mu"]
         mean_term = float((mu_g - ref["mu"]) @ (mu_g - ref["mu"]))
         np.savez(tmp_path / "same.npz", mu=ref["mu"], sigma=ref["sigma"])
         np.savez(tmp_path / "shifted.npz", mu=2 * ref["mu"] - mu_g, sigma=ref["sigma"])
@@ -419,17 +429,20 @@ def test_cached_statistics_made_for_another_key_are_refused(fast_smoke, smoke_wo
     experiment, _ = fast_smoke
     manifest = Manifest.load(f"{smoke_workdir}/shards/smoke")
     fid, workdir = experiment.fid, str(tmp_path / "work")
-    weights = extractor_weights(fid, manifest, workdir, real_images(manifest))
-    extractor = make_extractor(fid, weights, False, ["feat"])
-    reference_statistics(fid, manifest, workdir, weights, extractor, False)
-    (cache,) = Workspace(workdir).fid_reference.glob("*.npz")
-    with np.load(cache) as npz:
-        stats, key = {k: npz[k] for k in ("mu", "sigma")}, json.loads(str(npz["key"]))
-    np.savez(cache, **stats, key=json.dumps({**key, "resolution": 32}, sort_keys=True))
-    with pytest.raises(
-        ValueError, match=r"reference statistics .* were made for .*'resolution': 32.*: delete the file"
-    ):
-        reference_statistics(fid, manifest, workdir, weights, extractor, False)
+    space = FeatureSpace(fid.extractor, extractor_weights(fid, manifest, workdir, real_images(manifest)), ("feat",))
+    with SamplerPool(manifest.codec, fid, workers=1) as pool:
+        reference_statistics(fid, manifest, workdir, space, pool)
+        (cache,) = Workspace(workdir).fid_reference.glob("*.npz")
+        with np.load(cache) as npz:
+            stats, key = {k: npz[k] for k in ("mu", "sigma")}, json.loads(str(npz["key"]))
+        np.savez(cache, **stats, key=json.dumps({**key, "resolution": 32}, sort_keys=True))
+        with pytest.raises(
+            ValueError, match=r"reference statistics .* were made for .*'resolution': 32.*: delete the file"
+        ):
+            reference_statistics(fid, manifest, workdir, space, pool)
+        cache.write_bytes(b"")  # a torn cache file is computed again, not fatal
+        again, _ = reference_statistics(fid, manifest, workdir, space, pool)
+    np.testing.assert_allclose(again["mu"], stats["mu"], rtol=1e-12)
 
 
 # A stand-in for facebookresearch/dinov2 in a pre-filled torch.hub cache: the entry point torch-fidelity calls
@@ -479,15 +492,16 @@ def test_fd_dinov2_through_torch_hub_from_a_prefilled_cache(fast_smoke, smoke_wo
     (repo / "hubconf.py").write_text(TINY_DINOV2_HUBCONF)
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
     workdir = str(tmp_path / "work")  # its own reference cache
-    metrics, samples, facts = score_checkpoint(
-        milestone(smoke_workdir, outcomes[0], 30), manifest, fid, workdir, progress=False
-    )
-    assert metrics["fd_dinov2"] > 0 and np.isfinite(metrics["fd_dinov2"]) and metrics["fid"] > 0
-    assert facts["fid.fd_dinov2_extractor"] == "dinov2-vit-s-14"
-    assert list(Path(workdir, "fid", "reference").glob("dinov2-vit-s-14-*.npz"))  # cached beside FID's
-    # the same samples give the same distance again (from the cached reference); pure noise is farther
-    assert fd_dinov2(samples, fid, manifest, workdir, cuda=False) == pytest.approx(metrics["fd_dinov2"], rel=1e-6)
-    noise = np.random.default_rng(0).integers(0, 256, samples.shape, dtype=np.uint8)
-    assert fd_dinov2(noise, fid, manifest, workdir, cuda=False) != pytest.approx(metrics["fd_dinov2"], rel=1e-3)
-    with pytest.raises(ValueError, match="rank-deficient"):
-        fd_dinov2(samples[:300], fid, manifest, workdir, cuda=False)
+    path = milestone(smoke_workdir, outcomes[0], 30)
+    with SamplerPool(manifest.codec, fid, workers=1) as pool:  # made after TORCH_HOME is set: its actors see it
+        metrics, _, facts = score_checkpoint(path, manifest, fid, workdir, progress=False, pool=pool)
+        assert metrics["fd_dinov2"] > 0 and np.isfinite(metrics["fd_dinov2"]) and metrics["fid"] > 0
+        assert facts["fid.fd_dinov2_extractor"] == "dinov2-vit-s-14"
+        assert list(Path(workdir, "fid", "reference").glob("dinov2-vit-s-14-*.npz"))  # cached beside FID's
+        # the same samples give the same distance again (from the cached reference); pure noise is farther
+        samples = generate(path, manifest.codec, fid, progress=False, pool=pool)
+        assert fd_dinov2(samples, fid, manifest, workdir, pool) == pytest.approx(metrics["fd_dinov2"], rel=1e-6)
+        noise = np.random.default_rng(0).integers(0, 256, samples.shape, dtype=np.uint8)
+        assert fd_dinov2(noise, fid, manifest, workdir, pool) > metrics["fd_dinov2"]
+        with pytest.raises(ValueError, match="rank-deficient"):
+            fd_dinov2(samples[:300], fid, manifest, workdir, pool)

@@ -93,3 +93,35 @@ def test_milestones_are_scored_as_they_land(smoke_sweep, smoke_workdir, mlflow_u
         records = scoring.finish()
     assert [(r["run_name"], r["step"]) for r in records] == [(trial.run_name, 15), (trial.run_name, 30)]
     assert all(r["fid"] > 0 for r in records)
+
+
+def test_each_trial_scores_its_milestones_in_its_own_slot(smoke_workdir, mlflow_uri):
+    """fid.schedule=between: the sweep itself (no fid pass after it, no watcher) leaves the trial's milestones scored,
+    by actors started in the trial's slot once it had trained, with the precision facts on the run; a second run
+    scored with another sampling precision is refused, naming what differs."""
+    from pipeline.config import ConfigError
+    from pipeline.fid.score import run_fid, score_trial
+    from pipeline.sweep import run_sweep
+
+    overrides = [*FAST_FID, "name=smoke-between", "grid.presets=[DiT-d2w64/8]", "fid.schedule=between"]
+    experiment = load_experiment("smoke", overrides)
+    (outcome,) = run_sweep(experiment, smoke_workdir, after_training=score_trial)
+    assert outcome.status == "done"
+    history = tracking.client(mlflow_uri).get_metric_history(outcome.mlflow_run_id, "fid")
+    assert sorted(m.step for m in history) == [15, 30] and all(m.value > 0 for m in history)
+    finished = Workspace(smoke_workdir).trial("smoke-between", outcome.trial.run_name).done_record()["finished_unix_s"]
+    assert all(m.timestamp / 1000 >= finished - 1 for m in history)  # scored after the trial had trained
+    tags = tracking.client(mlflow_uri).get_run(outcome.mlflow_run_id).data.tags
+    assert (tags["fid.precision"], tags["fid.decode_dtype"], tags["fid.device"]) == ("fp32", "fp32", "cpu")
+    assert (tags["fid.train_precision"], tags["fid.train_compile"]) == ("fp32", "false")
+    # more milestones, scored at another precision: refused before anything is logged
+    bf16 = load_experiment("smoke", [*overrides, "fid.precision=bf16"])
+    with pytest.raises(ConfigError, match=r"fid.precision=fp32 before, bf16 now"):
+        run_fid(replace_milestones(bf16, smoke_workdir, outcome), smoke_workdir, progress=False)
+
+
+def replace_milestones(experiment, workdir, outcome):
+    """The experiment, with one more milestone of the trial on disk (a copy of step 30 as step 20) to score."""
+    layout = Workspace(workdir).trial(experiment.name, outcome.trial.run_name)
+    shutil.copy(layout.milestone(30), layout.milestone(20))
+    return experiment
