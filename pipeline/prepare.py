@@ -124,6 +124,8 @@ class ShardEncoder:
 
         if threads:
             torch.set_num_threads(threads)
+        # the GPU Ray gave this actor, seen here (CUDA_VISIBLE_DEVICES); a logical GPU without CUDA encodes on the CPU
+        device = "cuda" if device == "cuda" and torch.cuda.is_available() else "cpu"
         self.decode_threads = decode_threads
         self.config, self.src, self.out = config, src, out
         self.codec = build_codec(config.codec, device=device)
