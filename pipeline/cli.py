@@ -131,16 +131,22 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return 0 if result["passed"] else 1
 
 
-def _add_overrides(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
-        "--set",
-        action="extend",
-        nargs="+",
-        default=[],
-        metavar="SECTION.FIELD=VALUE",
-        help="override fields, e.g. train.lr=3e-4 diffusion.prediction=x0 data.prepare.resolution=32 "
-        "(several after one --set, or --set repeated)",
-    )
+EXPERIMENT_OVERRIDES = (
+    "override fields, e.g. train.lr=3e-4 diffusion.prediction=x0 data.prepare.resolution=32 "
+    "(several after one --set, or --set repeated)"
+)
+
+
+def _add_overrides(
+    p: argparse.ArgumentParser, help: str = EXPERIMENT_OVERRIDES, metavar: str = "SECTION.FIELD=VALUE"
+) -> None:
+    """--set, repeatable: every value of every --set is kept, in order."""
+    p.add_argument("--set", action="extend", nargs="+", default=[], metavar=metavar, help=help)
+
+
+def _add_workdir(p: argparse.ArgumentParser) -> None:
+    """--workdir, for the subcommands that read or write a study's workspace."""
+    p.add_argument("--workdir", default=None, help="workspace (default $DITSCALE_WORKDIR or ./ditscale-work)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -159,15 +165,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("prepare", help="shard an ImageNet-layout folder into WebDataset tars of latents (Ray)")
     p.add_argument("src", help="source folder: SRC/<class>/<image>.{jpg,png,webp,bmp}")
     p.add_argument("out", help="output folder or URI (s3://..., gs://...) for train-*.tar and manifest.json")
-    p.add_argument(
-        "--set",
-        action="extend",
-        nargs="+",
-        default=[],
+    _add_overrides(
+        p,
+        "PrepareConfig fields: resolution=256 codec.kind=vae|pixel codec.vae=ID_OR_FOLDER codec.space_to_depth=1 "
+        "samples_per_shard=5000 seed=0 encode_batch_size=32 num_workers=0 verify=sha256|size",
         metavar="FIELD=VALUE",
-        help="PrepareConfig fields: resolution=256 codec.kind=vae|pixel codec.vae=ID_OR_FOLDER "
-        "codec.space_to_depth=1 samples_per_shard=5000 seed=0 encode_batch_size=32 num_workers=0 "
-        "verify=sha256|size",
     )
     p.set_defaults(func=_cmd_prepare)
 
@@ -175,7 +177,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("experiment", help="an experiment name (experiments/<name>.py) or a .json/.yaml file")
     _add_overrides(p)
     p.add_argument("--dry-run", action="store_true", help="print the trials, their Gflops and training compute")
-    p.add_argument("--workdir", default=None, help="workspace (default $DITSCALE_WORKDIR or ./ditscale-work)")
+    _add_workdir(p)
     p.set_defaults(func=_cmd_sweep)
 
     p = sub.add_parser("fid", help="score the EMA milestones of an experiment's trials (torch-fidelity, Ray)")
@@ -183,7 +185,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", default=None, help="score this one checkpoint and print the result")
     p.add_argument("--workers", type=int, default=0, help="concurrent sampling tasks (0: from the experiment)")
     _add_overrides(p)
-    p.add_argument("--workdir", default=None, help="workspace (default $DITSCALE_WORKDIR or ./ditscale-work)")
+    _add_workdir(p)
     p.set_defaults(func=_cmd_fid)
 
     p = sub.add_parser("analyze", help="fit FID-vs-Gflops scaling laws and draw the paper's figures from MLflow")
@@ -193,29 +195,29 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--out", default=None, help="output folder (default <workdir>/analysis/<experiment>)")
     _add_overrides(p)
-    p.add_argument("--workdir", default=None, help="workspace (default $DITSCALE_WORKDIR or ./ditscale-work)")
+    _add_workdir(p)
     p.set_defaults(func=_cmd_analyze)
 
     p = sub.add_parser("run", help="the whole study: toy data/prepare, sweep, fid, analyze (each resumes)")
     p.add_argument("experiment", help="an experiment name (e.g. quickstart) or a .json/.yaml file")
     p.add_argument("--step", type=int, default=None, help="step of the FID-vs-Gflops fit (default: last common)")
     _add_overrides(p)
-    p.add_argument("--workdir", default=None, help="workspace (default $DITSCALE_WORKDIR or ./ditscale-work)")
+    _add_workdir(p)
     p.set_defaults(func=_cmd_run)
 
     p = sub.add_parser("status", help="each trial's state, step, loss and FID, and the study's expected time left")
     p.add_argument("experiment", help="an experiment name or file")
     _add_overrides(p)
-    p.add_argument("--workdir", default=None, help="workspace (default $DITSCALE_WORKDIR or ./ditscale-work)")
+    _add_workdir(p)
     p.set_defaults(func=_cmd_status)
 
     p = sub.add_parser("presets", help="list the DiT presets with parameter counts and Gflops")
     p.add_argument("--input-size", type=int, default=32, help="latent side in latent pixels (32 for 256 px + SD VAE)")
     p.add_argument("--in-channels", type=int, default=4, help="latent channels")
-    p.add_argument("--preset", nargs="+", default=(), help="only these presets (e.g. DiT-XL/2 DiT-d2w48/4)")
     p.add_argument(
-        "--set", nargs="+", default=(), metavar="FIELD=VALUE", help="model options (DiTOptions), e.g. mlp=swiglu"
+        "--preset", action="extend", nargs="+", default=[], help="only these presets (e.g. DiT-XL/2 DiT-d2w48/4)"
     )
+    _add_overrides(p, "model options (DiTOptions), e.g. mlp=swiglu", metavar="FIELD=VALUE")
     p.add_argument("--all-options", action="store_true", help="every combination of positions, mlp, norm, qk_norm")
     p.set_defaults(func=_cmd_presets)
 

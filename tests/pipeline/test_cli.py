@@ -80,3 +80,21 @@ def test_set_takes_several_overrides_at_once():
 
     args = build_parser().parse_args(["run", "toy_scaling", "--set", "name=b", "train.seed=1", "--set", "fid.seed=2"])
     assert args.experiment == "toy_scaling" and args.set == ["name=b", "train.seed=1", "fid.seed=2"]
+
+
+def test_presets_keep_every_value_of_a_repeated_flag(capsys):
+    """`--set a --set b` applies both (it kept only b), and `--preset A --preset B` lists both."""
+    argv = ["presets", "--preset", "DiT-XL/2", "--preset", "DiT-S/2", "--set", "mlp=swiglu", "--set", "norm=rmsnorm"]
+    assert main(argv) == 0
+    rows = [line.split() for line in capsys.readouterr().out.splitlines() if line.startswith("DiT-")]
+    assert [r[0] for r in rows] == ["DiT-S/2", "DiT-XL/2"]  # in the presets' order
+    assert all(r[2:4] == ["swiglu", "rmsnorm"] for r in rows)
+
+
+@pytest.mark.parametrize("command", ["sweep", "fid", "analyze", "run", "status"])
+def test_every_study_subcommand_takes_a_workdir(command):
+    from pipeline.cli import build_parser
+
+    args = build_parser().parse_args([command, "smoke", "--workdir", "/shared/w", "--set", "train.seed=1"])
+    assert args.workdir == "/shared/w" and args.set == ["train.seed=1"]
+    assert build_parser().parse_args([command, "smoke"]).workdir is None  # then $DITSCALE_WORKDIR or ./ditscale-work
