@@ -83,14 +83,15 @@ def _check_axis_path(path: str, where: str) -> None:
         )
 
 
-def flatten_settings(settings: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     """{'model': {'mlp': 'swiglu'}, 'train.lr': 1e-3} -> {'model.mlp': 'swiglu', 'train.lr': 1e-3}."""
     out = {}
-    for key, value in settings.items():
+    for key, value in d.items():
+        name = f"{prefix}{key}"
         if isinstance(value, dict):
-            out.update(flatten_settings(value, f"{prefix}{key}."))
+            out.update(flatten(value, f"{name}."))
         else:
-            out[f"{prefix}{key}"] = value
+            out[name] = value
     return out
 
 
@@ -115,9 +116,9 @@ class GridConfig:
         if len(set(self.seeds)) != len(self.seeds) or any(not isinstance(s, int) or s < 0 for s in self.seeds):
             raise ConfigError(f"grid.seeds must be distinct non-negative integers, got {list(self.seeds)}")
         # nested or dotted spellings ({"model": {"mlp": [...]}} or {"model.mlp": [...]}) become dotted paths
-        axes = {path: tuple(v) if isinstance(v, list) else v for path, v in flatten_settings(dict(self.axes)).items()}
+        axes = {path: tuple(v) if isinstance(v, list) else v for path, v in flatten(dict(self.axes)).items()}
         object.__setattr__(self, "axes", axes)
-        variants = {name: flatten_settings(v) if isinstance(v, dict) else v for name, v in dict(self.variants).items()}
+        variants = {name: flatten(v) if isinstance(v, dict) else v for name, v in dict(self.variants).items()}
         object.__setattr__(self, "variants", variants)
         for path, values in self.axes.items():
             _check_axis_path(path, "grid.axes")
@@ -130,7 +131,7 @@ class GridConfig:
                 raise ConfigError(f"grid.variants: name {name!r} must be letters, digits, '_', '-' or '.'")
             if not isinstance(settings, dict):
                 raise ConfigError(f"grid.variants: {name} must map config paths to values, got {settings!r}")
-            for path in flatten_settings(settings):
+            for path in flatten(settings):
                 _check_axis_path(path, f"grid.variants.{name}")
                 if path in self.axes:
                     raise ConfigError(f"grid.variants.{name} sets {path}, which grid.axes sweeps: keep one of them")
@@ -384,15 +385,3 @@ class ExperimentConfig:
 def config_to_dict(config: Any) -> dict[str, Any]:
     """A config as plain JSON types (tuples become lists)."""
     return json.loads(json.dumps(asdict(config)))
-
-
-def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    """{'train': {'lr': 1}} -> {'train.lr': 1}."""
-    out = {}
-    for key, value in d.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, dict):
-            out.update(flatten(value, f"{name}."))
-        else:
-            out[name] = value
-    return out

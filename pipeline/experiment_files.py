@@ -18,6 +18,7 @@ import json
 import re
 import types
 import typing
+from collections.abc import Iterable
 from dataclasses import fields, replace
 from pathlib import Path
 from typing import Any
@@ -90,7 +91,7 @@ def apply_overrides(config: Any, overrides: list[str] | tuple[str, ...]) -> Any:
     """Apply `section.field=value` strings (values parsed as YAML) to any config dataclass, all at once."""
     import yaml
 
-    nested: dict[str, Any] = {}
+    settings: list[tuple[str, Any]] = []
     for item in overrides:
         key, sep, text = item.partition("=")
         if not sep or not key:
@@ -101,14 +102,23 @@ def apply_overrides(config: Any, overrides: list[str] | tuple[str, ...]) -> Any:
             raise ConfigError(f"override {item!r}: cannot parse {text!r}: {exc}") from exc
         if isinstance(value, str) and _looks_numeric(text):
             value = float(text)  # YAML reads "3e-4" as a string
+        settings.append((key, value))
+    return merge(config, nest(settings, where="--set"), where="--set") if settings else config
+
+
+def nest(settings: Iterable[tuple[str, Any]], where: str) -> dict[str, Any]:
+    """[('train.lr', 1e-3), ('model.mlp', 'swiglu')] -> {'train': {'lr': 1e-3}, 'model': {'mlp': 'swiglu'}}, in
+    order (a later value of a path replaces an earlier one): what `merge` takes, the inverse of config.flatten."""
+    nested: dict[str, Any] = {}
+    for path, value in settings:
         cursor = nested
-        *parents, last = key.split(".")
+        *parents, last = path.split(".")
         for part in parents:
             cursor = cursor.setdefault(part, {})
             if not isinstance(cursor, dict):
-                raise ConfigError(f"override {item!r} sets a field inside {part!r}, which another override sets")
+                raise ConfigError(f"{where}: {path} sets a field inside {part}, which is set to {cursor!r}: set one")
         cursor[last] = value
-    return merge(config, nested, where="--set") if nested else config
+    return nested
 
 
 def merge(config: Any, values: dict[str, Any], where: str, path: str = "") -> Any:
@@ -200,15 +210,8 @@ def variants(experiment: ExperimentConfig) -> list[Variant]:
             parts = [name] * bool(name) + [f"{short[path]}={_label_value(v)}" for path, v in chosen.items()]
             label = "+".join(parts)
             settings = {**fixed, **chosen}
-            nested: dict[str, Any] = {}
-            for path, value in settings.items():
-                cursor = nested
-                *parents, last = path.split(".")
-                for part in parents:
-                    cursor = cursor.setdefault(part, {})
-                cursor[last] = value
             where = f"grid variant {label!r}"
-            out.append(Variant(label, settings, merge(base, nested, where=where)))
+            out.append(Variant(label, settings, merge(base, nest(settings.items(), where), where=where)))
     return out
 
 

@@ -8,8 +8,8 @@ import pytest
 from dit_core.config import DiTConfig, DiTOptions
 from dit_core.diffusion import DiffusionConfig
 from pipeline.codecs import CodecConfig
-from pipeline.config import ConfigError, DataConfig, TrainConfig
-from pipeline.experiment_files import MOVED, apply_overrides, available_experiments, load_experiment
+from pipeline.config import ConfigError, DataConfig, TrainConfig, flatten
+from pipeline.experiment_files import MOVED, apply_overrides, available_experiments, load_experiment, nest
 from pipeline.prepare import PrepareConfig
 from pipeline.toy import ToyDataConfig
 
@@ -120,6 +120,24 @@ def test_malformed_overrides(override, message):
 def test_invalid_values_are_refused_when_the_experiment_is_built(overrides, message):
     with pytest.raises(ConfigError, match=message):
         load_experiment("smoke", overrides)
+
+
+def test_an_override_inside_a_value_another_sets_is_refused():
+    with pytest.raises(ConfigError, match=r"--set: train.lr sets a field inside train, which is set to 5: set one"):
+        load_experiment("smoke", ["train=5", "train.lr=1e-3"])
+    assert load_experiment("smoke", ["train.lr=1", "train.lr=2"]).train.lr == 2.0  # the last value of a path wins
+
+
+def test_nest_is_the_inverse_of_flatten():
+    settings = {"train.lr": 1e-3, "model.mlp": "swiglu", "data.prepare.codec.kind": "pixel"}
+    nested = nest(settings.items(), where="test")
+    assert nested == {
+        "train": {"lr": 1e-3},
+        "model": {"mlp": "swiglu"},
+        "data": {"prepare": {"codec": {"kind": "pixel"}}},
+    }
+    assert flatten(nested) == settings
+    assert flatten({"model": {"mlp": "swiglu"}, "train.lr": 1e-3}) == {"model.mlp": "swiglu", "train.lr": 1e-3}
 
 
 @pytest.mark.parametrize("gpus", ["0.5", "2", "0.25", "-1"])
