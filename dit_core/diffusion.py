@@ -139,7 +139,38 @@ class PMeanVariance:
     pred_eps: torch.Tensor
 
 
-class GaussianDiffusion:
+class TrainingLosses:
+    """`training_losses` written once for every process: noise x_0 to x_t, run the model at the process's time, score
+    its output. A process (GaussianDiffusion below, FlowMatching in flow.py) supplies `q_sample(x_start, t, noise)`,
+    `model_time(t)` and `loss_terms(model_output, x_start, x_t, t, noise)`; TrainStep runs this same method."""
+
+    respacing: str | None = None  # None: the full process, which training needs (a respaced one is for sampling)
+
+    def check_trainable(self) -> None:
+        if self.respacing is not None:
+            raise ValueError("train on the full process, not a respaced one (respacing is for sampling)")
+
+    def training_losses(
+        self,
+        model: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor],
+        x_start: torch.Tensor,
+        t: torch.Tensor,
+        y: torch.Tensor,
+        noise: torch.Tensor | None = None,
+    ) -> dict[str, torch.Tensor]:
+        """Per-sample losses of `model(x_t, model_time(t), y)` at timesteps t (N,), x_t = q_sample(x_start, t, noise).
+
+        Returns `loss_terms`: {"loss": (N,), "mse": (N,)} and, with GaussianDiffusion's hybrid loss, "vb": (N,). The
+        noise defaults to a fresh draw from torch's global generator.
+        """
+        self.check_trainable()
+        if noise is None:
+            noise = torch.randn_like(x_start)
+        x_t = self.q_sample(x_start, t, noise)
+        return self.loss_terms(model(x_t, self.model_time(t), y), x_start, x_t, t, noise)
+
+
+class GaussianDiffusion(TrainingLosses):
     """The forward process q and the model-parameterised reverse process p over (possibly respaced) timesteps.
 
     With respacing, index i in [0, S) of this process corresponds to original timestep `timestep_map[i]`; the model
@@ -301,30 +332,15 @@ class GaussianDiffusion:
 
     # --- training -------------------------------------------------------------------------------------------------
 
-    def training_losses(
-        self,
-        model: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor],
-        x_start: torch.Tensor,
-        t: torch.Tensor,
-        y: torch.Tensor,
-        noise: torch.Tensor | None = None,
-    ) -> dict[str, torch.Tensor]:
-        """Per-sample losses at timesteps t (N,) of the full process.
-
-        Returns {"loss": (N,), "mse": (N,), "vb": (N,) with the hybrid loss}. "mse" is the mean squared error of the
-        prediction; "vb" is L_vlb in bits per dimension with the predicted mean detached (it trains only the variance).
-        """
-        if self.respacing is not None:
-            raise ValueError("train on the full process, not a respaced one (respacing is for sampling)")
-        if noise is None:
-            noise = torch.randn_like(x_start)
-        x_t = self.q_sample(x_start, t, noise)
-        return self.loss_terms(model(x_t, t, y), x_start, x_t, t, noise)
+    # (training_losses, inherited from TrainingLosses, runs the model and calls loss_terms)
 
     def loss_terms(
         self, model_output: torch.Tensor, x_start: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor, noise: torch.Tensor
     ) -> dict[str, torch.Tensor]:
-        """The per-sample losses of `training_losses` from the model's output at x_t = q_sample(x_start, t, noise)."""
+        """The per-sample losses from the model's output at x_t = q_sample(x_start, t, noise), t (N,) of the full
+        process: {"loss": (N,), "mse": (N,)} and, with the hybrid loss, "vb": (N,). "mse" is the mean squared error of
+        the prediction; "vb" is L_vlb in bits per dimension with the predicted mean detached (it trains only the
+        variance)."""
         model_output = model_output.float()
         prediction, var_values = self.split_output(model_output, x_start.shape[1])
         target = self.prediction_target(x_start, noise, t)

@@ -15,17 +15,14 @@ picks one from a `DiffusionConfig`. The ODE and SDE samplers are in samplers.py.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import torch
 
-from dit_core.diffusion import DiffusionConfig, GaussianDiffusion
+from dit_core.diffusion import DiffusionConfig, GaussianDiffusion, TrainingLosses
 
 
-class FlowMatching:
-    """The linear interpolant and its velocity loss, for `config.objective == "flow"`."""
-
-    respacing = None  # (a flow is trained and sampled in continuous time)
+class FlowMatching(TrainingLosses):
+    """The linear interpolant and its velocity loss, for `config.objective == "flow"`; `training_losses` (inherited)
+    calls the model at t * num_timesteps. No respacing: a flow is trained and sampled in continuous time."""
 
     def __init__(self, config: DiffusionConfig):
         if config.objective != "flow":
@@ -84,20 +81,6 @@ class FlowMatching:
             )
         mse = (velocity - self.velocity_target(x_start, noise)).pow(2).flatten(1).mean(1)
         return {"loss": mse, "mse": mse}
-
-    def training_losses(
-        self,
-        model: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor],
-        x_start: torch.Tensor,
-        t: torch.Tensor,
-        y: torch.Tensor,
-        noise: torch.Tensor | None = None,
-    ) -> dict[str, torch.Tensor]:
-        """Per-sample losses at path times t (N,) in [0, 1]."""
-        if noise is None:
-            noise = torch.randn_like(x_start)
-        x_t = self.q_sample(x_start, t, noise)
-        return self.loss_terms(model(x_t, self.model_time(t), y), x_start, x_t, t, noise)
 
     # --- what a velocity implies ------------------------------------------------------------------------------------
 

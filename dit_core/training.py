@@ -10,6 +10,7 @@ tensors, for the caller to average and log once per logging window (one synchron
 
 from __future__ import annotations
 
+import copy
 from contextlib import nullcontext
 
 import torch
@@ -76,8 +77,7 @@ class TrainStep:
             raise ValueError(f"unknown compile mode {compile_mode!r}; choose one of {', '.join(COMPILE_MODES)}")
         if grad_clip < 0:
             raise ValueError(f"grad_clip must be >= 0 (0 = no clipping), got {grad_clip}")
-        if diffusion.respacing is not None:
-            raise ValueError("train on the full process, not a respaced one (respacing is for sampling)")
+        diffusion.check_trainable()
         self.model, self.optimizer, self.ema = model, optimizer, ema
         self.ema_decay, self.grad_clip = ema_decay, grad_clip
         self.more_emas = dict(more_emas or {})
@@ -85,11 +85,15 @@ class TrainStep:
         self.device = self.params[0].device
         self.diffusion = diffusion.to(self.device)  # coefficient tables on the device: no copy per step
         forward = forward if forward is not None else model
-        self.q_sample, self.loss_terms = diffusion.q_sample, diffusion.loss_terms
+        self.losses = self.diffusion  # whose training_losses a step runs
         if compile:
             forward = torch.compile(forward, mode=None if compile_mode == "default" else compile_mode)
             if compile_loss:  # the loss's elementwise math (dozens of small kernels, both ways) fuses into a few
-                self.q_sample, self.loss_terms = torch.compile(self.q_sample), torch.compile(self.loss_terms)
+                # the same process with its noising and loss compiled, apart from the model (a DDP wrapper stays
+                # outside a compiled graph); training_losses finds them as attributes of this copy
+                self.losses = copy.copy(self.diffusion)
+                self.losses.q_sample = torch.compile(self.diffusion.q_sample)
+                self.losses.loss_terms = torch.compile(self.diffusion.loss_terms)
         self.forward = forward
         self.autocast = (
             torch.autocast(self.device.type, dtype=autocast_dtype) if autocast_dtype is not None else nullcontext()
@@ -111,11 +115,8 @@ class TrainStep:
         """
         if t is None:
             t = self.diffusion.sample_timesteps(x0.shape[0], device=x0.device)
-        if noise is None:
-            noise = torch.randn_like(x0)
-        with self.autocast:  # diffusion.training_losses, in three parts so that the loss can be compiled apart
-            x_t = self.q_sample(x0, t, noise)
-            terms = self.loss_terms(self.forward(x_t, self.diffusion.model_time(t), y), x0, x_t, t, noise)
+        with self.autocast:
+            terms = self.losses.training_losses(self.forward, x0, t, y, noise)
         loss = terms["loss"].mean()
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
