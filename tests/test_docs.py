@@ -79,3 +79,32 @@ def test_the_configuration_page_lists_every_field():
     fields = set(flatten(config_to_dict(ExperimentConfig()))) | {"grid.axes", "grid.variants"}  # mappings, {} here
     assert fields - documented == set(), "fields missing from docs/configuration.md"
     assert documented - fields == set(), "docs/configuration.md lists fields that do not exist"
+
+
+def test_a_head_on_all_interfaces_is_shown_with_token_authentication_first():
+    """`--dashboard-host 0.0.0.0` opens the job API (it runs any code it is sent) to the network: wherever a page
+    starts a head that way, the lines just before it say so and export RAY_AUTH_MODE=token first."""
+    shown = 0
+    for page in PAGES:
+        lines = page.read_text().splitlines()
+        for i, line in enumerate(lines):
+            if line.startswith("ray start") and "--dashboard-host 0.0.0.0" in line:
+                before = "\n".join(lines[max(0, i - 6) : i])
+                assert "export RAY_AUTH_MODE=token" in before, f"{page.name}:{i + 1}: no token export before the head"
+                assert "runs any code" in before, f"{page.name}:{i + 1}: say that the job API runs any code"
+                shown += 1
+    assert shown >= 2  # README.md and docs/cluster.md
+
+
+def test_committed_figures_and_tables_are_named_after_current_presets():
+    """A file under analysis/results/ or docs/ named after a preset (`DiT-d6w128_2.png`) names one that exists, and
+    none keeps a tiny size's old name (`samples_Nano_2.png`)."""
+    from dit_core.config import PRESETS, RENAMED_SIZES
+
+    files = [p for folder in ("analysis/results", "docs") for p in (ROOT / folder).rglob("*") if p.is_file()]
+    assert len(files) > 20
+    for path in files:
+        words = set(re.split(r"[_\-.]", path.stem))
+        assert not words & set(RENAMED_SIZES), f"{path.relative_to(ROOT)} is named after a renamed preset"
+        for size, patch in re.findall(r"DiT-(\w+?)_(\d+)", path.name):
+            assert f"DiT-{size}/{patch}" in PRESETS, f"{path.relative_to(ROOT)} names no preset"
