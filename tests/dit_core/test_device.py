@@ -14,17 +14,21 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
-from dit_core.config import DiTOptions, dit_config
+from dit_core.config import DiTOptions
 from dit_core.diffusion import DiffusionConfig
 from dit_core.ema import create_ema
 from dit_core.flow import make_process
-from dit_core.model import DiT
 from dit_core.samplers import DDIMSampler, DDPMSampler, FlowSampler, make_denoiser
 from dit_core.training import TrainStep, adamw
+from tests.dit_core.builders import tiny_dit
 
 META = torch.device("meta")
 DDPM = DiffusionConfig()  # eps + learned variance, hybrid loss
 FLOW = DiffusionConfig(objective="flow", prediction="v", learn_sigma=False, loss="mse")
+# a 1-block DiT on 4 x 4 latents of 2 channels, label dropout on (its path runs too); built on the CPU, moved to meta
+MODEL = dict(
+    preset="DiT-d1w48/2", options=DiTOptions(class_dropout_prob=0.1), input_size=4, in_channels=2, num_classes=3
+)
 
 
 class OnlyMeta(TorchDispatchMode):
@@ -51,21 +55,13 @@ def unchecked_optimizer(optimizer: torch.optim.Optimizer, guard: OnlyMeta) -> to
     return optimizer
 
 
-def meta_dit(config: DiffusionConfig) -> DiT:
-    options = DiTOptions(class_dropout_prob=0.1)
-    model_config = dit_config(
-        "DiT-d1w48/2", options, input_size=4, in_channels=2, num_classes=3, learn_sigma=config.learn_sigma
-    )
-    return DiT(model_config).to(META)
-
-
 def batch(n: int = 3) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.randn(n, 2, 4, 4, device=META), torch.zeros(n, dtype=torch.long, device=META)
 
 
 @pytest.mark.parametrize("config, options", [(DDPM, dict(grad_clip=1.0)), (FLOW, dict())], ids=["ddpm", "flow"])
 def test_train_step_stays_on_the_device(config, options):
-    model = meta_dit(config)
+    model = tiny_dit(**MODEL, learn_sigma=config.learn_sigma).to(META)
     guard = OnlyMeta()
     step = TrainStep(
         model, make_process(config), unchecked_optimizer(adamw(model), guard), create_ema(model), **options
@@ -89,7 +85,7 @@ SAMPLERS = {
 @pytest.mark.parametrize("guidance_interval", [None, (0.2, 0.6)], ids=["always-guided", "guidance-interval"])
 def test_sampler_with_guidance_stays_on_the_device(name, guidance_interval):
     config, make_sampler = SAMPLERS[name]
-    model = meta_dit(config).eval()
+    model = tiny_dit(**MODEL, learn_sigma=config.learn_sigma).to(META).eval()
     sampler = make_sampler()
     if isinstance(sampler, DDPMSampler | DDIMSampler):
         sampler.diffusion.to(META)  # the host-built tables, moved once
@@ -104,7 +100,7 @@ def test_sampler_with_guidance_stays_on_the_device(name, guidance_interval):
 
 @pytest.mark.parametrize("config", [DDPM, FLOW], ids=["ddpm", "flow"])
 def test_validation_loss_stays_on_the_device(config):
-    model = meta_dit(config).eval()
+    model = tiny_dit(**MODEL, learn_sigma=config.learn_sigma).to(META).eval()
     process = make_process(config).to(META)
     x0, y = batch()
     t = process.spread_timesteps(x0.shape[0]).to(META)
@@ -114,7 +110,7 @@ def test_validation_loss_stays_on_the_device(config):
 
 
 def test_the_check_catches_a_host_scalar_inside_a_step():
-    model = meta_dit(FLOW).eval()
+    model = tiny_dit(**MODEL, learn_sigma=FLOW.learn_sigma).to(META).eval()
     denoise = make_denoiser(model, num_timesteps=FLOW.num_timesteps)
     noise, y = batch()
     with OnlyMeta(), pytest.raises(AssertionError, match="met a cpu tensor"):

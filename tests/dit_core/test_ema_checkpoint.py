@@ -23,16 +23,16 @@ from dit_core.checkpoint import (
 from dit_core.ema import create_ema, unwrap_model, update_ema
 from dit_core.model import DiT
 from tests import faults
+from tests.dit_core.builders import tiny_dit
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def make_model(**overrides):
-    return DiT.from_preset("DiT-d2w64/4", input_size=8, num_classes=5, **overrides)
+MODEL = dict(preset="DiT-d2w64/4", num_classes=5)
 
 
 def test_ema_starts_as_a_frozen_copy():
-    model = make_model()
+    model = tiny_dit(**MODEL)
     ema = create_ema(model)
     assert not ema.training and all(not p.requires_grad for p in ema.parameters())
     for a, b in zip(model.parameters(), ema.parameters()):
@@ -40,7 +40,7 @@ def test_ema_starts_as_a_frozen_copy():
 
 
 def test_ema_update_math():
-    model = make_model()
+    model = tiny_dit(**MODEL)
     ema = create_ema(model)
     before = [p.detach().clone() for p in ema.parameters()]
     with torch.no_grad():
@@ -55,7 +55,7 @@ def test_ema_update_math():
 
 
 def test_ema_of_compiled_model_and_bad_decay():
-    model = make_model()
+    model = tiny_dit(**MODEL)
     ema = create_ema(model)
     compiled = torch.compile(model, backend="eager")
     assert unwrap_model(compiled) is model
@@ -73,7 +73,7 @@ def train_one_step(model, opt):
 
 def test_checkpoint_round_trip(tmp_path):
     torch.manual_seed(0)
-    model = make_model()
+    model = tiny_dit(**MODEL)
     ema = create_ema(model)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     train_one_step(model, opt)
@@ -110,20 +110,20 @@ def test_checkpoint_round_trip(tmp_path):
 
 
 def test_checkpoint_loads_onto_another_device_map(tmp_path):
-    model = make_model()
+    model = tiny_dit(**MODEL)
     path = save_checkpoint(tmp_path / "c.pt", model=model, step=1, config={"model": asdict(model.config)})
     ckpt = load_checkpoint(path, map_location=torch.device("meta"))
     assert all(v.device.type == "meta" for v in ckpt["model"].values())
 
 
 def test_checkpoint_refuses_other_config(tmp_path):
-    model = make_model()
+    model = tiny_dit(**MODEL)
     path = save_checkpoint(tmp_path / "c.pt", model=model, step=1, config={"model": asdict(model.config)})
-    other = make_model(learn_sigma=False).config
+    other = tiny_dit(**MODEL, learn_sigma=False).config
     with pytest.raises(ValueError, match="learn_sigma: checkpoint True, expected False"):
         load_checkpoint(path, expected_model_config=other)
     # Runtime-only fields do not count.
-    load_checkpoint(path, expected_model_config=make_model(grad_checkpointing=True).config)
+    load_checkpoint(path, expected_model_config=tiny_dit(**MODEL, grad_checkpointing=True).config)
 
 
 def test_checkpoint_errors(tmp_path):
@@ -159,7 +159,7 @@ def test_a_full_disk_keeps_the_previous_checkpoint(method, tmp_path):
     folder = tmp_path / "ckpt"
     folder.mkdir()
     torch.manual_seed(0)
-    model = make_model()
+    model = tiny_dit(**MODEL)
     path = save_checkpoint(folder / "last.pt", model=model, step=1, config={"model": asdict(model.config)})
     old = {k: v.clone() for k, v in model.state_dict().items()}
     # The new save also holds the EMA and the AdamW moments: 4x the 0.8 MB of the old one, over a 2 MiB limit.
@@ -168,8 +168,9 @@ import sys, torch
 from dataclasses import asdict
 from dit_core.checkpoint import save_checkpoint
 from dit_core.ema import create_ema
-from tests.dit_core.test_ema_checkpoint import make_model, train_one_step
-model = make_model()
+from tests.dit_core.builders import tiny_dit
+from tests.dit_core.test_ema_checkpoint import MODEL, train_one_step
+model = tiny_dit(**MODEL)
 opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
 train_one_step(model, opt)
 try:
@@ -263,7 +264,7 @@ def test_a_writer_killed_mid_save_leaves_the_previous_checkpoint(tmp_path):
     with pytest.raises(ValueError, match="temporary file of a checkpoint save that did not finish"):
         load_checkpoint(leftovers[0])
 
-    model = make_model()
+    model = tiny_dit(**MODEL)
     save_checkpoint(path, model=model, step=601, config={"model": asdict(model.config)})
     assert sorted(p.name for p in path.parent.iterdir()) == [path.name]  # the killed writer's temporary is gone
     assert load_checkpoint(path)["step"] == 601

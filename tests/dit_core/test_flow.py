@@ -5,12 +5,12 @@ import math
 import pytest
 import torch
 
-from dit_core.config import DiTOptions, dit_config
+from dit_core.config import DiTOptions
 from dit_core.diffusion import DiffusionConfig
 from dit_core.flow import FlowMatching, make_process
-from dit_core.model import DiT
 from dit_core.samplers import DDIMSampler, FlowSampler, diffusers_scheduler, make_denoiser
 from dit_core.training import TrainStep, adamw
+from tests.dit_core.builders import tiny_dit
 
 FLOW = DiffusionConfig(objective="flow", prediction="v", learn_sigma=False, loss="mse")
 LOGIT_NORMAL = DiffusionConfig(
@@ -124,8 +124,7 @@ def test_sde_step_follows_sits_sigma_diffusion_form():
 
 def test_guidance_interval_leaves_the_steps_outside_it_unguided():
     torch.manual_seed(0)
-    config = dit_config("DiT-d1w48/2", DiTOptions(), input_size=4, in_channels=1, num_classes=3, learn_sigma=False)
-    model = DiT(config).eval()
+    model = tiny_dit("DiT-d1w48/2", DiTOptions(), input_size=4, in_channels=1, num_classes=3, learn_sigma=False).eval()
     for p in model.parameters():
         p.data.add_(0.1 * torch.randn_like(p))
     x, y = torch.randn(2, 1, 4, 4), torch.tensor([0, 2])
@@ -148,9 +147,8 @@ def test_guidance_interval_leaves_the_steps_outside_it_unguided():
 
 def test_train_step_learns_a_flow():
     torch.manual_seed(0)
-    config = dit_config("DiT-d1w48/2", DiTOptions(class_dropout_prob=0.0), input_size=4, in_channels=1,
-                        num_classes=2, learn_sigma=False)  # fmt: skip
-    model = DiT(config)
+    options = DiTOptions(class_dropout_prob=0.0)
+    model = tiny_dit("DiT-d1w48/2", options, input_size=4, in_channels=1, num_classes=2, learn_sigma=False)
     step = TrainStep(model, make_process(LOGIT_NORMAL), adamw(model, lr=3e-3))
     x0 = torch.full((64, 1, 4, 4), MU)
     losses = [step(x0 + S * torch.randn_like(x0), torch.zeros(64, dtype=torch.long))["loss"].item() for _ in range(150)]

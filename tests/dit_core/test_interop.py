@@ -13,14 +13,8 @@ from dit_core.interop import (
     to_diffusers,
 )
 from dit_core.model import DiT
+from tests.dit_core.builders import official_xl2_shapes, randomize, tiny_dit
 from tests.helpers import tiny_vae
-
-from .test_model import official_xl2_shapes, randomize
-
-
-def tiny_model(**overrides):
-    overrides = {"input_size": 8, "num_classes": 10, **overrides}
-    return randomize(DiT.from_preset("DiT-d2w64/2", **overrides)).eval()
 
 
 def inputs():
@@ -38,9 +32,9 @@ def test_official_xl2_layout_gives_the_xl2_config():
 
 
 def test_load_official_raw_state_dict_and_train_dict(tmp_path):
-    model = tiny_model()
+    model = randomize(tiny_dit()).eval()
     torch.save(model.state_dict(), tmp_path / "raw.pt")
-    ema = tiny_model()
+    ema = randomize(tiny_dit()).eval()
     randomize(ema, seed=5)
     torch.save(
         {
@@ -69,7 +63,7 @@ def test_official_head_count_needed_for_unknown_sizes(tmp_path):
 
 
 def test_to_diffusers_matches_and_round_trips():
-    model = tiny_model()
+    model = randomize(tiny_dit()).eval()
     x, t, y = inputs()
     transformer = to_diffusers(model).eval()
     with torch.no_grad():
@@ -84,7 +78,7 @@ def test_saved_diffusers_model_and_timestep_shift(tmp_path):
     """save_pretrained + load_diffusers_transformer matches dit_core; plain from_pretrained keeps diffusers' shift."""
     from diffusers import DiTTransformer2DModel
 
-    model = tiny_model()
+    model = randomize(tiny_dit()).eval()
     to_diffusers(model).save_pretrained(tmp_path / "dit")
     x, t, y = inputs()
     with torch.no_grad():
@@ -100,7 +94,7 @@ def test_export_diffusers_pipeline(tmp_path):
 
     # DiTPipeline's guidance hard-codes the null label 1000: a 1000-class model guides, others sample unguided.
     for num_classes, guidance in ((1000, 1.5), (10, 1.0)):
-        model = tiny_model(num_classes=num_classes)
+        model = randomize(tiny_dit(num_classes=num_classes)).eval()
         labels = {i: f"class{i}" for i in range(num_classes)}
         export_diffusers_pipeline(model, tmp_path / f"pipe{num_classes}", vae=tiny_vae(), id2label=labels)
         pipe = DiTPipeline.from_pretrained(tmp_path / f"pipe{num_classes}")

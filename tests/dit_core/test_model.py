@@ -8,60 +8,7 @@ import torch
 
 from dit_core.config import PAPER_SIZES, PATCH_SIZES, PRESETS, RENAMED_SIZES, SIZES, DiTOptions, dit_config
 from dit_core.model import DiT, TimestepEmbedder, sincos_pos_embed_2d
-
-
-def randomize(model: DiT, std: float = 0.05, seed: int = 0) -> DiT:
-    """Give every trainable weight a random value (at init most outputs are zero by design)."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.requires_grad:
-                p.copy_(torch.randn(p.shape, generator=g) * std)
-    return model
-
-
-def tiny(**overrides) -> DiT:
-    defaults = dict(input_size=8, num_classes=10)
-    defaults.update(overrides)
-    return DiT.from_preset(
-        overrides.pop("preset", "DiT-d2w64/2"), **{k: v for k, v in defaults.items() if k != "preset"}
-    )
-
-
-# The 292 keys of the official DiT-XL/2 state dict with their shapes (the released DiT-XL-2-256x256.pt).
-def official_xl2_shapes() -> dict[str, tuple[int, ...]]:
-    D = 1152
-    shapes = {
-        "pos_embed": (1, 256, D),
-        "x_embedder.proj.weight": (D, 4, 2, 2),
-        "x_embedder.proj.bias": (D,),
-        "t_embedder.mlp.0.weight": (D, 256),
-        "t_embedder.mlp.0.bias": (D,),
-        "t_embedder.mlp.2.weight": (D, D),
-        "t_embedder.mlp.2.bias": (D,),
-        "y_embedder.embedding_table.weight": (1001, D),
-        "final_layer.linear.weight": (32, D),
-        "final_layer.linear.bias": (32,),
-        "final_layer.adaLN_modulation.1.weight": (2 * D, D),
-        "final_layer.adaLN_modulation.1.bias": (2 * D,),
-    }
-    for i in range(28):
-        b = f"blocks.{i}"
-        shapes.update(
-            {
-                f"{b}.attn.qkv.weight": (3 * D, D),
-                f"{b}.attn.qkv.bias": (3 * D,),
-                f"{b}.attn.proj.weight": (D, D),
-                f"{b}.attn.proj.bias": (D,),
-                f"{b}.mlp.fc1.weight": (4 * D, D),
-                f"{b}.mlp.fc1.bias": (4 * D,),
-                f"{b}.mlp.fc2.weight": (D, 4 * D),
-                f"{b}.mlp.fc2.bias": (D,),
-                f"{b}.adaLN_modulation.1.weight": (6 * D, D),
-                f"{b}.adaLN_modulation.1.bias": (6 * D,),
-            }
-        )
-    return shapes
+from tests.dit_core.builders import official_xl2_shapes, randomize, tiny_dit
 
 
 def test_xl2_state_dict_matches_official_keys_and_shapes():
@@ -93,13 +40,13 @@ def test_paper_preset_output_shapes_on_meta(name):
 @pytest.mark.parametrize("patch", PATCH_SIZES)
 @pytest.mark.parametrize("learn_sigma", [True, False])
 def test_tiny_preset_output_shapes(patch, learn_sigma):
-    model = DiT.from_preset(f"DiT-d2w64/{patch}", input_size=16, in_channels=3, num_classes=5, learn_sigma=learn_sigma)
+    model = tiny_dit(f"DiT-d2w64/{patch}", input_size=16, in_channels=3, num_classes=5, learn_sigma=learn_sigma)
     out = model(torch.randn(3, 3, 16, 16), torch.tensor([0, 10, 999]), torch.tensor([0, 4, 5]))
     assert out.shape == (3, 6 if learn_sigma else 3, 16, 16)
 
 
 def test_zero_output_at_init():
-    model = tiny()
+    model = tiny_dit()
     out = model(torch.randn(4, 4, 8, 8), torch.randint(0, 1000, (4,)), torch.randint(0, 11, (4,)))
     assert torch.count_nonzero(out) == 0
     # ... and the gradient still reaches the zero-initialised output layer
@@ -151,7 +98,7 @@ def test_timestep_embedding_values():
 
 @pytest.mark.parametrize("channels", [None, 3])
 def test_guided_forward_equals_two_passes(channels):
-    model = randomize(tiny()).eval()
+    model = randomize(tiny_dit()).eval()
     x, t, y = torch.randn(3, 4, 8, 8), torch.tensor([3, 400, 999]), torch.tensor([0, 5, 9])
     scale = 2.5
     guided = model.forward_with_cfg(x, t, y, scale, guidance_channels=channels)
@@ -165,7 +112,7 @@ def test_guided_forward_equals_two_passes(channels):
 
 
 def test_label_dropout_in_training_only():
-    model = tiny(class_dropout_prob=0.5)
+    model = tiny_dit(class_dropout_prob=0.5)
     y = torch.zeros(2000, dtype=torch.long)
     model.train()
     dropped = model.y_embedder.drop_labels(y)
@@ -180,8 +127,8 @@ def test_label_dropout_in_training_only():
 
 def test_grad_checkpointing_gives_same_gradients():
     torch.manual_seed(0)
-    a = randomize(tiny())
-    b = randomize(tiny(grad_checkpointing=True))
+    a = randomize(tiny_dit())
+    b = randomize(tiny_dit(grad_checkpointing=True))
     x, t, y = torch.randn(2, 4, 8, 8), torch.tensor([5, 600]), torch.tensor([1, 2])
     a.train(), b.train()
     a.y_embedder.dropout_prob = b.y_embedder.dropout_prob = 0.0
@@ -193,7 +140,7 @@ def test_grad_checkpointing_gives_same_gradients():
 
 
 def test_compiles_without_graph_breaks():
-    model = randomize(tiny()).eval()
+    model = randomize(tiny_dit()).eval()
     x, t, y = torch.randn(2, 4, 8, 8), torch.tensor([5, 600]), torch.tensor([1, 2])
     compiled = torch.compile(model, fullgraph=True, backend="eager")
     torch.testing.assert_close(compiled(x, t, y), model(x, t, y))
@@ -202,7 +149,7 @@ def test_compiles_without_graph_breaks():
 
 
 def test_bf16_autocast_forward_close_to_fp32():
-    model = randomize(tiny()).eval()
+    model = randomize(tiny_dit()).eval()
     x, t, y = torch.randn(2, 4, 8, 8), torch.tensor([5, 600]), torch.tensor([1, 2])
     ref = model(x, t, y)
     with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -244,25 +191,25 @@ def test_patch_size_must_divide_input():
 
 
 def test_wrong_channel_count():
-    model = tiny()
+    model = tiny_dit()
     with pytest.raises(ValueError, match=r"expects latents of shape \(N, 4, 8, 8\).*got \(2, 3, 8, 8\)"):
         model(torch.randn(2, 3, 8, 8), torch.tensor([1, 2]), torch.tensor([1, 2]))
 
 
 def test_wrong_spatial_size():
     with pytest.raises(ValueError, match="input_size=8"):
-        tiny()(torch.randn(2, 4, 16, 16), torch.tensor([1, 2]), torch.tensor([1, 2]))
+        tiny_dit()(torch.randn(2, 4, 16, 16), torch.tensor([1, 2]), torch.tensor([1, 2]))
 
 
 @pytest.mark.parametrize("labels", [[0, 11], [-1, 3]])
 def test_labels_out_of_range(labels):
     with pytest.raises(ValueError, match=r"labels must lie in \[0, 10\]"):
-        tiny()(torch.randn(2, 4, 8, 8), torch.tensor([1, 2]), torch.tensor(labels))
+        tiny_dit()(torch.randn(2, 4, 8, 8), torch.tensor([1, 2]), torch.tensor(labels))
 
 
 def test_float_labels_rejected():
     with pytest.raises(ValueError, match="integer tensor"):
-        tiny()(torch.randn(2, 4, 8, 8), torch.tensor([1, 2]), torch.tensor([1.0, 2.0]))
+        tiny_dit()(torch.randn(2, 4, 8, 8), torch.tensor([1, 2]), torch.tensor([1.0, 2.0]))
 
 
 def test_unknown_config_field():
@@ -272,4 +219,4 @@ def test_unknown_config_field():
 
 def test_guidance_channels_range():
     with pytest.raises(ValueError, match="guidance_channels"):
-        tiny().forward_with_cfg(torch.randn(1, 4, 8, 8), torch.tensor([1]), torch.tensor([1]), 2.0, 5)
+        tiny_dit().forward_with_cfg(torch.randn(1, 4, 8, 8), torch.tensor([1]), torch.tensor([1]), 2.0, 5)

@@ -6,19 +6,9 @@ import pytest
 import torch
 import torch._inductor.config
 
-from dit_core import DiffusionConfig, DiT, GaussianDiffusion
+from dit_core import DiffusionConfig, GaussianDiffusion
 from dit_core.samplers import DDPMSampler, FlowSampler, make_denoiser
-
-
-def trained_like(preset: str = "DiT-d2w64/2", seed: int = 0, **overrides) -> DiT:
-    """A DiT whose zero-initialised layers (adaLN-Zero, final layer) are perturbed, so every path carries signal."""
-    torch.manual_seed(seed)
-    model = DiT.from_preset(preset, input_size=8, in_channels=4, num_classes=10, **overrides)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.requires_grad and not p.any():
-                p.normal_(0, 0.02)
-    return model
+from tests.dit_core.builders import draw_zero_init, tiny_dit
 
 
 def step_terms(model, x0, t, y, autocast: bool = False):
@@ -48,7 +38,7 @@ def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def test_bf16_autocast_matches_fp32_within_bf16_precision():
-    model = trained_like()
+    model = draw_zero_init(tiny_dit(seed=0))
     x0, t, y = inputs()
     out32, loss32, grads32 = step_terms(model, x0, t, y)
     out16, loss16, grads16 = step_terms(model, x0, t, y, autocast=True)
@@ -68,7 +58,7 @@ def test_bf16_autocast_matches_fp32_within_bf16_precision():
 @pytest.mark.filterwarnings("ignore::UserWarning")
 def test_inductor_compiled_step_matches_eager():
     """The fused kernels torch.compile generates (what `train.compile=true` runs) give the eager step's numbers."""
-    model = trained_like()
+    model = draw_zero_init(tiny_dit(seed=0))
     x0, t, y = inputs()
     out_e, loss_e, grads_e = step_terms(model, x0, t, y)
     compiled = torch.compile(model)
@@ -98,7 +88,7 @@ def test_sampling_under_bf16_autocast_matches_fp32(name, positions):
     Measured worst relative difference (L2 over the batch), over model seeds 0-2 and both position kinds: DDPM-50
     with learned variance 0.081%, flow Heun-10 0.074%. The bound is bf16's unit roundoff, 2^-8 = 0.39%: about 5x."""
     config, make_sampler = SAMPLING[name]
-    model = trained_like(learn_sigma=config.learn_sigma, positions=positions).eval()
+    model = draw_zero_init(tiny_dit(seed=0, learn_sigma=config.learn_sigma, positions=positions)).eval()
     denoise = make_denoiser(model, cfg_scale=1.5, num_timesteps=config.num_timesteps)
     noise = torch.randn(8, 4, 8, 8, generator=torch.Generator().manual_seed(1))
     y = torch.arange(8) % 10

@@ -9,6 +9,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from dit_core.config import OPTION_CHOICES, DiTConfig, DiTOptions, dit_config
 from dit_core.flops import forward_macs, gflops, param_count
 from dit_core.model import Attention, DiT, SwiGLU, apply_rope_2d, make_norm, rope_2d_tables
+from tests.dit_core.builders import tiny_config
 
 COMBINATIONS = [
     dict(positions=pos, mlp=mlp, norm=norm, qk_norm=qk)
@@ -16,13 +17,12 @@ COMBINATIONS = [
 ]
 
 
-def tiny(**options) -> DiTConfig:
-    return dit_config("DiT-d2w48/2", DiTOptions(**options), input_size=8, in_channels=3, num_classes=5)
+D2W48 = dict(preset="DiT-d2w48/2", in_channels=3, num_classes=5)
 
 
 @pytest.mark.parametrize("options", COMBINATIONS, ids=lambda o: "-".join(str(v) for v in o.values()))
 def test_every_combination_builds_outputs_zero_at_init_and_counts_its_params_and_flops(options):
-    config = tiny(**options)
+    config = tiny_config(**D2W48, options=DiTOptions(**options))
     torch.manual_seed(0)
     model = DiT(config).eval()
     x, t, y = torch.randn(2, 3, 8, 8), torch.tensor([10, 900]), torch.tensor([1, 5])
@@ -42,9 +42,9 @@ def test_every_combination_builds_outputs_zero_at_init_and_counts_its_params_and
 
 def test_defaults_are_the_official_architecture():
     assert DiTOptions() == DiTOptions(positions="sincos", mlp="gelu", norm="layernorm", qk_norm=False)
-    keys = set(DiT(tiny()).state_dict())
+    keys = set(DiT(tiny_config(**D2W48, options=DiTOptions())).state_dict())
     assert "pos_embed" in keys and not any("q_norm" in k for k in keys)
-    rope_keys = set(DiT(tiny(positions="rope", qk_norm=True)).state_dict())
+    rope_keys = set(DiT(tiny_config(**D2W48, options=DiTOptions(positions="rope", qk_norm=True))).state_dict())
     assert "pos_embed" not in rope_keys and "blocks.0.attn.q_norm.weight" in rope_keys
 
 
@@ -177,6 +177,6 @@ def test_rope_needs_a_head_dimension_divisible_by_4():
 def test_diffusers_export_refuses_the_options_it_cannot_represent():
     from dit_core.interop import diffusers_config
 
-    diffusers_config(tiny())  # the official block exports
+    diffusers_config(tiny_config(**D2W48, options=DiTOptions()))  # the official block exports
     with pytest.raises(ValueError, match="this model sets {'mlp': 'swiglu'}"):
-        diffusers_config(tiny(mlp="swiglu"))
+        diffusers_config(tiny_config(**D2W48, options=DiTOptions(mlp="swiglu")))

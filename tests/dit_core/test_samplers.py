@@ -6,7 +6,6 @@ import pytest
 import torch
 
 from dit_core.diffusion import DiffusionConfig, GaussianDiffusion
-from dit_core.model import DiT
 from dit_core.samplers import (
     DDIMSampler,
     DDPMSampler,
@@ -15,6 +14,7 @@ from dit_core.samplers import (
     diffusers_scheduler,
     make_denoiser,
 )
+from tests.dit_core.builders import tiny_dit
 
 MU, SIGMA = 0.5, 0.8  # data: x0 ~ N(MU, SIGMA^2) elementwise
 SHAPE = (2000, 2, 2, 2)  # 16,000 scalar samples
@@ -113,7 +113,7 @@ def test_same_seed_same_samples():
 
 def test_make_denoiser_with_a_dit_and_guidance():
     torch.manual_seed(0)
-    model = DiT.from_preset("DiT-d2w64/4", input_size=8, num_classes=3).eval()
+    model = tiny_dit("DiT-d2w64/4", num_classes=3).eval()
     with torch.no_grad():
         for p in model.parameters():
             if p.requires_grad:

@@ -8,18 +8,10 @@ import torch
 
 from dit_core.diffusion import DiffusionConfig, GaussianDiffusion
 from dit_core.ema import create_ema
-from dit_core.model import DiT
 from dit_core.training import TrainStep, adamw
+from tests.dit_core.builders import perturb, tiny_dit
 
-
-def tiny_model() -> DiT:
-    torch.manual_seed(0)
-    model = DiT.from_preset("DiT-d2w64/4", input_size=8, in_channels=3, num_classes=5)
-    with torch.no_grad():  # leave the zero-init so that every parameter gets a gradient
-        for p in model.parameters():
-            if p.requires_grad:
-                p.add_(0.02 * torch.randn_like(p))
-    return model
+MODEL = dict(preset="DiT-d2w64/4", in_channels=3, num_classes=5, seed=0)  # perturbed: every parameter gets a gradient
 
 
 def batch(n: int = 6):
@@ -30,7 +22,7 @@ def batch(n: int = 6):
 def test_train_step_equals_the_textbook_step():
     diffusion = GaussianDiffusion(DiffusionConfig())
     x0, y = batch()
-    ours = tiny_model()
+    ours = perturb(tiny_dit(**MODEL))
     ref = copy.deepcopy(ours)
     ours_ema, ref_ema = create_ema(ours), create_ema(ref)
     step = TrainStep(ours, diffusion, adamw(ours, lr=1e-3), ours_ema, ema_decay=0.9, grad_clip=0.5)
@@ -61,7 +53,7 @@ def test_grad_norm_is_the_norm_before_clipping_and_clipping_bounds_it():
     diffusion = GaussianDiffusion()
     x0, y = batch()
     for clip in (0.0, 1e-3):
-        model = tiny_model()
+        model = perturb(tiny_dit(**MODEL))
         step = TrainStep(model, diffusion, torch.optim.SGD(model.parameters(), lr=0.0), grad_clip=clip)
         torch.manual_seed(7)
         out = step(x0, y, measure_grad_norm=True)
@@ -100,7 +92,7 @@ def test_step_reads_nothing_back_to_the_host(monkeypatch):
 
         monkeypatch.setattr(torch.Tensor, name, guarded)
 
-    model = tiny_model()
+    model = perturb(tiny_dit(**MODEL))
     diffusion = GaussianDiffusion(DiffusionConfig(loss="hybrid"))
     step = TrainStep(model, diffusion, adamw(model), create_ema(model), grad_clip=1.0)
     x0, y = batch()
@@ -117,7 +109,7 @@ def test_step_reads_nothing_back_to_the_host(monkeypatch):
 
 
 def test_unknown_compile_mode_and_negative_clip_are_refused():
-    model = tiny_model()
+    model = perturb(tiny_dit(**MODEL))
     with pytest.raises(ValueError, match="reduce-overhead"):
         TrainStep(model, GaussianDiffusion(), adamw(model), compile=True, compile_mode="fastest")
     with pytest.raises(ValueError, match="grad_clip"):
@@ -129,7 +121,7 @@ def test_compiled_step_matches_the_eager_step():
     """compile=True (what train.compile runs: the model, the noising and the loss compiled) keeps the numbers."""
     diffusion = GaussianDiffusion(DiffusionConfig(loss="hybrid"))
     x0, y = batch()
-    eager_model = tiny_model()
+    eager_model = perturb(tiny_dit(**MODEL))
     compiled_model = copy.deepcopy(eager_model)
     eager = TrainStep(eager_model, diffusion, adamw(eager_model, lr=1e-3), grad_clip=1.0)
     compiled = TrainStep(compiled_model, diffusion, adamw(compiled_model, lr=1e-3), grad_clip=1.0, compile=True)
@@ -149,7 +141,7 @@ def test_several_emas_each_follow_their_own_decay():
     """More EMAs beside the main one: after 3 steps each equals the textbook average of the weights with its decay."""
     diffusion = GaussianDiffusion(DiffusionConfig())
     x0, y = batch()
-    model = tiny_model()
+    model = perturb(tiny_dit(**MODEL))
     main, slow = create_ema(model), create_ema(model)
     step = TrainStep(model, diffusion, adamw(model, lr=1e-3), main, ema_decay=0.5, more_emas={0.9: slow})
     expected = {decay: [p.detach().clone() for p in model.parameters()] for decay in (0.5, 0.9)}
