@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from pipeline import tracking
+from pipeline import schema, tracking
 from pipeline.config import ExperimentConfig
 from pipeline.layout import Workspace
 
@@ -26,7 +26,7 @@ def analyze_experiment(
     out = out or Workspace(workdir).analysis(experiment.name)
     with tracking.tracking_uri(experiment.tracking.tracking_uri, workdir) as uri:
         exp_id = tracking.experiment_id(uri, experiment.mlflow_experiment)
-        parent = tracking.find_run(uri, exp_id, {tracking.TAG_ROLE: "sweep", tracking.TAG_SWEEP: experiment.name})
+        parent = tracking.find_run(uri, exp_id, {schema.ROLE: schema.ROLE_SWEEP, schema.SWEEP: experiment.name})
         summary = analyze(uri, experiment.mlflow_experiment, out, step, experiment.analysis, sweep=experiment.name)
         if parent is not None:
             tracking.log_analysis(uri, parent.info.run_id, out, summary["metrics"], summary["step"])

@@ -80,7 +80,8 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
 
 
 def _cmd_fid(args: argparse.Namespace) -> int:
-    from pipeline.fid.score import FidErrors, run_fid, score_checkpoint
+    from pipeline.fid.score import score_checkpoint
+    from pipeline.fid.study import FidErrors, run_fid
     from pipeline.layout import Workspace
     from pipeline.manifest import Manifest
 

@@ -4,6 +4,7 @@
     <workdir>/shards/...                                            shard folders (as data.shards names them)
     <workdir>/runs/<experiment>/<run>/                              one trial (Ray Train's storage of that run)
         checkpoint_*/checkpoint.pt                                  resumable checkpoints (written through Ray Train)
+        checkpoint_*/ditscale_step.json                             the step each holds (checkpoints go by step)
         milestones/ema-0000600.pt                                   EMA weights at the steps the fid stage scores
         milestones/ema0.999-0000600.pt                              ... of a further EMA decay (train.ema_decays)
         workers/rank0.json                                          which process and node each rank ran on
@@ -24,14 +25,31 @@ from __future__ import annotations
 
 import os
 import re
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from pipeline.storage import exists, list_names, read_json, remove, write_json
+from pipeline.trial_state import Failure
 
 CHECKPOINT_FILE = "checkpoint.pt"  # inside each Ray Train checkpoint folder
+CHECKPOINT_STEP_FILE = "ditscale_step.json"  # beside it: {"step": N}, so that checkpoints are ordered by step
+
+
+def write_checkpoint_step(folder: str, step: int) -> None:
+    """Record the step a checkpoint folder holds (before Ray Train copies the folder into the trial's)."""
+    write_json(f"{folder}/{CHECKPOINT_STEP_FILE}", {"step": step})
+
+
+def checkpoint_step(folder: str) -> int | None:
+    """The step a checkpoint folder holds, or None when its record is missing or unreadable."""
+    try:
+        record = read_json(f"{folder}/{CHECKPOINT_STEP_FILE}")
+        return None if record is None else int(record["step"])
+    except (ValueError, KeyError, TypeError, OSError):
+        return None
+
+
 _MILESTONE = re.compile(r"^ema([0-9.]*)-(\d{7})\.pt$")  # ema-<step> (train.ema_decay) or ema<decay>-<step>
 
 
@@ -97,34 +115,33 @@ class TrialLayout:
     def failure_file(self) -> str:
         return f"{self.root}/ditscale_failed.json"
 
-    def mark_failed(self, kind: str, reason: str, step: int | None) -> None:
-        """Record why the trial stopped: kind "diverged" (a re-run would diverge again: it is not retried) or
-        "error" (it failed for good this time; a re-run tries again)."""
-        write_json(self.failure_file, {"kind": kind, "reason": reason, "step": step, "unix_s": time.time()})
+    def mark_failed(self, failure: Failure) -> None:
+        """Record why the trial stopped for good (pipeline.trial_state.Failure: its kind decides whether a re-run
+        trains it again)."""
+        write_json(self.failure_file, failure.to_json())
 
-    def failure(self) -> dict[str, Any] | None:
-        """{"kind", "reason", "step", "unix_s"} of the last failure, or None."""
-        return read_json(self.failure_file)
+    def failure(self) -> Failure | None:
+        """The last failure recorded, or None (also for a torn record: it is rewritten by the next failure)."""
+        try:
+            record = read_json(self.failure_file)
+            return None if record is None else Failure.from_json(record)
+        except (ValueError, KeyError, TypeError):
+            return None
 
     def clear_failure(self) -> None:
         remove(self.failure_file)
 
-    def status(self, steps: int) -> str:
-        """ "done" (finished `steps`), "diverged" (stopped on a non-finite loss: not retried), "resumable" (Ray Train
-        has registered a checkpoint) or "new"."""
-        done = self.done_step()
-        if done is not None and done >= steps:
-            return "done"
-        failure = self.failure()
-        if failure is not None and failure["kind"] == "diverged":
-            return "diverged"
-        return "resumable" if exists(f"{self.root}/checkpoint_manager_snapshot.json") else "new"
-
     # --- resumable checkpoints -----------------------------------------------------------------------------------
-    def checkpoint_folders(self) -> list[str]:
-        """The checkpoint folders Ray Train wrote for this trial, newest first (their names are timestamps)."""
+    def has_checkpoint(self) -> bool:
+        """Whether Ray Train has registered a checkpoint of this trial (a re-run resumes from it)."""
+        return exists(f"{self.root}/checkpoint_manager_snapshot.json")
+
+    def checkpoint_folders(self) -> list[tuple[int | None, str]]:
+        """(step, folder) of the checkpoint folders Ray Train wrote for this trial, by the step each holds, newest
+        first; a folder whose step record is missing or torn (a write cut short) comes last, step None."""
         names = [n for n in list_names(self.root) if n.startswith("checkpoint_") and not n.endswith(".json")]
-        return [f"{self.root}/{n}" for n in sorted(names, reverse=True)]
+        found = [(checkpoint_step(f"{self.root}/{n}"), f"{self.root}/{n}") for n in names]
+        return sorted(found, key=lambda item: (item[0] is not None, item[0] or 0, item[1]), reverse=True)
 
     @property
     def unsent_metrics(self) -> str:

@@ -33,3 +33,14 @@ def cluster_cpus() -> int:
     import ray
 
     return int(ray.cluster_resources().get("CPU", 1))
+
+
+def connected_cluster() -> dict[str, float] | None:
+    """The resources of the Ray cluster RAY_ADDRESS names (set by `ray job submit`, or by hand); None without one:
+    a dry run starts no Ray of its own."""
+    import ray
+
+    if not os.environ.get("RAY_ADDRESS"):
+        return None
+    ensure_ray()
+    return dict(ray.cluster_resources())

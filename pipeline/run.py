@@ -59,7 +59,7 @@ def run_all(experiment: ExperimentConfig, workdir: str, step: int | None = None)
     from analysis.fits import FitError
     from pipeline import tracking
     from pipeline.analyze import analyze_experiment
-    from pipeline.fid.score import FidErrors, ScoringWhileTraining, StudyScorer, run_fid, score_trial
+    from pipeline.fid.study import FidErrors, ScoringWhileTraining, StudyScorer, run_fid, score_trial
     from pipeline.lock import study_lock
     from pipeline.plan import plan_sweep
     from pipeline.ray_utils import ensure_ray
@@ -77,12 +77,12 @@ def run_all(experiment: ExperimentConfig, workdir: str, step: int | None = None)
             os.environ["MLFLOW_TRACKING_URI"] = uri  # every stage logs through this one server
             try:
                 plan = plan_sweep(experiment, workdir)
-                training = any(plan.status(t) not in ("done", "diverged") for t in plan.trials)
+                training = any(plan.state(t).to_train for t in plan.trials)
                 schedule = experiment.fid.schedule if training else "after"
                 if schedule == "spare":  # actors beside the trials, scoring each milestone as it lands
                     ensure_ray()
-                    with ScoringWhileTraining(experiment, workdir, uri) as scoring:
-                        outcomes = run_sweep(experiment, workdir, reserved=scoring.reserved)
+                    with ScoringWhileTraining(experiment, workdir, uri, plan=plan) as scoring:
+                        outcomes = run_sweep(experiment, workdir, reserved=scoring.reserved, plan=plan)
                         marks["sweep"] = time.time()
                         try:
                             if not scoring.finish():
@@ -95,10 +95,10 @@ def run_all(experiment: ExperimentConfig, workdir: str, step: int | None = None)
                         with StudyScorer(experiment, workdir, uri, progress=False, plan=plan) as scorer:
                             scorer.warm_up()
                     in_slot = score_trial if schedule == "between" else None
-                    outcomes = run_sweep(experiment, workdir, after_training=in_slot)
+                    outcomes = run_sweep(experiment, workdir, after_training=in_slot, plan=plan)
                     marks["sweep"] = time.time()
                     try:  # "after": everything; "between": what the trials could not score in their slots
-                        run_fid(experiment, workdir)
+                        run_fid(experiment, workdir, plan=plan)
                     except FidErrors as exc:
                         fid_errors = exc
                 marks["fid"] = time.time()

@@ -16,16 +16,24 @@ import statistics
 import time
 from dataclasses import dataclass
 
+from pipeline import schema
 from pipeline.config import ExperimentConfig
 from pipeline.layout import Workspace
 from pipeline.lock import LockHolder, StudyLock
 from pipeline.plan import SweepPlan, Trial, plan_study
+from pipeline.trial_state import State
+
+FINAL = (State.DONE, State.FAILED)
+WAITING = (State.NEW, State.QUEUED, State.STOPPED)
+ORDER = (State.DONE, State.RUNNING, State.QUEUED, State.STOPPED, State.NEW, State.FAILED)  # the summary line's
 
 
 @dataclass
-class TrialState:
+class TrialRow:
+    """One trial's row of the report."""
+
     trial: Trial
-    state: str  # new | queued | running | stopped | done | failed
+    state: State  # pipeline.trial_state's
     reason: str  # why it failed, or what to know about it ("" if nothing)
     step: int  # the last step it logged (or finished)
     steps: int  # its train.steps
@@ -35,6 +43,9 @@ class TrialState:
     seconds_left: float | None  # training time left (None: unknown)
     estimated: bool = False  # seconds_left from other trials' throughput, not its own
     unscored: int = 0  # milestones written (or still to come) without a score
+
+    def __post_init__(self) -> None:
+        self.state = State(self.state)
 
     @property
     def seconds_per_step(self) -> float | None:
@@ -46,7 +57,7 @@ class TrialState:
 @dataclass
 class StudyStatus:
     plan: SweepPlan
-    trials: list[TrialState]
+    trials: list[TrialRow]
     holder: LockHolder | None  # the lock's record (live or stale), if any
     live: LockHolder | None  # the holder, if it is still at work
     uri: str | None  # where MLflow was read
@@ -70,7 +81,7 @@ def gather(experiment: ExperimentConfig, workdir: str) -> StudyStatus:
     running_uri = live.facts.get("tracking_uri") if live is not None else None
     uri = tracking.reading_uri(experiment.tracking.tracking_uri, workdir, running_uri)
     runs = tracking.trial_runs_by_name(uri, experiment.mlflow_experiment, experiment.name) if uri else {}
-    states = [trial_state(plan, t, runs.get(t.run_name), uri, live) for t in plan.trials]
+    states = [trial_row(plan, t, runs.get(t.run_name), uri, live) for t in plan.trials]
     estimate_unstarted(states)
     return StudyStatus(plan, states, holder, live, uri)
 
@@ -80,46 +91,36 @@ def study_status(experiment: ExperimentConfig, workdir: str) -> str:
     return render(gather(experiment, workdir), workdir)
 
 
-def trial_state(plan: SweepPlan, trial: Trial, run, uri: str | None, live: LockHolder | None) -> TrialState:
-    """A trial's state from its folder (finished and failure records, worker records, milestones) and its run."""
+def trial_row(plan: SweepPlan, trial: Trial, run, uri: str | None, live: LockHolder | None) -> TrialRow:
+    """A trial's row: its state (pipeline.trial_state, from its folder and the live holder of the study's lock) and
+    what its run logged."""
     from pipeline import tracking
 
-    layout, steps = plan.layout(trial), trial.experiment.train.steps
-    losses = tracking.metric_history(uri, run.info.run_id, "loss") if run is not None else []
-    fids = tracking.metric_history(uri, run.info.run_id, "fid") if run is not None else []
-    speeds = tracking.metric_history(uri, run.info.run_id, "img_per_s") if run is not None else []
-    step = losses[-1][0] if losses else 0
-    done, failure, worker = layout.done_step(), layout.failure(), layout.worker(0)
-    reason = ""
-    if done is not None and done >= steps:
-        state, step = "done", done
-    elif failure is not None and (failure["kind"] == "diverged" or live is None):
-        state, reason = "failed", failure["reason"]
-    elif live is not None:
-        started = worker is not None and worker.get("started_unix_s", 0) >= live.started_unix_s
-        state = "running" if started else "queued"
-    else:
-        state = "stopped" if plan.status(trial) == "resumable" else "new"
-    if run is not None and run.data.tags.get("ditscale.resume_warning"):
-        reason = reason or run.data.tags["ditscale.resume_warning"]
+    steps = trial.experiment.train.steps
+    metric = lambda key: tracking.metric_history(uri, run.info.run_id, key) if run is not None else []  # noqa: E731
+    losses, fids, speeds = metric(schema.LOSS), metric(schema.FID), metric(schema.IMG_PER_S)
+    current = plan.state(trial, live.started_unix_s if live is not None else None)
+    state = current.state
+    step = current.done_step if current.done_step is not None else (losses[-1][0] if losses else 0)
+    reason = current.failure.reason if current.failure is not None else ""
+    if run is not None and run.data.tags.get(schema.RESUME_WARNING):
+        reason = reason or run.data.tags[schema.RESUME_WARNING]
     img_per_s = speeds[-1][1] if speeds else None
     scored = {s for s, _ in fids}
-    milestones = set(layout.milestones())
-    future = (
-        {m for m in trial.experiment.train.milestone_steps if m > step} if state not in ("done", "failed") else set()
-    )
-    row = TrialState(
+    milestones = set(plan.layout(trial).milestones())
+    future = {m for m in trial.experiment.train.milestone_steps if m > step} if state not in FINAL else set()
+    row = TrialRow(
         trial, state, reason, step, steps, losses[-1][1] if losses else None, fids[-1] if fids else None, img_per_s,
         None, unscored=len((milestones | future) - scored),
     )  # fmt: skip
-    if state in ("running", "stopped") and row.seconds_per_step:
+    if state in (State.RUNNING, State.STOPPED) and row.seconds_per_step:
         row.seconds_left = (steps - step) * row.seconds_per_step
-    elif state in ("done", "failed"):
+    elif state in FINAL:
         row.seconds_left = 0.0
     return row
 
 
-def estimate_unstarted(states: list[TrialState]) -> None:
+def estimate_unstarted(states: list[TrialRow]) -> None:
     """Time left of trials without a throughput of their own: steps x the median seconds per step per (Gflops x
     batch) of the trials that have one (a step's cost scales with the model's Gflops and the batch)."""
     rates = [
@@ -137,13 +138,13 @@ def estimate_unstarted(states: list[TrialState]) -> None:
             s.estimated = True
 
 
-def time_left(states: list[TrialState], slots: int) -> float | None:
+def time_left(states: list[TrialRow], slots: int) -> float | None:
     """The training time left: the running trials finish their steps, and the others start longest first on the
     first free slot (what the sweep does). None if a trial's time cannot be estimated yet."""
     if any(s.seconds_left is None for s in states):
         return None
-    running = sorted((s.seconds_left for s in states if s.state == "running"), reverse=True)
-    waiting = sorted((s.seconds_left for s in states if s.state in ("new", "queued", "stopped")), reverse=True)
+    running = sorted((s.seconds_left for s in states if s.state == State.RUNNING), reverse=True)
+    waiting = sorted((s.seconds_left for s in states if s.state in WAITING), reverse=True)
     free = running[:slots] + [0.0] * max(0, slots - len(running))
     for seconds in running[slots:] + waiting:
         i = free.index(min(free))
@@ -181,15 +182,15 @@ def render(status: StudyStatus, workdir: str) -> str:
         speed = f"{s.img_per_s:.1f}" if s.img_per_s else "-"
         steps = f"{s.step:,}/{s.steps:,}"
         lines.append(
-            f"{s.trial.run_name:<{width}} {s.trial.preset:<13} {s.state:<8} {steps:>15} {loss:>8} {fid:>16} "
+            f"{s.trial.run_name:<{width}} {s.trial.preset:<13} {s.state.value:<8} {steps:>15} {loss:>8} {fid:>16} "
             f"{speed:>9} {_minutes(s.seconds_left, s.estimated):>10}" + (f"  {s.reason}" if s.reason else "")
         )
-    counts = {k: sum(s.state == k for s in states) for k in ("done", "running", "queued", "stopped", "new", "failed")}
-    lines.append(", ".join(f"{v} {k}" for k, v in counts.items() if v) + f" of {len(states)} trials")
+    counts = {k: sum(s.state == k for s in states) for k in ORDER}
+    lines.append(", ".join(f"{v} {k.value}" for k, v in counts.items() if v) + f" of {len(states)} trials")
     unscored = sum(s.unscored for s in states)
     if left is None:
         lines.append("time left: unknown until a trial has logged its throughput")
-    elif all(s.state in ("done", "failed") for s in states):
+    elif all(s.state in FINAL for s in states):
         lines.append("training: nothing left" + (f"; {unscored} milestone(s) not scored yet" if unscored else ""))
     else:
         lines.append(

@@ -24,10 +24,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from pipeline import schema
 from pipeline.config import ExperimentConfig, config_to_dict, flatten
+from pipeline.dry_run import dry_run_report
 from pipeline.manifest import Manifest
-from pipeline.plan import SweepPlan, Trial, TrialJob, describe_plan, plan_study, plan_sweep, trial_job, trial_params
-from pipeline.slots import check_fits, describe_schedules, dry_run_clusters, slots_that_fit
+from pipeline.plan import SweepPlan, Trial, TrialJob, plan_sweep, trial_job, trial_params
+from pipeline.recorder import record_failure
+from pipeline.slots import check_fits, slots_that_fit
+from pipeline.trial_state import Failure, FailureKind, State, TrialState
 
 
 def git_commit() -> str:
@@ -55,7 +59,6 @@ def run_trial(job: TrialJob) -> None:
     from ray.train.torch import TorchTrainer
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    from pipeline.tracking import set_status, set_tags
     from pipeline.train import train_loop_per_worker
 
     # The Train controller takes reports off each worker's queue of one when it polls; the default 2 s poll would
@@ -89,10 +92,7 @@ def run_trial(job: TrialJob) -> None:
     except TrainingFailedError as exc:
         # Failed for good (after resources.max_failures restarts of the worker group): recorded for the outcome and
         # MLflow, and not raised, so that Tune restarts a trial only when its own process is lost (a node failure).
-        reason = failure_reason(exc)
-        job.layout.mark_failed("error", reason, None)
-        set_tags(job.tracking_uri, job.mlflow_run_id, {"ditscale.failure": reason})
-        set_status(job.tracking_uri, job.mlflow_run_id, "FAILED")
+        record_failure(job.layout, job.tracking_uri, job.mlflow_run_id, Failure(FailureKind.ERROR, failure_reason(exc)))
 
 
 def after_training(job: TrialJob) -> None:
@@ -146,12 +146,21 @@ def _progress_callback(interval_s: float):
 @dataclass
 class TrialOutcome:
     trial: Trial
-    status: str  # "done" | "failed" | "interrupted"
+    status: State  # DONE, FAILED (see failure) or STOPPED (interrupted: the same command resumes it)
+    failure: Failure | None
     step: int
     final_loss: float | None
     img_per_s: float | None
-    error: str | None
     mlflow_run_id: str
+
+    @property
+    def error(self) -> str | None:
+        """What to tell people: the failure's reason, or how to resume an interrupted trial."""
+        if self.failure is not None:
+            return self.failure.reason
+        if self.status is State.STOPPED:
+            return "stopped (Ctrl-C) at its latest checkpoint: run the same command to resume"
+        return None
 
 
 def max_concurrent(experiment: ExperimentConfig, reserved: dict[str, float] | None = None) -> int:
@@ -174,6 +183,7 @@ def run_sweep(
     progress_interval_s: float = 15.0,
     reserved: dict[str, float] | None = None,
     after_training: Callable[[TrialJob], Any] | None = None,
+    plan: SweepPlan | None = None,
 ) -> list[TrialOutcome]:
     """Run (or resume) every unfinished trial of the experiment; returns one outcome per trial.
 
@@ -190,14 +200,16 @@ def run_sweep(
     from pipeline.lock import study_lock
     from pipeline.ray_utils import ensure_ray
 
-    plan = plan_sweep(experiment, workdir)
-    statuses = {t.run_name: plan.status(t) for t in plan.trials}
-    todo = [t for t in plan.trials if statuses[t.run_name] not in ("done", "diverged")]
-    counts = {s: sum(v == s for v in statuses.values()) for s in ("done", "resumable", "new", "diverged")}
+    plan = plan or plan_sweep(experiment, workdir)  # `ditscale run` plans once and hands its plan to every stage
+    states = {t.run_name: plan.state(t) for t in plan.trials}
+    todo = [t for t in plan.trials if states[t.run_name].to_train]
+    done = sum(s.state is State.DONE for s in states.values())
+    resume = sum(s.state is State.STOPPED for s in states.values())
+    diverged = sum(s.to_train is False and s.state is State.FAILED for s in states.values())
     print(
-        f"sweep {experiment.name}: {len(plan.trials)} trials ({counts['done']} done, {counts['resumable']} to resume, "
-        f"{counts['new']} new"
-        + (f", {counts['diverged']} diverged earlier" if counts["diverged"] else "")
+        f"sweep {experiment.name}: {len(plan.trials)} trials ({done} done, {resume} to resume, "
+        f"{len(todo) - resume} new"
+        + (f", {diverged} diverged earlier" if diverged else "")
         + f"); storage {plan.storage}",
         flush=True,
     )
@@ -250,13 +262,11 @@ def run_sweep(
             for result in tuner.fit():
                 results[result.config["job"].trial.run_name] = result
         outcomes = [_outcome(plan, t, results.get(t.run_name), run_ids[t.run_name], uri) for t in plan.trials]
-        interrupted = any(o.status == "interrupted" for o in outcomes)
+        interrupted = any(o.status is State.STOPPED for o in outcomes)
         for o in outcomes:
-            if o.status == "failed" and o.error and results.get(o.trial.run_name) is not None:
-                tracking.set_tags(uri, o.mlflow_run_id, {"ditscale.failure": o.error})
-            if o.status == "interrupted":
+            if o.status is State.STOPPED:
                 tracking.set_status(uri, o.mlflow_run_id, "KILLED")
-        all_done = all(o.status == "done" for o in outcomes)
+        all_done = all(o.status is State.DONE for o in outcomes)
         tracking.set_status(uri, parent, "FINISHED" if all_done else "KILLED" if interrupted else "FAILED")
     print(summary_table(outcomes), flush=True)
     if interrupted:
@@ -281,31 +291,29 @@ def run_trial_from_tune(config: dict[str, Any]) -> None:
 
 
 def _outcome(plan: SweepPlan, trial: Trial, result, run_id: str, uri: str) -> TrialOutcome:
-    """What became of a trial: done, failed (with the reason: diverged, failed for good, or its Tune error), or
-    interrupted: Tune stopped it (Ctrl-C) before it finished, failed or raised; it resumes from its latest
-    checkpoint."""
+    """What became of a trial in this sweep: DONE; FAILED, with the failure its record holds (diverged, or failed
+    for good inside Ray Train), or LOST when Tune gave up on its process (recorded now); or STOPPED: Tune stopped it
+    (Ctrl-C) before it finished, failed or raised, and it resumes from its latest checkpoint. A trial this sweep did
+    not run keeps the state its folder says."""
     from pipeline import tracking
 
-    layout = plan.layout(trial)
-    done_step = layout.done_step()
-    finished = done_step is not None and done_step >= trial.experiment.train.steps
-    error, status = None, "done" if finished else "failed"
-    failure = None if finished else layout.failure()
-    if failure is not None:
-        error = failure["reason"]
-    elif not finished and result is not None and result.error is not None:
-        error = failure_reason(result.error)
-    elif not finished and result is not None:
-        status, error = "interrupted", "stopped (Ctrl-C) at its latest checkpoint: run the same command to resume"
-    losses = tracking.metric_history(uri, run_id, "loss")
-    speeds = tracking.metric_history(uri, run_id, "img_per_s")
+    state = plan.state(trial)
+    if state.state is not State.DONE and state.failure is None and result is not None:
+        if result.error is not None:
+            failure = Failure(FailureKind.LOST, failure_reason(result.error), None, time.time())
+            record_failure(plan.layout(trial), uri, run_id, failure)
+            state = TrialState(State.FAILED, failure)
+        else:
+            state = TrialState(State.STOPPED)
+    losses = tracking.metric_history(uri, run_id, schema.LOSS)
+    speeds = tracking.metric_history(uri, run_id, schema.IMG_PER_S)
     return TrialOutcome(
         trial=trial,
-        status=status,
-        step=done_step if done_step is not None else (losses[-1][0] if losses else 0),
+        status=state.state,
+        failure=state.failure,
+        step=state.done_step if state.done_step is not None else (losses[-1][0] if losses else 0),
         final_loss=losses[-1][1] if losses else None,
         img_per_s=speeds[-1][1] if speeds else None,
-        error=error,
         mlflow_run_id=run_id,
     )
 
@@ -316,14 +324,14 @@ def summary_table(outcomes: list[TrialOutcome]) -> str:
     for o in outcomes:
         loss = f"{o.final_loss:.4f}" if o.final_loss is not None else "-"
         speed = f"{o.img_per_s:.1f}" if o.img_per_s is not None else "-"
-        status = o.status if o.error is None else f"{o.status}: {o.error}"
+        status = o.status.value if o.error is None else f"{o.status.value}: {o.error}"
         lines.append(
             f"{o.trial.run_name:<{width}} {o.trial.preset:<10} {o.trial.gflops:>9.4f} {o.step:>9,} {loss:>8} "
             f"{speed:>9}  {status}"
         )
-    failed = [o for o in outcomes if o.status == "failed"]
-    diverged = [o for o in failed if o.error and o.error.startswith("diverged")]
-    stopped = [o for o in outcomes if o.status == "interrupted"]
+    failed = [o for o in outcomes if o.status is State.FAILED]
+    diverged = [o for o in failed if not o.failure.retried]
+    stopped = [o for o in outcomes if o.status is State.STOPPED]
     summary = f"{len(outcomes) - len(failed) - len(stopped)}/{len(outcomes)} trials done"
     if failed:
         summary += f"; {len(failed)} failed"
@@ -340,25 +348,9 @@ def summary_table(outcomes: list[TrialOutcome]) -> str:
     return "\n".join(lines)
 
 
-def connected_cluster() -> dict[str, float] | None:
-    """The resources of the Ray cluster this process is connected to or RAY_ADDRESS names; None without one (a
-    dry run starts no Ray)."""
-    import ray
-
-    if not ray.is_initialized() and not os.environ.get("RAY_ADDRESS"):
-        return None
-    from pipeline.ray_utils import ensure_ray
-
-    ensure_ray()
-    return dict(ray.cluster_resources())
-
-
 def main_sweep(experiment: ExperimentConfig, workdir: str, dry_run: bool) -> int:
     if dry_run:
-        print(describe_plan(plan_study(experiment, workdir)))
-        print(
-            "\n".join(describe_schedules(experiment, dry_run_clusters(experiment, connected_cluster(), os.cpu_count())))
-        )
+        print(dry_run_report(experiment, workdir))
         return 0
     outcomes = run_sweep(experiment, workdir)
-    return 0 if all(o.status == "done" for o in outcomes) else 1
+    return 0 if all(o.status is State.DONE for o in outcomes) else 1

@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from pipeline import schema
 from pipeline.codecs import CodecInfo
 from pipeline.config import FidConfig
 
@@ -143,10 +144,10 @@ class SliceSampler:
     def facts(self, fid: FidConfig) -> dict[str, str]:
         """How this sampler draws: device, the DiT's sampling precision and compile, the VAE's decoding dtype."""
         return {
-            "fid.device": self.device,
-            "fid.precision": sampling_precision(fid, self.device),
-            "fid.compile": str(self.compile).lower(),
-            "fid.decode_dtype": str(getattr(self.codec, "dtype", None) or "fp32"),
+            schema.FID_DEVICE: self.device,
+            schema.FID_PRECISION: sampling_precision(fid, self.device),
+            schema.FID_COMPILE: str(self.compile).lower(),
+            schema.FID_DECODE_DTYPE: self.codec.dtype or "fp32",  # None: the pixel codec, or an old VAE folder
         }
 
 

@@ -10,10 +10,9 @@ from __future__ import annotations
 import os
 from typing import Any
 
-TAG_ROLE = "ditscale.role"
-TAG_SWEEP = "ditscale.sweep"
-TAG_RUN_NAME = "ditscale.run_name"
-TAG_PARENT = "mlflow.parentRunId"
+from pipeline import schema
+
+TAG_ROLE, TAG_SWEEP, TAG_RUN_NAME, TAG_PARENT = schema.ROLE, schema.SWEEP, schema.RUN_NAME, schema.PARENT
 MAX_PARAM_LENGTH = 6000
 
 
@@ -31,7 +30,7 @@ def trial_runs_by_name(uri: str, experiment_name: str, sweep: str) -> dict[str, 
     experiment = c.get_experiment_by_name(experiment_name)
     if experiment is None:
         return {}
-    query = f"tags.`{TAG_ROLE}` = 'trial' and tags.`{TAG_SWEEP}` = '{sweep}'"
+    query = f"tags.`{TAG_ROLE}` = '{schema.ROLE_TRIAL}' and tags.`{TAG_SWEEP}` = '{sweep}'"
     runs = c.search_runs([experiment.experiment_id], filter_string=query, max_results=10_000)
     return {run.data.tags[TAG_RUN_NAME]: run for run in runs}
 
@@ -66,14 +65,16 @@ def find_run(uri: str, exp_id: str, tags: dict[str, str]):
 
 def sweep_run(uri: str, exp_id: str, sweep: str, params: dict[str, Any], tags: dict[str, str]) -> str:
     """The parent run of a sweep: found by its tags, or created with `params`."""
-    found = find_run(uri, exp_id, {TAG_ROLE: "sweep", TAG_SWEEP: sweep})
+    found = find_run(uri, exp_id, {TAG_ROLE: schema.ROLE_SWEEP, TAG_SWEEP: sweep})
     c = client(uri)
     if found is not None:
         run_id = found.info.run_id
         if found.info.status != "RUNNING":
             c.update_run(run_id, status="RUNNING")
     else:
-        run_id = c.create_run(exp_id, run_name=f"sweep:{sweep}", tags={TAG_ROLE: "sweep", TAG_SWEEP: sweep}).info.run_id
+        run_id = c.create_run(
+            exp_id, run_name=f"sweep:{sweep}", tags={TAG_ROLE: schema.ROLE_SWEEP, TAG_SWEEP: sweep}
+        ).info.run_id
         log_params(uri, run_id, params)
     for key, value in tags.items():
         c.set_tag(run_id, key, value)
@@ -84,11 +85,11 @@ def trial_run(
     uri: str, exp_id: str, parent_id: str, sweep: str, name: str, params: dict[str, Any], tags: dict[str, str]
 ) -> str:
     """The child run of a trial: found by its run name, or created under the sweep's run with `params`."""
-    found = find_run(uri, exp_id, {TAG_ROLE: "trial", TAG_RUN_NAME: name})
+    found = find_run(uri, exp_id, {TAG_ROLE: schema.ROLE_TRIAL, TAG_RUN_NAME: name})
     c = client(uri)
     if found is not None:
         return found.info.run_id
-    run_tags = {TAG_ROLE: "trial", TAG_SWEEP: sweep, TAG_RUN_NAME: name, TAG_PARENT: parent_id, **tags}
+    run_tags = {TAG_ROLE: schema.ROLE_TRIAL, TAG_SWEEP: sweep, TAG_RUN_NAME: name, TAG_PARENT: parent_id, **tags}
     run_id = c.create_run(exp_id, run_name=name, tags=run_tags).info.run_id
     log_params(uri, run_id, params)
     return run_id

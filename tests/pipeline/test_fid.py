@@ -20,7 +20,8 @@ from pipeline.fid import reference, sampling, score
 from pipeline.fid.classifier import held_out_accuracy, train_classifier
 from pipeline.fid.reference import FeatureSpace, extractor_weights, real_images, reference_statistics, statistics
 from pipeline.fid.sampling import SamplerPool, SliceSampler, generate, sample_labels, slice_labels
-from pipeline.fid.score import frechet_distance, run_fid, score_checkpoint
+from pipeline.fid.score import frechet_distance, score_checkpoint
+from pipeline.fid.study import run_fid
 from pipeline.layout import Workspace
 from pipeline.manifest import Manifest
 from tests.helpers import FAST_FID as FAST

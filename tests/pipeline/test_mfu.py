@@ -8,9 +8,10 @@ import torch
 
 from pipeline import tracking
 from pipeline.experiment_files import load_experiment
+from pipeline.layout import Workspace
 from pipeline.plan import plan_sweep
 from pipeline.sweep import run_sweep
-from pipeline.train import mfu_peak_flops
+from pipeline.worker_metrics import mfu_peak_flops
 
 PEAK_TFLOPS = 0.05  # of one CPU worker: small enough that the MFU is not rounded away, large enough to stay below 1
 STEPS = 20
@@ -48,6 +49,16 @@ def gpu_recipe_sweep(smoke_workdir, mlflow_uri):
     outcomes = {o.trial.variant: o for o in run_sweep(experiment, smoke_workdir)}
     assert all(o.status == "done" for o in outcomes.values()), outcomes
     return {v: (trials[v], outcomes[v]) for v in ("gpu", "ref")}
+
+
+def test_each_worker_gets_its_own_rank_and_data(gpu_recipe_sweep, smoke_workdir):
+    """The rank wiring: two worker processes, ranks 0 and 1 of a world of 2, each reading its own part of the data."""
+    trial, _ = gpu_recipe_sweep["gpu"]
+    layout = Workspace(smoke_workdir).trial("smoke-gpu-recipe", trial.run_name)
+    records = [layout.worker(rank) for rank in (0, 1)]
+    assert [(r["rank"], r["world"]) for r in records] == [(0, 2), (1, 2)]
+    assert [(r["data_rank"], r["data_world"]) for r in records] == [(0, 2), (1, 2)]
+    assert records[0]["pid"] != records[1]["pid"]
 
 
 def test_a_two_worker_trial_logs_mfu_per_device(gpu_recipe_sweep, mlflow_uri):

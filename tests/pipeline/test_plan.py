@@ -89,7 +89,7 @@ def test_bad_seeds_and_ema_decays_are_refused(override, message):
 
 
 def test_ema_decays_keep_old_names_at_their_default_and_cost_their_scoring(tmp_path):
-    from pipeline.plan import describe_plan
+    from pipeline.dry_run import describe_plan
 
     base = [t.run_name for t in expand_trials(load_experiment("smoke"), DATA)]
     more = [t.run_name for t in expand_trials(load_experiment("smoke", ["train.ema_decays=[0.99]"]), DATA)]
@@ -219,7 +219,7 @@ def test_bad_axes_and_variants_are_refused_before_any_trial(override, message):
 
 
 def test_dry_run_lists_the_variants(tmp_path):
-    from pipeline.plan import describe_plan
+    from pipeline.dry_run import describe_plan
 
     text = describe_plan(plan_study(load_experiment("smoke", MODERN), str(tmp_path)))
     assert "variant modern: model.positions=rope, model.mlp=swiglu" in text

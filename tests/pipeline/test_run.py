@@ -9,7 +9,7 @@ import pytest
 
 from pipeline import tracking
 from pipeline.experiment_files import load_experiment
-from pipeline.fid.score import ScoringWhileTraining
+from pipeline.fid.study import ScoringWhileTraining
 from pipeline.layout import Workspace
 from pipeline.plan import plan_sweep
 from pipeline.run import run_all
@@ -100,7 +100,7 @@ def test_each_trial_scores_its_milestones_in_its_own_slot(smoke_workdir, mlflow_
     by actors started in the trial's slot once it had trained, with the precision facts on the run; a second run
     scored with another sampling precision is refused, naming what differs."""
     from pipeline.config import ConfigError
-    from pipeline.fid.score import run_fid, score_trial
+    from pipeline.fid.study import run_fid, score_trial
     from pipeline.sweep import run_sweep
 
     overrides = [*FAST_FID, "name=smoke-between", "grid.presets=[DiT-d2w64/8]", "fid.schedule=between"]

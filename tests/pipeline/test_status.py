@@ -5,7 +5,7 @@ import pytest
 
 from pipeline.experiment_files import load_experiment
 from pipeline.plan import DataSpec, expand_trials
-from pipeline.status import TrialState, estimate_unstarted, time_left
+from pipeline.status import TrialRow, estimate_unstarted, time_left
 from tests.helpers import pixel_manifest
 
 
@@ -16,7 +16,7 @@ def trials():
 
 
 def state(trial, state, step=0, img_per_s=None, seconds_left=None):
-    return TrialState(trial, state, "", step, trial.experiment.train.steps, None, None, img_per_s, seconds_left)
+    return TrialRow(trial, state, "", step, trial.experiment.train.steps, None, None, img_per_s, seconds_left)
 
 
 def test_a_running_trial_has_its_own_time_left_and_the_others_are_scaled_by_gflops(trials):

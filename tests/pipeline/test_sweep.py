@@ -15,6 +15,7 @@ from pipeline.config import ConfigError
 from pipeline.experiment_files import load_experiment
 from pipeline.plan import plan_sweep
 from pipeline.sweep import check_cluster, max_concurrent, run_sweep
+from pipeline.trial_state import State
 from tests.helpers import registered_checkpoint, trial_runs
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -32,7 +33,7 @@ def test_smoke_sweep_runs_every_trial_to_the_end(smoke, smoke_workdir, mlflow_ur
     plan = plan_sweep(experiment, smoke_workdir)
     for o in outcomes:
         layout = plan.layout(o.trial)
-        assert layout.done_step() == 30 and layout.status(30) == "done"
+        assert layout.done_step() == 30 and plan.state(o.trial).state is State.DONE
         milestones = layout.milestones()
         assert sorted(milestones) == [15, 30] and all(Path(p).is_file() for p in milestones.values())
         assert Path(milestones[30]).name == "ema-0000030.pt"
@@ -152,5 +153,7 @@ def test_trials_leave_room_for_what_runs_beside_them(ray_session):
     assert ray_session.cluster_resources()["CPU"] == 2
     assert max_concurrent(e) == 2 and max_concurrent(e, {"CPU": 0.5}) == 2 and max_concurrent(e, {"CPU": 1.0}) == 1
     check_cluster(e, {"CPU": 1.25})
-    with pytest.raises(ConfigError, match=r"has 0.5 free beside the 1.5 CPU held for FID sampling.*during_training"):
+    with pytest.raises(
+        ConfigError, match=r"has 0.5 free beside the 1.5 CPU held for FID sampling.*fid.schedule=between or after"
+    ):
         check_cluster(e, {"CPU": 1.5})
