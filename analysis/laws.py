@@ -8,7 +8,8 @@ approaches 2 and 3) and the held-out check.
 
 Every fit refuses data that cannot support it with a FitError that says why (too few points, too few distinct
 sizes, NaN, all-equal compute); a caller shows that message in place of a line. Rows with equal x are replicates
-(seeds) of one grid point: bootstraps resample points, then seeds within each point (analysis.fits.resample).
+(seeds) of one grid point: bootstraps resample points, each with all its seeds (analysis.fits.resample). How often
+each interval covers the truth is measured in tests/analysis and stated in docs/analysis.md.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import numpy as np
 import pandas as pd
 from scipy import optimize
 
-from analysis.fits import FitError, PowerLaw, _clean, clusters, fit_power_law, resample
+from analysis.fits import FitError, PowerLaw, _clean, clusters, fit_power_law, resample, t_quantile
 
 SAME_SIZE_DECADES = 0.05  # parameter counts within 12% are one model size (patch sizes change N by well under 1%)
 
@@ -49,6 +50,7 @@ class SaturatingLaw:
     n: int
     samples: np.ndarray  # bootstrap draws of (E, log10 A, alpha)
     alpha_seed_ci: tuple[float, float] | None = None  # alpha's interval from seed noise alone (None: one seed)
+    t: float = 1.96  # the band's multiplier of its bootstrap standard error (t_quantile of the distinct points)
 
     @property
     def seed_share(self) -> float | None:
@@ -61,9 +63,12 @@ class SaturatingLaw:
         return self.E + self.A * np.asarray(x, dtype=float) ** -self.alpha
 
     def band(self, x) -> tuple[np.ndarray, np.ndarray]:
+        """Pointwise 95% band of the law: log10 y +- t x its bootstrap standard error at each x (the percentiles of
+        the bootstrap lines covered 86% at 8 budgets)."""
         x = np.asarray(x, dtype=float)
-        lines = self.samples[:, :1] + 10 ** self.samples[:, 1:2] * x[None] ** -self.samples[:, 2:3]
-        return tuple(np.percentile(lines, [2.5, 97.5], axis=0))
+        lines = self.samples[:, :1] + 10 ** self.samples[:, 1:2] * x[None] ** -self.samples[:, 2:3]  # (B, len(x))
+        centre, half = np.log10(self(x)), self.t * np.log10(lines).std(axis=0, ddof=1)
+        return 10 ** (centre - half), 10 ** (centre + half)
 
 
 def _saturating_once(lx: np.ndarray, ly: np.ndarray, x0: float, start: np.ndarray | None = None) -> np.ndarray:
@@ -90,7 +95,8 @@ def _saturating_once(lx: np.ndarray, ly: np.ndarray, x0: float, start: np.ndarra
 
 
 def fit_saturating(x, y, bootstrap: int = 300, seed: int = 0, what: str = "L(C) = E + A C^-alpha") -> SaturatingLaw:
-    """y = E + A x^-alpha by least squares on log y, with a hierarchical bootstrap (points, then seeds)."""
+    """y = E + A x^-alpha by least squares on log y; percentile intervals of a bootstrap over the points (each with
+    all its seeds), and a second one over the seeds alone for alpha's seed share."""
     x, y = _clean(x, y, what)
     if np.unique(x).size < 4:
         raise FitError(f"{what}: {np.unique(x).size} distinct points for 3 parameters; it needs at least 4")
@@ -116,7 +122,8 @@ def fit_saturating(x, y, bootstrap: int = 300, seed: int = 0, what: str = "L(C) 
     E, log_a, alpha = 10 ** theta[0], theta[1] + theta[2] * np.log10(x0), theta[2]
     ci = [tuple(float(v) for v in np.percentile(samples[:, k], [2.5, 97.5])) for k in range(3)]
     a_ci = (10 ** ci[1][0], 10 ** ci[1][1])
-    return SaturatingLaw(float(E), float(10**log_a), float(alpha), ci[0], a_ci, ci[2], int(x.size), samples, seed_ci)
+    t = t_quantile(np.unique(x).size, parameters=3)
+    return SaturatingLaw(float(E), float(10**log_a), float(alpha), ci[0], a_ci, ci[2], int(x.size), samples, seed_ci, t)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -150,20 +157,38 @@ def isoflop_points(curves: pd.DataFrame, num_budgets: int = 8, value: str = "los
     return pd.DataFrame(rows)
 
 
-def isoflop_optima(points: pd.DataFrame, value: str = "loss", min_sizes: int = 3) -> list[tuple[float, float]]:
-    """(budget, N_opt) for every budget whose parabola in log10 N has its minimum inside the sizes it saw."""
+def _size_codes(points: pd.DataFrame) -> np.ndarray:
+    """Each row's model size as an integer: its `size` name where known, else its parameter count (counts within
+    SAME_SIZE_DECADES of each other are one size, as distinct_sizes counts them)."""
+    if "size" in points:
+        return pd.factorize(points["size"])[0]
+    logn = np.log10(points["params"].to_numpy(dtype=float))
+    levels = np.unique(logn)
+    return np.searchsorted(levels[1:][np.diff(levels) > SAME_SIZE_DECADES], logn, side="right")
+
+
+def _optima(budget, logn, size, value, min_sizes: int) -> list[tuple[float, float]]:
+    """isoflop_optima on arrays (one entry per point)."""
     optima = []
-    for budget, rows in points.groupby("budget"):
-        logn = np.log10(rows["params"].to_numpy())
-        if count_sizes(rows) < min_sizes:
+    for b in np.unique(budget):
+        at = budget == b
+        if np.unique(size[at]).size < min_sizes:
             continue
-        c2, c1, _ = np.polyfit(logn, rows[value].to_numpy(), 2)
+        c2, c1, _ = np.polyfit(logn[at], value[at], 2)
         if c2 <= 0:
             continue  # no minimum
         vertex = -c1 / (2 * c2)
-        if logn.min() <= vertex <= logn.max():
-            optima.append((float(budget), float(10**vertex)))
+        if logn[at].min() <= vertex <= logn[at].max():
+            optima.append((float(b), float(10**vertex)))
     return optima
+
+
+def isoflop_optima(points: pd.DataFrame, value: str = "loss", min_sizes: int = 3) -> list[tuple[float, float]]:
+    """(budget, N_opt) for every budget whose parabola in log10 N has its minimum inside the sizes it saw."""
+    if points.empty:
+        return []
+    columns = points["budget"].to_numpy(dtype=float), np.log10(points["params"].to_numpy(dtype=float))
+    return _optima(*columns, _size_codes(points), points[value].to_numpy(dtype=float), min_sizes)
 
 
 @dataclass(frozen=True)
@@ -189,7 +214,7 @@ def isoflop_frontier(
 ) -> Frontier:
     """Chinchilla's approach 2 (Liang et al. for DiTs): at each compute budget a parabola in log N over the models'
     `value`; its vertex is N_opt(C); N_opt ~ C^a by least squares in log-log. The interval resamples the models
-    (and their seeds) and redoes every parabola."""
+    (each with all its seeds) and redoes every parabola; like the fit, a draw needs 3 budgets with an inside minimum."""
     if points.empty:
         raise FitError("isoFLOP profiles: no compute budget is reached by any model's curve")
     optima = isoflop_optima(points, value, min_sizes)
@@ -203,17 +228,18 @@ def isoflop_frontier(
     c, n = np.array(optima).T
     fit, _ = fit_power_law(c, n, bootstrap=200, seed=seed, what="N_opt vs C")
     rng, exponents = np.random.default_rng(seed), []
-    models = points[["label", "seed"]].drop_duplicates().reset_index(drop=True)
-    model_groups = clusters(pd.factorize(models["label"])[0])
-    by_model = {key: rows for key, rows in points.groupby(["label", "seed"])}
+    by_model = points.groupby(["label", "seed"], sort=False)
+    row_model, labels = by_model.ngroup().to_numpy(), by_model["label"].first().to_numpy()  # models in one order
+    model_groups = clusters(pd.factorize(labels)[0])  # a model's seeds are drawn together
+    rows_of = [np.flatnonzero(row_model == m) for m in range(labels.size)]
+    columns = (points["budget"].to_numpy(dtype=float), np.log10(points["params"].to_numpy(dtype=float)),
+               _size_codes(points), points[value].to_numpy(dtype=float))  # fmt: skip
     for _ in range(bootstrap):
-        drawn = models.iloc[resample(model_groups, rng)]
-        sample = pd.concat([by_model[(r.label, r.seed)] for r in drawn.itertuples()])
-        found = isoflop_optima(sample, value, min_sizes)
-        if len(found) >= 2:
+        idx = np.concatenate([rows_of[m] for m in resample(model_groups, rng)])
+        found = _optima(*(column[idx] for column in columns), min_sizes)
+        if len(found) >= 3:  # as the fit itself needs: a draw with two budgets gives a noisy, skewed slope
             bc, bn = np.log10(np.array(found)).T
-            if np.unique(bc).size >= 2:
-                exponents.append(np.polyfit(bc, bn, 1)[0])
+            exponents.append(np.polyfit(bc, bn, 1)[0])
     a_ci = tuple(float(v) for v in np.percentile(exponents, [2.5, 97.5])) if len(exponents) > 10 else fit.b_ci
     return Frontier(optima, float(fit.b), a_ci, float(1 - fit.b), (1 - a_ci[1], 1 - a_ci[0]), fit)
 
@@ -322,8 +348,10 @@ class HeldOut:
 
 
 def held_out(x, y, holdout: int = 1, bootstrap: int = 2000, seed: int = 0, what: str = "held-out") -> HeldOut:
-    """Fit y = a x^b on all but the `holdout` largest distinct x, predict those; the prediction interval draws the
-    fit from its bootstrap and adds a residual drawn from the fit's own residuals."""
+    """Fit y = a x^b on all but the `holdout` largest distinct x, predict those. The 95% prediction interval of a
+    held-out point's mean (over its seeds) is log10 of the prediction +- t x sqrt(se^2 + s^2): se the bootstrap
+    standard error of the fitted line there, s^2 the scatter of the fitted points' means about the line (with
+    points - 2 degrees of freedom), t as in fit_power_law."""
     x, y = np.asarray(x, dtype=float), np.asarray(y, dtype=float)
     distinct = np.unique(x)
     if holdout < 1 or distinct.size - holdout < 3:
@@ -334,14 +362,15 @@ def held_out(x, y, holdout: int = 1, bootstrap: int = 2000, seed: int = 0, what:
     cut = distinct[-holdout]
     train = x < cut
     fit, samples = fit_power_law(x[train], y[train], bootstrap=bootstrap, seed=seed, what=f"{what} (the fit)")
-    residuals = np.log10(y[train]) - np.log10(fit(x[train]))
-    rng = np.random.default_rng(seed + 1)
+    fitted = distinct[distinct < cut]
+    means = np.array([np.mean(y[x == value]) for value in fitted])
+    scatter = np.sum((np.log10(means) - np.log10(fit(fitted))) ** 2) / (fitted.size - 2)  # s^2, log10 units
     held = distinct[distinct >= cut]
     predicted, interval, measured = [], [], []
     for value in held:
-        lines = samples[:, 0] + samples[:, 1] * np.log10(value) + rng.choice(residuals, len(samples))
-        lo, hi = np.percentile(lines, [2.5, 97.5])
+        se = np.std(samples[:, 0] + samples[:, 1] * np.log10(value), ddof=1)
+        centre, half = np.log10(fit(value)), fit.t * np.sqrt(se**2 + scatter)
         predicted.append(float(fit(value)))
-        interval.append((float(10**lo), float(10**hi)))
+        interval.append((float(10 ** (centre - half)), float(10 ** (centre + half))))
         measured.append(float(np.mean(y[x == value])))
     return HeldOut(fit, [float(v) for v in held], predicted, interval, measured)

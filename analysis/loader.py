@@ -7,9 +7,15 @@ Works from the tracking store alone (any tracking URI), for a sweep's MLflow exp
 from __future__ import annotations
 
 import re
+from dataclasses import fields
+from functools import partial
+from typing import get_type_hints
 
 import numpy as np
 import pandas as pd
+
+from dit_core.config import DiTConfig
+from dit_core.flops import training_compute
 
 FID_METRICS = ("fid", "fd_dinov2", "isc", "kid", "precision", "recall", "class_accuracy")  # class_accuracy: the
 # classifier extractor's judgement of the samples' labels; fd_dinov2: the Frechet distance in DINOv2's features
@@ -45,6 +51,19 @@ def _value_at(history: list[tuple[int, float]], step: int) -> float:
     """The last logged value at or before `step` (NaN if none)."""
     values = [v for s, v in history if s <= step]
     return values[-1] if values else float("nan")
+
+
+def model_config(params: dict[str, str], run_name: str) -> DiTConfig:
+    """The trial's DiTConfig from its `model.*` params (MLflow keeps every param as a string)."""
+    types = get_type_hints(DiTConfig)
+    parse = {int: int, float: float, str: str, bool: lambda text: {"True": True, "False": False}[text]}
+    missing = [f"model.{f.name}" for f in fields(DiTConfig) if f"model.{f.name}" not in params]
+    if missing:
+        raise ValueError(
+            f"run {run_name} has no {', '.join(missing)} param(s): it was logged by an older ditscale; rerun its "
+            f"trial (`ditscale run`) or leave its sweep out of the analysis"
+        )
+    return DiTConfig(**{f.name: parse[types[f.name]](params[f"model.{f.name}"]) for f in fields(DiTConfig)})
 
 
 def _param_value(text: str):
@@ -94,15 +113,15 @@ def load_runs(
             "seed": int(p.get("seed", p.get("train.seed", 0))),
             **{k: _param_value(v) for k, v in p.items() if k.startswith("axis.")},
         }
+        compute = partial(training_compute, model_config(p, name), facts["global_batch_size"])  # of `step` steps
         loss = _history(client, run.info.run_id, "loss")
         val = _history(client, run.info.run_id, "val_loss")
         for step, value in loss:
-            compute = facts["gflops"] * 1e9 * 3 * facts["global_batch_size"] * step * 2
             curves.append(
                 {
                     **{k: facts[k] for k in MODEL},
                     "step": step,
-                    "compute_flops": compute,
+                    "compute_flops": compute(step)["flops"],
                     "loss": value,
                     "val_loss": _value_at(val, step),
                 }
@@ -116,15 +135,14 @@ def load_runs(
             if not scores["fid"] and not prefix:
                 notes.append(f"{name} ({p['preset']}): no FID yet (run `ditscale fid`)")
             for step in sorted(scores["fid"]):
-                gmacs = facts["gflops"] * 3 * facts["global_batch_size"] * step
                 rows.append(
                     {
                         **facts,
                         "step": step,
                         "ema_decay": decay,
                         "ema_name": prefix.rstrip("/"),  # "" = train.ema_decay's EMA (metric `fid`)
-                        "compute_gmacs": gmacs,
-                        "compute_flops": 2e9 * gmacs,
+                        "compute_gmacs": compute(step)["paper_gflops"],
+                        "compute_flops": compute(step)["flops"],
                         "sampling_gflops": facts["gflops"] * evaluations,
                         **{m: scores[m].get(step, np.nan) for m in FID_METRICS},
                         "loss": _value_at(loss, step),

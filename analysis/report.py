@@ -2,7 +2,7 @@
 
     ditscale analyze quickstart [--step 600]
 
-Prints the fitted exponent of FID = a * Gflops^b at the chosen step with its 95% bootstrap interval and the
+Prints the fitted exponent of FID = a * Gflops^b at the chosen step with its 95% interval and the
 Pearson correlation of FID with log Gflops (`r = -0.93` in the paper), writes figures (PNG and SVG), the Table-4
 layout (CSV and Markdown), the tidy frame and the fitted coefficients (JSON). Reads MLflow alone, so it can be run
 again at any time; it writes nothing to MLflow itself: the pipeline's analyze stage logs the folder and the returned
@@ -22,19 +22,11 @@ import pandas as pd
 from analysis import plots
 from analysis.config import AnalysisConfig
 from analysis.document import markdown_table, sections, write_report
-from analysis.fits import FitError, correlation
+from analysis.laws import HeldOut, held_out
 from analysis.loader import load_runs
-from analysis.study import (
-    choose_emas,
-    ema_table,
-    final_points,
-    frame_with_emas,
-    hyperparameter_envelope,
-    predict,
-    replicate_points,
-    sampling_frontier,
-)
-from analysis.variants import fit_variants, variants_table
+from analysis.study import final_points, replicate_points
+from analysis.summary import Summary, summarize
+from analysis.variants import variants_table
 
 # Table 4 of the paper (ImageNet 256, 400K steps, no guidance, FID-50K).
 PAPER_TABLE4 = pd.DataFrame(
@@ -44,18 +36,6 @@ PAPER_TABLE4 = pd.DataFrame(
      ("DiT-XL/8", 7.39, 106.41), ("DiT-XL/4", 29.05, 43.01), ("DiT-XL/2", 118.64, 19.47)],
     columns=["preset", "gflops", "fid"],
 )  # fmt: skip
-
-
-def choose_step(frame: pd.DataFrame, step: int | None) -> int:
-    """The requested step, else the last step scored for every preset (else the last step scored at all)."""
-    if frame.empty:
-        raise FitError("no scored checkpoints: run `ditscale fid` after (or during) the sweep")
-    if step is not None:
-        if step not in set(frame["step"]):
-            raise FitError(f"no checkpoint was scored at step {step}; scored steps: {sorted(set(frame['step']))}")
-        return step
-    common = set.intersection(*(set(rows["step"]) for _, rows in frame.groupby("label")))
-    return max(common) if common else int(frame["step"].max())
 
 
 def table4(at_step: pd.DataFrame, with_paper: bool) -> pd.DataFrame:
@@ -71,116 +51,6 @@ def table4(at_step: pd.DataFrame, with_paper: bool) -> pd.DataFrame:
             PAPER_TABLE4.rename(columns={"gflops": "paper_gflops", "fid": "paper_fid_400k"}), on="preset", how="left"
         )
     return table.sort_values("gflops", ignore_index=True)
-
-
-def summarize(frame: pd.DataFrame, curves: pd.DataFrame, step: int | None, holdout: int = 1) -> dict[str, Any]:
-    """Fits, correlations and predictions (each one's reason instead where the data cannot support it); per variant
-    too, where the study has several. Replicates (seeds) are pooled per model; with several EMAs each model is
-    read at its best one."""
-    frame = with_identity(frame)
-    curves = with_identity(curves)
-    chosen = choose_step(frame, step)
-    emas = choose_emas(frame, chosen)
-    best = frame_with_emas(frame, emas)
-    metrics = tuple(m for m in ("fid", "fd_dinov2", "loss", "class_accuracy") if m in best and best[m].notna().any())
-    points = replicate_points(best, metrics)
-    at, points_at = best[best["step"] == chosen], points[points["step"] == chosen]
-    summary: dict[str, Any] = {"step": chosen, "presets": int(at["label"].nunique())}
-    seeds = int(at["seed"].nunique())
-    summary["replicates"] = {
-        "seeds": sorted(int(s) for s in at["seed"].unique()),
-        "note": "intervals resample models, then seeds within each model" if seeds > 1 else (
-            "one seed per model: intervals resample models only, and seed noise is not measured"
-        ),
-    }  # fmt: skip
-    if frame["ema_decay"].nunique() > 1:
-        summary["ema"] = {
-            "decays": sorted(float(d) for d in frame["ema_decay"].unique()),
-            "chosen": emas,
-            "note": "each model is read at the EMA decay with the lowest mean FID at this step",
-        }
-        summary["_ema_table"] = ema_table(frame, chosen, emas)
-    laws = predict(best, curves, chosen, holdout)
-    objects = laws.pop("_objects")
-    summary.update(laws)
-    summary["_objects"] = objects
-    if "fid_vs_gflops" in objects:
-        summary["_fit"], summary["_samples"] = objects["fid_vs_gflops"]
-        try:
-            corr = correlation(points_at["gflops"], points_at["fid"], what=f"FID vs Gflops at step {chosen}")
-            summary["fid_vs_gflops"].update(
-                {"pearson_r_log_gflops": corr.pearson, "pearson_p": corr.pearson_p, "spearman": corr.spearman}
-            )
-            summary["_corr"] = corr
-        except FitError as exc:
-            summary["fid_vs_gflops"]["correlation"] = f"none ({exc})"
-    if "fid_vs_compute" in objects:
-        summary["_cfit"] = objects["fid_vs_compute"][0]
-    progress = {}
-    for label, rows in points.sort_values("step").groupby("label"):
-        if rows["step"].nunique() >= 2:
-            first, last = rows.iloc[0], rows.iloc[-1]
-            progress[label] = {
-                "first_step": int(first["step"]),
-                "first_fid": float(first["fid"]),
-                "last_step": int(last["step"]),
-                "last_fid": float(last["fid"]),
-            }
-    if progress:
-        worse = sorted(p for p, v in progress.items() if not v["last_fid"] < v["first_fid"])
-        summary["fid_first_to_last"] = {"presets": progress, "improved": len(progress) - len(worse), "not": worse}
-    if "class_accuracy" in points_at and points_at["class_accuracy"].notna().any():
-        summary["class_accuracy"] = {row.label: float(row.class_accuracy) for row in points_at.itertuples()}
-    final = final_points(curves)
-    if len(final):
-        means = final.groupby("label").agg(gflops=("gflops", "first"), loss=("loss", "mean"))
-        try:
-            corr = correlation(means["gflops"], means["loss"], what="final loss vs Gflops")
-            summary["loss_vs_gflops"] = {"spearman": corr.spearman, "pearson_r_log_gflops": corr.pearson}
-        except FitError as exc:
-            summary["loss_vs_gflops"] = {"skipped": str(exc)}
-    summary["sampling"] = sampling_frontier(points_at)
-    envelope = hyperparameter_envelope(points_at, best, chosen)
-    if envelope:
-        summary["hyperparameters"] = envelope
-    if frame["variant"].nunique() > 1:
-        summary["by_variant"] = fit_variants(at, curves, chosen, best)
-        for variant, entry in summary["by_variant"]["variants"].items():
-            mine = curves[curves["variant"] == variant] if len(curves) else curves
-            entry["isoflop"] = isoflop_from_curves(mine) if len(mine) else {"skipped": "no loss curves logged"}
-    summary["_points"], summary["_best"] = points, best
-    return summary
-
-
-def with_identity(frame: pd.DataFrame) -> pd.DataFrame:
-    """A frame with `variant`, `label`, `seed` and `ema_decay` columns (frames built by hand may hold only
-    presets)."""
-    if len(frame.columns) == 0:
-        return frame
-    defaults = {"variant": "default", "seed": 0, "ema_decay": np.nan, "ema_name": ""}
-    frame = frame.assign(**{k: v for k, v in defaults.items() if k not in frame})
-    if "label" not in frame:
-        frame = frame.assign(label=frame["preset"])
-    return frame
-
-
-def isoflop_from_curves(curves: pd.DataFrame, num_budgets: int = 8) -> dict[str, Any]:
-    """Compute-optimal model size per budget (Chinchilla's approach 2, Liang et al.'s isoFLOP profiles): each
-    model's training loss read off its curve at shared compute budgets, a parabola in log N per budget reached by
-    3+ sizes, and N_opt ~ C^a over the budgets whose minimum lies inside the sizes trained."""
-    from analysis.laws import isoflop_frontier, isoflop_points
-
-    try:
-        f = isoflop_frontier(isoflop_points(with_identity(curves), num_budgets))
-    except FitError as exc:
-        return {"skipped": str(exc)}
-    return {
-        "a": f.a,
-        "a_ci": f.a_ci,
-        "b": f.b,
-        "b_ci": f.b_ci,
-        "optima": [{"compute_flops": c, "optimal_params": n} for c, n in f.optima],
-    }
 
 
 PUBLISHED = {"dit-table4": PAPER_TABLE4}  # AnalysisConfig.reference -> the published points
@@ -204,43 +74,38 @@ def analyze(
     frame.to_csv(out / "checkpoints.csv", index=False)
     curves.to_csv(out / "curves.csv", index=False)
     summary = summarize(frame, curves, step)
-    step, points = summary["step"], summary["_points"]
+    step, points, fits = summary.step, summary.points, summary.fits
     at = points[points["step"] == step]
+    fid_fit, samples = fits.get("fid_vs_gflops", (None, None))
     figures = [
         plots.fid_vs_steps(points, out),
-        plots.fid_vs_gflops(
-            at, out, step, summary.get("_fit"), summary.get("_samples"), summary.get("_corr"),
-            PUBLISHED.get(config.reference),
-        ),
-        plots.fid_vs_compute(points, out, summary.get("_cfit")),
-    ]  # fmt: skip
+        plots.fid_vs_gflops(at, out, step, fid_fit, samples, summary.correlation, PUBLISHED.get(config.reference)),
+        plots.fid_vs_compute(points, out, fits["fid_vs_compute"][0] if "fid_vs_compute" in fits else None),
+    ]
     if len(curves):
         figures.append(plots.loss_curves(replicate_points(curves, ("loss",)), out))
-    paper = paper_held_out()
-    figures += _prediction_figures(summary, points, curves, out, paper["_check"])
-    by_variant = summary.get("by_variant")
-    if by_variant:
-        best_at = summary["_best"][summary["_best"]["step"] == step]
-        figures.append(plots.variants_fid_vs_gflops(best_at, out, step, by_variant["_fits"]))
+    paper, paper_check = paper_held_out()
+    figures += _prediction_figures(summary, curves, out, paper_check)
+    if summary.variants is not None:
+        best_at = summary.best[summary.best["step"] == step]
+        figures.append(plots.variants_fid_vs_gflops(best_at, out, step, summary.variants.fid))
         if len(curves):
-            figures.append(plots.variants_loss_vs_compute(final_points(curves), out, by_variant["_loss_fits"]))
-        table = variants_table(by_variant)
+            figures.append(plots.variants_loss_vs_compute(final_points(curves), out, summary.variants.loss))
+        table = variants_table(summary.variants.json)
         table.to_csv(out / "variants.csv", index=False)
         (out / "variants.md").write_text(markdown_table(table))
-    figures += _sample_grids(tracking_uri, at.merge(_one_run_per_model(summary["_best"], step), on="label"), out,
+    figures += _sample_grids(tracking_uri, at.merge(_one_run_per_model(summary.best, step), on="label"), out,
                              step, notes)  # fmt: skip
     table = table4(at, config.reference == "dit-table4")
     table.to_csv(out / "table4.csv", index=False)
     (out / "table4.md").write_text(markdown_table(table))
-    if "_ema_table" in summary:
-        summary["_ema_table"].to_csv(out / "ema_decays.csv", index=False)
-    public = _public(summary)
-    public["paper_table4_held_out"] = _public(paper)
-    public["notes"] = notes
+    if summary.ema_table is not None:
+        summary.ema_table.to_csv(out / "ema_decays.csv", index=False)
+    public = {**summary.json, "paper_table4_held_out": paper, "notes": notes}
     (out / "summary.json").write_text(json.dumps(public, indent=2, default=_json))
     print(describe(public))
     public["figures"] = figures
-    public["report"] = write_report(public, table, summary.get("_ema_table"), figures, out, experiment_name)
+    public["report"] = write_report(public, table, summary.ema_table, figures, out, experiment_name)
     public["metrics"] = headline_metrics(public)
     return public
 
@@ -253,13 +118,6 @@ def _json(value):
     return str(value)
 
 
-def _public(summary: dict[str, Any]) -> dict[str, Any]:
-    """The summary without the fitted objects and frames (keys starting with '_'), at every level."""
-    if isinstance(summary, dict):
-        return {k: _public(v) for k, v in summary.items() if not str(k).startswith("_")}
-    return summary
-
-
 def _one_run_per_model(best: pd.DataFrame, step: int) -> pd.DataFrame:
     """For each model the run (first seed) and EMA whose sample grid the report shows (`best`: each model's rows at
     its chosen EMA)."""
@@ -267,29 +125,26 @@ def _one_run_per_model(best: pd.DataFrame, step: int) -> pd.DataFrame:
     return rows[["label", "run_id", "run_name", "ema_name"]]
 
 
-def paper_held_out():
-    """The paper's Table 4: a power law fitted on the eleven models other than DiT-XL/2 predicts XL/2's FID."""
-    from analysis.laws import held_out
-
+def paper_held_out() -> tuple[dict[str, Any], HeldOut]:
+    """The paper's Table 4: a power law fitted on the eleven models other than DiT-XL/2 predicts XL/2's FID (its
+    summary entry, and the check for the figure)."""
     check = held_out(PAPER_TABLE4["gflops"], PAPER_TABLE4["fid"], holdout=1)
-    return {
+    entry = {
         "predicted": check.predicted[0],
         "interval": check.interval[0],
         "measured": check.measured[0],
         "error": check.errors[0],
         "inside": check.inside[0],
-        "_check": check,
         "note": "fitted on the 11 models other than DiT-XL/2 (FID-50K at 400K steps); patch size and width do not "
         "trade at the same rate per Gflop, so one power law over both misses the largest model",
     }
+    return entry, check
 
 
-def _prediction_figures(
-    summary: dict[str, Any], points: pd.DataFrame, curves: pd.DataFrame, out: Path, paper
-) -> list[str]:
+def _prediction_figures(summary: Summary, curves: pd.DataFrame, out: Path, paper: HeldOut) -> list[str]:
     """Residuals of every fit, the held-out check (and the paper's), L(C), isoFLOP profiles, EMAs, sampling compute,
     hyperparameter sensitivity, FD_DINOv2: each where its fit exists."""
-    objects, step, figures = summary["_objects"], summary["step"], []
+    objects, step, points, figures = summary.fits, summary.step, summary.points, []
     at = points[points["step"] == step]
     final = final_points(curves)
     checks = {}
@@ -326,15 +181,15 @@ def _prediction_figures(
         figures.append(plots.loss_law(final, objects["loss_vs_compute"], out))
     if "isoflop" in objects:
         figures.append(plots.isoflop(*objects["isoflop"], out))
-    if "_ema_table" in summary:
+    if summary.ema_table is not None:
         gflops = points.groupby("label")["gflops"].first()
-        figures.append(plots.emas(summary["_ema_table"], gflops, out))
-    sampling = summary.get("sampling", {})
+        figures.append(plots.emas(summary.ema_table, gflops, out))
+    sampling = summary.json.get("sampling", {})
     if "frontier" in sampling:
         figures.append(plots.sampling_compute(at, sampling["frontier"], out))
-    hyper = summary.get("hyperparameters", {})
-    if "_sensitivity" in hyper:
-        figures.append(plots.hyperparameters(hyper["_sensitivity"], f"axis.{hyper['axes'][0]}", out))
+    if summary.sensitivity is not None:
+        axis = summary.json["hyperparameters"]["axes"][0]
+        figures.append(plots.hyperparameters(summary.sensitivity, f"axis.{axis}", out))
     if "fd_dinov2_vs_gflops" in objects:
         fit, samples = objects["fd_dinov2_vs_gflops"]
         figures.append(plots.fid_vs_gflops(at, out, step, fit, samples, metric="fd_dinov2"))

@@ -3,10 +3,11 @@
     emas = choose_emas(frame, step)           # per model, the EMA decay with the lowest mean FID at `step`
     best = frame_with_emas(frame, emas)       # one EMA per model: the rows every fit reads
     points = replicate_points(best)           # mean, spread and count over seeds per (model, step)
-    laws = predict(best, curves, step)        # {name: result or {"skipped": reason}}
+    laws, fits = predict(best, curves, step)  # {name: result or {"skipped": reason}}, {name: fitted object}
 
-Each entry of `predict` is a plain dict (for summary.json and the report) and, under "_objects", the fitted objects
-the figures draw. Data that cannot support a fit gives {"skipped": the reason}, never a line.
+Each entry of `predict`'s first part is plain values (for summary.json and the report); its second part holds the
+fitted objects the figures draw, under the same names. Data that cannot support a fit gives {"skipped": the
+reason}, never a line.
 """
 
 from __future__ import annotations
@@ -103,8 +104,11 @@ def final_points(curves: pd.DataFrame) -> pd.DataFrame:
     return curves.sort_values("step").groupby(["label", "seed"]).tail(1).reset_index(drop=True)
 
 
-def predict(best: pd.DataFrame, curves: pd.DataFrame, step: int, holdout: int = 1) -> dict[str, Any]:
-    """Every law of the study on its best-EMA rows `best` and its loss `curves`, at `step` where one is chosen."""
+def predict(
+    best: pd.DataFrame, curves: pd.DataFrame, step: int, holdout: int = 1
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Every law of the study on its best-EMA rows `best` and its loss `curves`, at `step` where one is chosen:
+    (plain values or the reason per law, the fitted object(s) of each law that was fitted)."""
     results: dict[str, Any] = {}
     objects: dict[str, Any] = {}
     at = best[best["step"] == step]
@@ -191,8 +195,7 @@ def predict(best: pd.DataFrame, curves: pd.DataFrame, step: int, holdout: int = 
             return entry, p
 
         _try("parametric", results, objects, surface)
-    results["_objects"] = objects
-    return results
+    return results, objects
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -223,12 +226,15 @@ def sampling_frontier(points_at: pd.DataFrame) -> dict[str, Any]:
 HYPERPARAMETER_PREFIX = "axis.train."
 
 
-def hyperparameter_envelope(points_at: pd.DataFrame, best_rows: pd.DataFrame, step: int) -> dict[str, Any]:
+def hyperparameter_envelope(
+    points_at: pd.DataFrame, best_rows: pd.DataFrame, step: int
+) -> tuple[dict[str, Any], pd.DataFrame | None]:
     """When the grid sweeps training hyperparameters (axes train.*): the best value per model size (mean FID over
-    seeds), a fit on that envelope, and each value's FID per size (the sensitivity)."""
+    seeds) and a fit on that envelope, and the sensitivity: each value's mean FID per size. ({}, None) without
+    such axes."""
     axes = [c for c in best_rows.columns if c.startswith(HYPERPARAMETER_PREFIX)]
     if not axes:
-        return {}
+        return {}, None
     at = best_rows[best_rows["step"] == step]
     means = at.groupby(["preset", *axes], dropna=False).agg(fid=("fid", "mean"), gflops=("gflops", "first"))
     means = means.reset_index()
@@ -240,12 +246,10 @@ def hyperparameter_envelope(points_at: pd.DataFrame, best_rows: pd.DataFrame, st
             r["preset"]: {a.removeprefix("axis."): r[a] for a in axes} | {"fid": float(r["fid"])}
             for _, r in chosen.iterrows()
         },  # fmt: skip
-        "_sensitivity": means,
     }
     try:
-        fit, samples = fit_power_law(envelope_rows["gflops"], envelope_rows["fid"], what="envelope FID vs Gflops")
+        fit, _ = fit_power_law(envelope_rows["gflops"], envelope_rows["fid"], what="envelope FID vs Gflops")
         out["envelope_fit"] = _power_law_entry(fit)
-        out["_fit"] = (fit, samples)
     except FitError as exc:
         out["envelope_fit"] = {"skipped": str(exc)}
-    return out
+    return out, means

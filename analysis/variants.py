@@ -10,6 +10,7 @@ it lies inside the measured range (an observation) or outside it (an extrapolati
 from __future__ import annotations
 
 import itertools
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -18,14 +19,24 @@ import pandas as pd
 from analysis.fits import FitError, PowerLaw, compute_frontier, fit_power_law
 
 
+@dataclass(frozen=True)
+class VariantFits:
+    """Each variant's fits: `json` = {"variants": {name: fits or their reasons}, "crossovers": [...]} in plain values,
+    and the fitted lines the figures draw, per variant: (PowerLaw, bootstrap samples)."""
+
+    json: dict[str, Any]
+    fid: dict[str, tuple[PowerLaw, np.ndarray]] = field(default_factory=dict)  # FID vs Gflops
+    loss: dict[str, tuple[PowerLaw, np.ndarray]] = field(default_factory=dict)  # final loss vs training compute
+
+
 def fit_variants(
     at_step: pd.DataFrame, curves: pd.DataFrame, step: int, checkpoints: pd.DataFrame | None = None
-) -> dict[str, Any]:
-    """{"variants": {name: fits or their reasons}, "crossovers": [...], "_fits": {name: (fid fit, samples)}}.
+) -> VariantFits:
+    """A fit per variant of the rows at `step` and of its loss `curves`, and where the variants' FID lines cross.
 
     Rows of one model with several seeds are replicates (pooled by the fits); `checkpoints` (every scored step)
     gives each variant's FID against training compute over the lower envelope of its checkpoints."""
-    out: dict[str, Any] = {"variants": {}, "crossovers": [], "_fits": {}, "_loss_fits": {}}
+    out = VariantFits({"variants": {}, "crossovers": []})
     by_run = ["label", "seed"] if "seed" in curves else ["label"]
     final = curves.sort_values("step").groupby(by_run).tail(1) if len(curves) else curves
     for variant, rows in at_step.groupby("variant"):
@@ -40,7 +51,7 @@ def fit_variants(
             if fit.seed_share is not None:
                 entry["fid_vs_gflops"]["seed_share"] = fit.seed_share
             entry["largest"]["fitted_fid"] = float(fit(largest["gflops"]))
-            out["_fits"][variant] = (fit, samples)
+            out.fid[variant] = (fit, samples)
         except FitError as exc:
             entry["fid_vs_gflops"] = {"skipped": str(exc)}
         if checkpoints is not None:
@@ -61,19 +72,19 @@ def fit_variants(
                 raise FitError(f"{variant}: no loss curves logged")
             lfit, lsamples = fit_power_law(mine["compute_flops"], mine["loss"], what=f"{variant}: loss vs compute")
             entry["loss_vs_compute"] = {"a": lfit.a, "b": lfit.b, "b_ci": lfit.b_ci, "r2": lfit.r2}
-            out["_loss_fits"][variant] = (lfit, lsamples)
+            out.loss[variant] = (lfit, lsamples)
         except FitError as exc:
             entry["loss_vs_compute"] = {"skipped": str(exc)}
-        out["variants"][variant] = entry
+        out.json["variants"][variant] = entry
     lo, hi = float(at_step["gflops"].min()), float(at_step["gflops"].max())
     recipes = at_step[["global_batch_size", "step"]].drop_duplicates() if "global_batch_size" in at_step else []
-    for (v1, (f1, _)), (v2, (f2, _)) in itertools.combinations(out["_fits"].items(), 2):
+    for (v1, (f1, _)), (v2, (f2, _)) in itertools.combinations(out.fid.items(), 2):
         c = crossover(v1, f1, v2, f2, lo, hi)
         if c["gflops"] is not None and len(recipes) == 1:  # one batch and step for all: Gflops -> training FLOPs
             batch, steps = recipes.iloc[0]
             c["training_flops"] = c["gflops"] * 1e9 * 6 * float(batch) * float(steps)
             c["note"] += f" (a training compute of {c['training_flops']:.3g} FLOPs at {int(steps):,} steps)"
-        out["crossovers"].append(c)
+        out.json["crossovers"].append(c)
     return out
 
 

@@ -1,18 +1,20 @@
 """analyze from a real MLflow store written by the smoke sweep and the fid stage."""
 
 import json
+from dataclasses import asdict
 
 import numpy as np
 import pandas as pd
 import pytest
 
-from analysis.fits import FitError
-from analysis.loader import load_runs
-from analysis.report import analyze, summarize
+from analysis.fits import FitError, fit_power_law
+from analysis.loader import load_runs, model_config
+from analysis.report import analyze
+from analysis.summary import summarize
 from pipeline import tracking
 from pipeline.analyze import analyze_experiment
 from pipeline.experiment_files import load_experiment
-from pipeline.fid.score import run_fid
+from pipeline.fid.study import run_fid
 from tests.helpers import FAST_FID as FAST
 
 
@@ -50,7 +52,7 @@ def test_analyze_writes_and_logs_everything(scored, smoke_workdir, mlflow_uri, t
     out = capsys.readouterr().out
     assert summary["step"] == 30 and summary["presets"] == 4
     fit = summary["fid_vs_gflops"]
-    assert "r = " in out and f"{fit['b']:.3f}" in out and fit["b_ci"][0] <= fit["b"] <= fit["b_ci"][1]
+    assert "r = " in out and f"{fit['b']:.3f}" in out
     for name in ("fid_vs_steps", "fid_vs_gflops", "fid_vs_compute", "loss_curves"):
         assert (tmp_path / f"{name}.png").stat().st_size > 1000 and (tmp_path / f"{name}.svg").exists()
     table = pd.read_csv(tmp_path / "table4.csv")
@@ -59,13 +61,19 @@ def test_analyze_writes_and_logs_everything(scored, smoke_workdir, mlflow_uri, t
     # what the loader read from MLflow: the table's class accuracy is the fid stage's at step 30, and the FID
     # progress splits the presets as their own first (step 15) and last (step 30) scores say
     frame, _, _ = load_runs(mlflow_uri, experiment.mlflow_experiment, sweep="smoke")
+    at = frame[frame["step"] == 30]  # one seed and one EMA: the fit reads exactly these rows
+    alone, _ = fit_power_law(at["gflops"], at["fid"])
+    assert (fit["a"], fit["b"], fit["r2"], fit["n"]) == pytest.approx((alone.a, alone.b, alone.r2, 4))
+    assert fit["b_ci"] == pytest.approx(alone.b_ci) and fit["b_ci"][0] < fit["b_ci"][1]
     fids = frame.pivot(index="preset", columns="step", values="fid")
     accuracy = frame[frame["step"] == 30].set_index("preset")["class_accuracy"]
     assert table.set_index("preset")["class_accuracy"].to_dict() == pytest.approx(accuracy.to_dict())
     progress = summary["fid_first_to_last"]
     assert "FID improved from the first" in out
     assert progress["not"] == sorted(fids.index[~(fids[30] < fids[15])])
-    assert progress["improved"] == int((fids[30] < fids[15]).sum()) == 4 - len(progress["not"])
+    assert progress["improved"] == int((fids[30] < fids[15]).sum()) and sorted(progress["presets"]) == sorted(
+        fids.index
+    )
     assert {p: v["first_fid"] for p, v in progress["presets"].items()} == pytest.approx(fids[15].to_dict())
     assert {p: v["last_fid"] for p, v in progress["presets"].items()} == pytest.approx(fids[30].to_dict())
     assert all((v["first_step"], v["last_step"]) == (15, 30) for v in progress["presets"].values())
@@ -97,12 +105,23 @@ def test_degenerate_frames_give_messages_and_no_line():
         ]
     )
     summary = summarize(two, pd.DataFrame(), None)
-    assert "at least 3 presets" in summary["fid_vs_gflops"]["skipped"] and "_fit" not in summary
+    assert "at least 3 presets" in summary.json["fid_vs_gflops"]["skipped"] and "fid_vs_gflops" not in summary.fits
     same = pd.concat([two, two.assign(preset="DiT-d4w128/4", fid=60.0)]).assign(gflops=0.1)
-    assert "same x" in summarize(same, pd.DataFrame(), None)["fid_vs_gflops"]["skipped"]
+    assert "same x" in summarize(same, pd.DataFrame(), None).json["fid_vs_gflops"]["skipped"]
     nan = pd.concat([two, two.iloc[:1].assign(preset="DiT-d4w128/4", gflops=0.3, fid=np.nan)])
-    assert "missing" in summarize(nan, pd.DataFrame(), None)["fid_vs_gflops"]["skipped"]
+    assert "missing" in summarize(nan, pd.DataFrame(), None).json["fid_vs_gflops"]["skipped"]
     with pytest.raises(FitError, match="no scored checkpoints"):
         summarize(two.iloc[:0], pd.DataFrame(), None)
     with pytest.raises(FitError, match="no checkpoint was scored at step 99"):
         summarize(two, pd.DataFrame(), 99)
+
+
+def test_model_config_is_read_back_from_the_params_mlflow_keeps_as_strings():
+    """The loader rebuilds each trial's DiTConfig from its `model.*` params for dit_core's training compute."""
+    from dit_core.config import dit_config
+
+    config = dit_config("DiT-d2w64/4", mlp="swiglu", qk_norm=True, input_size=8, in_channels=3, num_classes=10)
+    params = {f"model.{k}": str(v) for k, v in asdict(config).items()}  # as mlflow.log_params stores them
+    assert model_config(params, "r") == config
+    with pytest.raises(ValueError, match="run r has no model.qk_norm param"):
+        model_config({k: v for k, v in params.items() if k != "model.qk_norm"}, "r")

@@ -1,13 +1,15 @@
 """The study-level analysis on synthetic frames of known truth: replicates pooled, the best EMA per model, the
 hyperparameter envelope, the sampling-compute frontier, the report, and messages for data that cannot be fitted."""
 
+import json
+
 import numpy as np
 import pandas as pd
 import pytest
 
 from analysis.document import write_report
-from analysis.report import summarize
 from analysis.study import choose_emas, frame_with_emas, replicate_points
+from analysis.summary import summarize
 
 SIZES = {"S": (0.05, 1e6), "B": (0.2, 4e6), "L": (0.8, 1.6e7), "XL": (3.2, 6.4e7)}  # gflops, params
 
@@ -53,7 +55,7 @@ def test_best_ema_per_model_and_replicate_means():
 
 
 def test_summary_fits_the_pooled_seeds_at_the_best_emas_and_says_which():
-    summary = summarize(frame(), pd.DataFrame(), None)
+    summary = summarize(frame(), pd.DataFrame(), None).json
     assert summary["step"] == 2000 and summary["replicates"]["seeds"] == [0, 1]
     assert summary["ema"]["chosen"]["DiT-XL/2"] == 0.9999 and summary["ema"]["decays"] == [0.999, 0.9999]
     fit = summary["fid_vs_gflops"]
@@ -65,13 +67,23 @@ def test_summary_fits_the_pooled_seeds_at_the_best_emas_and_says_which():
     assert "DiT-S/2" in summary["sampling"]["best_at_budget"]
 
 
+def numpy_scalar(value):
+    """json.dumps' fallback for numpy scalars alone: a fitted object, frame or array in the JSON part raises."""
+    if isinstance(value, np.generic):
+        return value.item()
+    raise TypeError(f"a {type(value).__name__} is not a JSON value")
+
+
 def test_hyperparameter_envelope_takes_the_best_lr_per_size():
     summary = summarize(frame(lrs=(1e-4, 1e-3, 1e-2)), pd.DataFrame(), None)
-    hyper = summary["hyperparameters"]
+    assert {"hyperparameters", "by_variant"} <= set(summary.json)  # each lr is a variant too
+    json.dumps(summary.json, default=numpy_scalar)  # plain values only; the objects live beside them
+    assert set(summary.variants.fid) == {"lr=0.0001", "lr=0.001", "lr=0.01"}
+    hyper = summary.json["hyperparameters"]
     assert hyper["axes"] == ["train.lr"]
     assert all(best["train.lr"] == pytest.approx(1e-3) for best in hyper["best"].values())
     assert hyper["envelope_fit"]["b"] == pytest.approx(-0.4, abs=0.03)
-    sens = hyper["_sensitivity"]
+    sens = summary.sensitivity
     assert len(sens) == 12 and sens.groupby("preset")["fid"].idxmin().map(sens["axis.train.lr"]).eq(1e-3).all()
 
 
@@ -86,17 +98,17 @@ def test_hyperparameter_envelope_takes_the_best_lr_per_size():
 )
 def test_degenerate_studies_give_messages_in_place_of_fits(change, key, message):
     summary = summarize(change(frame()).reset_index(drop=True), pd.DataFrame(), None)
-    entry = summary[key]
+    entry = summary.json[key]
     assert message in (entry.get("skipped", "") if key != "replicates" else entry["note"])
     if key != "replicates":
-        assert "_fit" not in summary and "b" not in entry
+        assert "fid_vs_gflops" not in summary.fits and "b" not in entry
 
 
 def test_report_is_self_contained_and_says_why_fits_are_missing(tmp_path):
     import re
 
     summary = summarize(frame(seeds=(0,)), pd.DataFrame(), None)
-    public = {k: v for k, v in summary.items() if not k.startswith("_")}
+    public = {**summary.json}
     public["notes"] = ["DiT-XL/4 (x): failed, left out"]
     table = pd.DataFrame({"preset": ["DiT-S/2"], "fid": [10.0]})
     figure = tmp_path / "fid_vs_gflops.png"

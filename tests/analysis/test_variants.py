@@ -6,8 +6,10 @@ import pytest
 
 from analysis import plots
 from analysis.fits import fit_power_law
-from analysis.report import describe, summarize
+from analysis.report import describe
+from analysis.summary import summarize
 from analysis.variants import crossover, fit_variants, variants_table
+from tests.analysis.coverage import assert_coverage, assert_width, line_oracle
 
 GFLOPS = [0.001, 0.004, 0.02, 0.08, 0.3, 1.2]
 
@@ -38,7 +40,7 @@ def frame_of(
 def test_each_variant_recovers_its_own_exponent_and_the_crossover():
     laws = {"dit2023": (10.0, -0.30), "modern": (5.0, -0.45)}
     frame, curves = frame_of(laws, noise=0.02)
-    summary = summarize(frame, curves, None)
+    summary = summarize(frame, curves, None).json
     fits = summary["by_variant"]["variants"]
     for variant, (a, b) in laws.items():
         f = fits[variant]["fid_vs_gflops"]
@@ -51,23 +53,35 @@ def test_each_variant_recovers_its_own_exponent_and_the_crossover():
     assert cross["gflops"] == pytest.approx(0.5 ** (1 / 0.15), rel=0.3) and cross["inside"]
     assert cross["note"].startswith("modern overtakes dit2023")
     assert cross["training_flops"] == pytest.approx(cross["gflops"] * 1e9 * 6 * 64 * 100)  # one recipe for all
-    text = describe({k: v for k, v in summary.items() if not k.startswith("_")})
+    text = describe(summary)
     assert "variant dit2023 (6 trials)" in text and "modern overtakes dit2023" in text
     table = variants_table(summary["by_variant"])
     assert list(table["variant"]) == ["dit2023", "modern"] and table["fid_exponent_b"].notna().all()
 
 
-def test_each_variant_is_fitted_on_its_own_rows_alone():
-    """A variant's law is the power law of its own checkpoints, untouched by the other variant's (whose coverage over
-    noisy draws tests/analysis/test_fits.py checks for fit_power_law itself)."""
+def test_each_variant_is_fitted_on_its_own_rows_alone_and_covers_its_exponent():
+    """A variant's law is the power law of its own checkpoints, untouched by the other variant's; over 70 studies
+    of two variants (6 models each, 10% noise) the variants' intervals cover their own exponents at the nominal level
+    within a binomial tolerance (140 intervals), at most 1.8x as wide as the oracle's (the exact t interval's is
+    1.3x). Measured over 1,000 studies (2,000 intervals): 96.6% at 1.56x."""
     frame, curves = frame_of({"a": (10.0, -0.3), "b": (4.0, -0.5)}, noise=0.1, seed=3)
-    f = fit_variants(frame, curves, 100)["variants"]["b"]["fid_vs_gflops"]
+    f = fit_variants(frame, curves, 100).json["variants"]["b"]["fid_vs_gflops"]
     rows = frame[frame["variant"] == "b"]
     alone, _ = fit_power_law(rows["gflops"], rows["fid"])
     assert (f["a"], f["b"], f["r2"]) == pytest.approx((alone.a, alone.b, alone.r2))
-    assert f["b_ci"] == pytest.approx(alone.b_ci) and f["b_ci"][0] <= -0.5 <= f["b_ci"][1]
+    assert f["b_ci"] == pytest.approx(alone.b_ci)
     other, _ = fit_power_law(frame[frame["variant"] == "a"]["gflops"], frame[frame["variant"] == "a"]["fid"])
     assert other.b != pytest.approx(alone.b, abs=0.05)
+    laws = {"a": (10.0, -0.3), "b": (4.0, -0.5)}
+    covered, widths = [], []
+    for seed in range(70):
+        frame, curves = frame_of(laws, noise=0.1, seed=seed)
+        for variant, entry in fit_variants(frame, curves, 100).json["variants"].items():
+            lo, hi = entry["fid_vs_gflops"]["b_ci"]
+            covered.append(lo <= laws[variant][1] <= hi)
+            widths.append(hi - lo)
+    assert_coverage(covered, "per-variant exponents")
+    assert_width(widths, line_oracle(np.log10(GFLOPS), 0.1), 1.8, "per-variant exponents")
 
 
 def test_crossover_outside_the_range_is_an_extrapolation_and_parallel_fits_have_none():
@@ -83,12 +97,13 @@ def test_a_variant_with_too_few_points_gets_a_reason_not_a_line(tmp_path):
     frame, curves = frame_of({"dit2023": (10.0, -0.3), "modern": (5.0, -0.45)})
     frame = frame[(frame["variant"] == "dit2023") | (frame["gflops"] < 0.005)]
     result = fit_variants(frame, curves, 100)
-    assert "at least 3" in result["variants"]["modern"]["fid_vs_gflops"]["skipped"]
-    assert "modern" not in result["_fits"] and result["crossovers"] == []
-    png = plots.variants_fid_vs_gflops(frame, tmp_path, 100, result["_fits"])
+    assert "at least 3" in result.json["variants"]["modern"]["fid_vs_gflops"]["skipped"]
+    assert "modern" not in result.fid and "dit2023" in result.fid and result.json["crossovers"] == []
+    png = plots.variants_fid_vs_gflops(frame, tmp_path, 100, result.fid)
     assert (tmp_path / "variants_fid_vs_gflops.svg").exists() and png.endswith(".png")
 
 
 def test_a_study_without_variants_has_no_per_variant_section():
     frame, curves = frame_of({"default": (10.0, -0.3)})
-    assert "by_variant" not in summarize(frame, curves, None)
+    summary = summarize(frame, curves, None)
+    assert "by_variant" not in summary.json and summary.variants is None
