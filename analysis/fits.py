@@ -35,9 +35,7 @@ class PowerLaw:
 
     a: float
     b: float
-    a_ci: tuple[
-        float, float
-    ]  # 95% interval: estimate +- t x bootstrap standard error (over points, each with its seeds)
+    a_ci: tuple[float, float]  # 95%: estimate +- t x the bootstrap standard error (points, each with its seeds)
     b_ci: tuple[float, float]
     r2: float  # of the log-log line
     n: int  # rows (points x seeds)
@@ -101,12 +99,11 @@ def resample(groups: np.ndarray, rng: np.random.Generator, seeds_only: bool = Fa
 
 def resample_counts(groups: np.ndarray, rng: np.random.Generator, draws: int, seeds_only: bool = False) -> np.ndarray:
     """(draws, rows): how often each row is drawn in each of `draws` bootstrap draws, as `resample` draws them."""
-    members = [np.flatnonzero(groups == g) for g in np.unique(groups)]
-    counts = np.zeros((draws, groups.size))
+    point, size = np.unique(groups, return_inverse=True)[1], np.unique(groups).size  # each row's point; G
     if not seeds_only:
-        points = rng.multinomial(len(members), np.full(len(members), 1 / len(members)), size=draws)  # (draws, G)
-        return points[:, np.unique(groups, return_inverse=True)[1]].astype(float)
-    for m in members:
+        return rng.multinomial(size, np.full(size, 1 / size), size=draws)[:, point].astype(float)  # (draws, rows)
+    counts = np.zeros((draws, groups.size))
+    for m in (np.flatnonzero(point == g) for g in range(size)):
         counts[:, m] = rng.multinomial(m.size, np.full(m.size, 1 / m.size), size=draws)
     return counts
 
@@ -127,9 +124,9 @@ def fit_power_law(x, y, bootstrap: int = 2000, seed: int = 0, what: str = "fit")
 
     Rows with equal x are replicates (seeds) of one grid point. The interval is the estimate +- t x the standard
     error of a cluster bootstrap (points with replacement, each with all its seeds), t from Student's t with
-    (distinct points - 2) degrees of freedom: the percentile interval of the same bootstrap covered 89% at 8 points
-    and 67% at 4 (tests/analysis/test_fits.py measures this one). A second bootstrap over the seeds alone (points
-    fixed) says how much of the interval is seed noise."""
+    (distinct points - 2) degrees of freedom: the former percentile interval (of a bootstrap over points, then seeds
+    within each) covered 89% at 8 points (tests/analysis/test_fits.py measures this one). A second bootstrap over
+    the seeds alone (points fixed) says how much of the interval is seed noise."""
     x, y = _clean(x, y, what)
     lx, ly = np.log10(x), np.log10(y)
     b, log_a = np.polyfit(lx, ly, 1)

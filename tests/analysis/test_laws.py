@@ -33,7 +33,7 @@ def test_power_law_with_replicates_covers_and_splits_seed_noise(point_noise, see
     share is an order of magnitude smaller. Either way coverage is nominal within a binomial tolerance over 300 data
     sets, and the median width within 1.8x of the oracle's (the line through the point means with known noise; the
     exact t interval's is 1.3x). Measured over 2,000: 97.2% [1.59x] with seed share 0.55, and 96.7% [1.59x] with
-    0.020 (the former percentile interval with seeds redrawn inside each drawn point: 97%, but 89% without seeds)."""
+    0.020 (the former percentile interval, seeds redrawn within each drawn point: 97.5% and 89.6%)."""
     x = np.repeat(np.geomspace(1, 100, 6), 2)
     covered, widths, shares = [], [], []
     for seed in range(300):
