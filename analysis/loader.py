@@ -16,6 +16,7 @@ import pandas as pd
 
 from dit_core.config import DiTConfig
 from dit_core.flops import training_compute
+from pipeline import schema  # the names the pipeline writes: the one place they are spelled
 
 FID_METRICS = ("fid", "fd_dinov2", "isc", "kid", "precision", "recall", "class_accuracy")  # class_accuracy: the
 # classifier extractor's judgement of the samples' labels; fd_dinov2: the Frechet distance in DINOv2's features
@@ -91,31 +92,33 @@ def load_runs(
     experiment = client.get_experiment_by_name(experiment_name)
     if experiment is None:
         raise ValueError(f"no MLflow experiment {experiment_name!r} at {tracking_uri}: run the sweep first")
-    query = "tags.`ditscale.role` = 'trial'" + (f" and tags.`ditscale.sweep` = '{sweep}'" if sweep else "")
+    query = f"tags.`{schema.ROLE}` = '{schema.ROLE_TRIAL}'" + (
+        f" and tags.`{schema.SWEEP}` = '{sweep}'" if sweep else ""
+    )
     runs = client.search_runs([experiment.experiment_id], query, max_results=10000)
     rows, curves, notes = [], [], []
     for run in runs:
-        p, name = run.data.params, run.data.tags.get("ditscale.run_name", run.info.run_name)
+        p, name = run.data.params, run.data.tags.get(schema.RUN_NAME, run.info.run_name)
         if run.info.status != "FINISHED":
             notes.append(f"{name} ({p.get('preset')}): {run.info.status.lower()}, left out")
             continue
         facts = {
             "run_name": name,
             "run_id": run.info.run_id,
-            "label": p["preset"],
-            "variant": p.get("variant", "default"),  # runs from before design axes have none
-            "preset": p["preset"],
-            "size": p["size"],
-            "patch": int(p["patch"]),
-            "params": int(p["params"]),
-            "gflops": float(p["gflops"]),
+            "label": p[schema.PRESET],
+            "variant": p.get(schema.VARIANT, schema.DEFAULT_VARIANT),  # runs from before design axes have none
+            "preset": p[schema.PRESET],
+            "size": p[schema.SIZE],
+            "patch": int(p[schema.PATCH]),
+            "params": int(p[schema.PARAMS]),
+            "gflops": float(p[schema.GFLOPS]),
             "global_batch_size": int(p["train.global_batch_size"]),
-            "seed": int(p.get("seed", p.get("train.seed", 0))),
-            **{k: _param_value(v) for k, v in p.items() if k.startswith("axis.")},
+            "seed": int(p.get(schema.SEED, p.get("train.seed", 0))),
+            **{k: _param_value(v) for k, v in p.items() if k.startswith(schema.AXIS_PREFIX)},
         }
         compute = partial(training_compute, model_config(p, name), facts["global_batch_size"])  # of `step` steps
-        loss = _history(client, run.info.run_id, "loss")
-        val = _history(client, run.info.run_id, "val_loss")
+        loss = _history(client, run.info.run_id, schema.LOSS)
+        val = _history(client, run.info.run_id, schema.VAL_LOSS)
         for step, value in loss:
             curves.append(
                 {
@@ -126,7 +129,7 @@ def load_runs(
                     "val_loss": _value_at(val, step),
                 }
             )
-        evaluations = float(run.data.tags.get("fid.evaluations_per_image", "nan"))
+        evaluations = float(run.data.tags.get(schema.FID_EVALUATIONS_PER_IMAGE, "nan"))
         further = sorted(m[1] for key in run.data.metrics if (m := _FURTHER_EMA.match(key)))
         emas = [("", float(p.get("train.ema_decay", "nan")))]
         emas += [(f"{n}/", float(n.removeprefix("ema"))) for n in further]
@@ -148,7 +151,7 @@ def load_runs(
                         "loss": _value_at(loss, step),
                         "val_loss": _value_at(val, step),
                         "final_loss": loss[-1][1] if loss else np.nan,
-                        "extractor": run.data.tags.get("fid.extractor", ""),
+                        "extractor": run.data.tags.get(schema.FID_EXTRACTOR, ""),
                         "status": run.info.status,
                     }
                 )

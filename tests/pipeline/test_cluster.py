@@ -7,6 +7,7 @@ process that names its temp dir: that cluster's processes and nothing else (`ray
 on the machine).
 """
 
+import contextlib
 import os
 import shutil
 import signal
@@ -43,9 +44,6 @@ JOB = [
 ]
 
 
-STARTED: list[Path] = []  # temp dirs of the clusters this module started
-
-
 def free_ports(n: int) -> list[int]:
     sockets = [socket.socket() for _ in range(n)]
     for s in sockets:
@@ -77,13 +75,13 @@ def ray_cli(*args: str, env: dict, timeout: float = 120, check: bool = True) -> 
     return out
 
 
-@pytest.fixture()
-def head(tmp_path):
-    """A Ray head on 127.0.0.1 with token authentication; yields (dashboard address, client environment)."""
+@contextlib.contextmanager
+def start_head(tmp_path):
+    """A Ray head on 127.0.0.1 with token authentication; yields (dashboard address, client environment, its temp
+    dir), and stops that cluster, and only it, on the way out."""
     home = tmp_path / "home"
     home.mkdir()
     temp_dir = Path("/tmp") / f"ray-ditscale-{os.getpid()}-{time.monotonic_ns() % 10**8}"  # short: socket paths
-    STARTED.append(temp_dir)
     env = {**os.environ, "HOME": str(home), "RAY_AUTH_MODE": "token", "PATH": f"{BIN}:{os.environ['PATH']}"}
     for var in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH"):
         env.pop(var, None)
@@ -129,10 +127,17 @@ def head(tmp_path):
     proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     address = f"http://127.0.0.1:{dashboard}"
     try:
+        # up when its job server answers; fails when `ray start` exits or its log and temp dir stop changing
+        seen, progress_at = 0.0, time.monotonic()
         while ray_cli("job", "list", "--address", address, env=env, check=False).returncode:
             assert proc.poll() is None, (tmp_path / "ray-start.log").read_text()[-3000:]
+            newest = max(newest_change(temp_dir), (tmp_path / "ray-start.log").stat().st_mtime)
+            if newest > seen:
+                seen, progress_at = newest, time.monotonic()
+            stalled = time.monotonic() - progress_at > 300
+            assert not stalled, "the head stopped making progress:\n" + (tmp_path / "ray-start.log").read_text()[-3000:]
             time.sleep(2)
-        yield address, env
+        yield address, env, temp_dir
     finally:
         # This cluster's processes, and only these: its `ray start --block` group, then whatever names its temp dir
         # (a graceful stop would take half a minute, and nothing of the test cluster is kept)
@@ -148,9 +153,16 @@ def head(tmp_path):
 
 
 @pytest.mark.slow
-def test_ray_job_submit_runs_a_study_on_a_token_authenticated_cluster(head, tmp_path):
-    address, env = head
-    workdir = tmp_path / "work"
+def test_ray_job_submit_runs_a_study_on_a_token_authenticated_cluster(ray_session, tmp_path):
+    with start_head(tmp_path) as (address, env, temp_dir):
+        submit_and_check(address, env, tmp_path / "work")
+    # the cluster is gone, and nothing else was stopped: the test session's own Ray still works
+    assert not processes_of(temp_dir)
+    assert ray_session.get(ray_session.put(41)) + 1 == 42
+
+
+def submit_and_check(address: str, env: dict, workdir: Path) -> None:
+    """`ray job submit` the study, wait for it (progress-based), and read its runs back from MLflow."""
     without_token = {k: v for k, v in env.items() if k != "RAY_AUTH_MODE"}
     refused = ray_cli("job", "list", "--address", address, env=without_token, check=False)
     assert refused.returncode != 0 and "auth" in (refused.stdout + refused.stderr).lower()  # the token is required
@@ -179,20 +191,14 @@ def test_ray_job_submit_runs_a_study_on_a_token_authenticated_cluster(head, tmp_
     assert f"job '{job_id}' succeeded" in status, status + logs[-6000:]
     assert "1/1 trials done" in logs and "ditscale run cluster-smoke: done" in logs
 
-    from pipeline import tracking
+    from pipeline import schema, tracking
 
     uri = f"sqlite:///{workdir / 'mlflow.db'}"
     exp_id = tracking.experiment_id(uri, "cluster-smoke")
-    parent = tracking.find_run(uri, exp_id, {tracking.TAG_ROLE: "sweep", tracking.TAG_SWEEP: "cluster-smoke"})
+    parent = tracking.find_run(uri, exp_id, {schema.ROLE: schema.ROLE_SWEEP, schema.SWEEP: "cluster-smoke"})
     children = trial_runs(uri, "cluster-smoke")
     assert parent is not None and parent.info.status == "FINISHED" and len(children) == 1
     child = children[0]
     assert child.info.status == "FINISHED" and child.data.params["preset"] == "DiT-d2w64/8"
     assert [s for s, _ in tracking.metric_history(uri, child.info.run_id, "loss")][-1] == 10
     assert [s for s, _ in tracking.metric_history(uri, child.info.run_id, "fid")] == [10]
-
-
-def test_the_cluster_is_gone_and_nothing_else_was_stopped(ray_session):
-    """After the cluster test, none of its processes is left, and the test session's own Ray still works."""
-    assert STARTED and not [pid for temp_dir in STARTED for pid in processes_of(temp_dir)]
-    assert ray_session.get(ray_session.put(41)) + 1 == 42
