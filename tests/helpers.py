@@ -1,6 +1,6 @@
-"""What the tests share: the fast FID settings, waiting on progress (never on a speed), a tiny AutoencoderKL (random
-weights) made and saved locally, never downloaded, and a shard manifest of 200 pixel-codec samples at 16 px that no
-shards stand behind."""
+"""What the tests share: the fast FID settings, waiting on progress (never on a speed), holding a trial at a step
+while a fault is caused, a tiny AutoencoderKL (random weights) made and saved locally, never downloaded, and a shard
+manifest of 200 pixel-codec samples at 16 px that no shards stand behind."""
 
 from pathlib import Path
 
@@ -23,7 +23,7 @@ FAST_FID = [
 def sweep_and_score(overrides: list[str], workdir: str):
     """The smoke experiment with `overrides`, trained and scored: (experiment, outcomes)."""
     from pipeline.experiment_files import load_experiment
-    from pipeline.fid.score import run_fid
+    from pipeline.fid.study import run_fid
     from pipeline.sweep import run_sweep
 
     experiment = load_experiment("smoke", overrides)
@@ -122,3 +122,31 @@ def registered_checkpoint(trial_dir) -> bool:
     """Ray Train has registered a checkpoint of the trial (its snapshot names one once it is complete)."""
     snapshot = Path(trial_dir) / "checkpoint_manager_snapshot.json"
     return snapshot.exists() and "checkpoint_" in snapshot.read_text()
+
+
+class TrialHold:
+    """The recorder's test hook (pipeline.recorder.HOLD_AT_STEP): rank 0 of a trial stops after `step`, its log and
+    checkpoint reports done, until `release()`; a fault test causes its fault while the trial is known to be there.
+    Pass `env()` to the `ditscale` process that starts a local Ray: its workers inherit it."""
+
+    def __init__(self, folder, step: int):
+        self.step, self.release_file = step, Path(folder) / f"release-at-step-{step}"
+
+    def env(self) -> dict[str, str]:
+        from pipeline.recorder import HOLD_AT_STEP, HOLD_FILE
+
+        return {HOLD_AT_STEP: str(self.step), HOLD_FILE: str(self.release_file)}
+
+    def reached(self) -> bool:
+        return Path(f"{self.release_file}.reached").exists()
+
+    def release(self) -> None:
+        self.release_file.touch()
+
+
+def process_state(pid: int) -> str | None:
+    """The state letter of a process (R, S, T stopped, Z a zombie not reaped yet, ...); None once it is gone."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return None

@@ -1,24 +1,32 @@
 """The faults a long study meets, each caused for real on a local Ray and a real MLflow server: a diverging trial, a
-corrupt latest checkpoint, more steps on a finished sweep, Ctrl-C, the MLflow server killed, a node lost."""
+corrupt latest checkpoint, more steps on a finished sweep, Ctrl-C (on a sweep, and on `ditscale run` with its scoring
+thread), the MLflow server killed, a node lost. Where the timing matters, the recorder's test hook holds rank 0 at a
+step (tests.helpers.TrialHold) while the fault is caused."""
 
 import json
 import os
+import re
 import shutil
 import signal
+import socket
 import sqlite3
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
 import torch
 
-from pipeline import tracking
+from pipeline import schema, tracking
 from pipeline.experiment_files import load_experiment
 from pipeline.plan import plan_sweep
+from pipeline.run import run_all
 from pipeline.status import gather, study_status
 from pipeline.sweep import main_sweep, run_sweep
-from tests.helpers import registered_checkpoint, wait_for
+from pipeline.tracking.spill import SpillFile
+from pipeline.trial_state import FailureKind, State
+from tests.helpers import FAST_FID, TrialHold, process_state, registered_checkpoint, wait_for
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -35,7 +43,7 @@ def start_sweep(workdir: str, overrides: list[str], env: dict[str, str]) -> subp
 
 def final_weights(layout) -> dict[str, torch.Tensor]:
     """The model and EMA weights of a trial's last checkpoint."""
-    newest = layout.checkpoint_folders()[0]
+    _, newest = layout.checkpoint_folders()[0]
     state = torch.load(f"{newest}/checkpoint.pt", weights_only=True)
     return {**{f"model.{k}": v for k, v in state["model"].items()}, **{f"ema.{k}": v for k, v in state["ema"].items()}}
 
@@ -49,9 +57,9 @@ DIVERGING = [
     "grid.presets=[DiT-d2w64/8]",
     "grid.axes={train.lr: [0.001, 10.0]}",  # AdamW at lr 10 blows the weights up within a few steps
     "train.steps=12",
-    "train.ckpt_every_steps=1",
+    "train.ckpt_every_steps=3",  # the steps that synchronise anyway: 3, 6, 9, 12 (it diverges at step 4)
     "train.keep_checkpoints=2",
-    "train.log_every_steps=3",
+    "train.log_every_steps=100",
     "train.milestone_steps=[6, 12]",
     "train.val_every_steps=6",
 ]
@@ -66,33 +74,39 @@ def test_a_diverging_trial_stops_at_once_and_the_others_go_on(smoke_workdir, mlf
     assert plan.layout(stable).done_step() == 12  # the other trial went on to the end
 
     failure = plan.layout(unstable).failure()
-    assert failure["kind"] == "diverged" and failure["reason"].startswith(f"diverged at step {failure['step']}:")
-    assert 1 <= failure["step"] < 12 and plan.layout(unstable).done_step() is None
-    assert f"failed: {failure['reason']}" in out and "1 diverged" in out
-    # no checkpoint or milestone with non-finite weights was written, so none can be the latest
+    assert failure.kind is FailureKind.DIVERGED and failure.reason.startswith(f"diverged at step {failure.step}:")
+    assert 1 <= failure.step < 12 and plan.layout(unstable).done_step() is None
+    # noticed within a step, not at the next log or checkpoint (measured: bad at 4, stopped at 5, where the check
+    # at logs and checkpoints only stopped at 6): every step's loss is watched on the device
+    assert failure.stopped_step - failure.step <= 1, failure
+    assert f"failed: {failure.reason}" in out and "1 diverged" in out
+    # no checkpoint or milestone with non-finite weights was written, so none can be the latest; the fallback
+    # orders them by the step each holds
     folders = plan.layout(unstable).checkpoint_folders()
-    for folder in folders:
+    assert folders and [step for step, _ in folders] == sorted((step for step, _ in folders), reverse=True)
+    for step, folder in folders:
         state = torch.load(f"{folder}/checkpoint.pt", weights_only=True)
-        assert state["step"] < failure["step"]
+        assert state["step"] == step < failure.step
         assert all(torch.isfinite(t).all() for t in state["model"].values())
-    assert all(step < failure["step"] for step in plan.layout(unstable).milestones())
+    assert all(step < failure.step for step in plan.layout(unstable).milestones())
 
     client = tracking.client(mlflow_uri)
     exp_id = tracking.experiment_id(mlflow_uri, experiment.mlflow_experiment)
     runs = tracking.trial_runs_by_name(mlflow_uri, experiment.mlflow_experiment, experiment.name)
     bad = runs[unstable.run_name]
-    assert bad.info.status == "FAILED" and bad.data.tags["ditscale.failure"] == failure["reason"]
+    assert bad.info.status == "FAILED" and bad.data.tags[schema.FAILURE] == failure.reason
+    assert bad.data.tags[schema.FAILURE_KIND] == "diverged"
     assert runs[stable.run_name].info.status == "FINISHED"
     parent = tracking.find_run(mlflow_uri, exp_id, {tracking.TAG_ROLE: "sweep", tracking.TAG_SWEEP: experiment.name})
     assert client.get_run(parent.info.run_id).info.status == "FAILED"
 
     # `ditscale status` lists it with its reason
     rows = {s.trial.run_name: s for s in gather(experiment, smoke_workdir).trials}
-    assert rows[unstable.run_name].state == "failed" and rows[unstable.run_name].reason == failure["reason"]
+    assert rows[unstable.run_name].state is State.FAILED and rows[unstable.run_name].reason == failure.reason
     assert rows[stable.run_name].state == "done" and rows[stable.run_name].step == 12
     text = study_status(experiment, smoke_workdir)
     row = next(line for line in text.splitlines() if line.startswith(unstable.run_name))
-    assert " failed " in row and failure["reason"] in row and "1 done, 1 failed of 2 trials" in text
+    assert " failed " in row and failure.reason in row and "1 done, 1 failed of 2 trials" in text
 
     # A re-run does not train it again (it would diverge at the same step) and still says so.
     outcomes = run_sweep(experiment, smoke_workdir)
@@ -115,12 +129,14 @@ def test_a_trial_that_fails_for_good_is_recorded_with_its_reason(smoke_workdir, 
     assert main_sweep(experiment, smoke_workdir, dry_run=False) == 1
     plan = plan_sweep(experiment, smoke_workdir)
     failure = plan.layout(plan.trials[0]).failure()
-    assert failure["kind"] == "error" and "truncated tar shard" in failure["reason"]
-    assert "re-run `ditscale prepare`" in failure["reason"]  # the reader's own advice reaches the table
-    assert f"failed: {failure['reason']}" in capsys.readouterr().out
+    assert failure.kind is FailureKind.ERROR and "truncated tar shard" in failure.reason
+    assert "re-run `ditscale prepare`" in failure.reason  # the reader's own advice reaches the table
+    assert f"failed: {failure.reason}" in capsys.readouterr().out
     (run,) = tracking.trial_runs_by_name(mlflow_uri, experiment.mlflow_experiment, experiment.name).values()
-    assert run.info.status == "FAILED" and run.data.tags["ditscale.failure"] == failure["reason"]
-    assert plan.status(plan.trials[0]) == "new"  # not "diverged": the same command tries it again
+    assert run.info.status == "FAILED" and run.data.tags[schema.FAILURE] == failure.reason
+    assert run.data.tags[schema.FAILURE_KIND] == "error"
+    state = plan.state(plan.trials[0])  # failed, but not diverged: the same command tries it again
+    assert state.state is State.FAILED and state.to_train
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -155,7 +171,7 @@ def test_more_steps_continue_a_finished_sweep_and_a_corrupt_checkpoint_falls_bac
 
     # The latest checkpoint (step 30) truncated, as by a process killed while writing it: the next resume warns and
     # falls back to step 20 instead of crashing or starting again from 0.
-    newest = Path(layout.checkpoint_folders()[0]) / "checkpoint.pt"
+    newest = Path(layout.checkpoint_folders()[0][1]) / "checkpoint.pt"
     assert torch.load(newest, weights_only=True)["step"] == 30
     newest.write_bytes(newest.read_bytes()[: newest.stat().st_size // 2])
     again = load_experiment("smoke", [*CONTINUED, "train.steps=40"])
@@ -223,9 +239,15 @@ def test_ctrl_c_stops_cleanly_and_the_rerun_continues_as_if_never_stopped(smoke_
     assert proc.returncode == 130, out[-2000:] + err[-3000:]
     assert "interrupted" in err and "run the same command again" in err
     wait_for(lambda: not group_alive(proc.pid), "the sweep's processes to end", stall_s=120)
-    assert layout.done_step() is None and plan.status(trial) == "resumable"
+    assert layout.done_step() is None and plan.state(trial).state is State.STOPPED
     assert not Path(plan.workspace.lock(experiment.name)).exists()  # the lock went with it
     assert gather(experiment, smoke_workdir).trials[0].state == "stopped"
+    # MLflow says so too: the trial's run and the sweep's run are KILLED, not RUNNING or FAILED
+    run = tracking.trial_runs_by_name(mlflow_uri, experiment.mlflow_experiment, experiment.name)[trial.run_name]
+    assert run.info.status == "KILLED"
+    exp_id = tracking.experiment_id(mlflow_uri, experiment.mlflow_experiment)
+    parent = tracking.find_run(mlflow_uri, exp_id, {schema.ROLE: schema.ROLE_SWEEP, schema.SWEEP: experiment.name})
+    assert tracking.client(mlflow_uri).get_run(parent.info.run_id).info.status == "KILLED"
 
     (outcome,) = run_sweep(experiment, smoke_workdir)  # the same command again
     assert outcome.status == "done" and outcome.step == 120
@@ -245,6 +267,35 @@ def test_ctrl_c_stops_cleanly_and_the_rerun_continues_as_if_never_stopped(smoke_
 # ---------------------------------------------------------------------------------------------------------------
 
 
+def start_ditscale(command: str, workdir: Path, overrides: list[str], env: dict[str, str], logs: Path):
+    """`ditscale <command> smoke --workdir W --set ...` in a process group of its own (as a terminal would start it),
+    its output in logs/out.txt and logs/err.txt (a file never fills up and blocks the process, as an unread pipe
+    would while the test holds it)."""
+    cmd = [sys.executable, "-m", "pipeline.cli", command, "smoke", "--workdir", str(workdir)]
+    for item in overrides:
+        cmd += ["--set", item]
+    logs.mkdir(parents=True, exist_ok=True)
+    with open(logs / "out.txt", "w") as out, open(logs / "err.txt", "w") as err:
+        return subprocess.Popen(cmd, cwd=ROOT, env=env, start_new_session=True, stdout=out, stderr=err, text=True)
+
+
+@pytest.fixture
+def ray_tmp():
+    """A short folder of its own for the local Ray that a `ditscale` subprocess starts (RAY_TMPDIR): ray.init would
+    join the cluster that /tmp/ray/ray_current_cluster names, left there by any other process of this machine."""
+    folder = tempfile.mkdtemp(prefix="ray-", dir="/tmp")  # short: Ray's socket paths live under it
+    yield folder
+    shutil.rmtree(folder, ignore_errors=True)
+
+
+def own_study_env(ray_tmp: str, **more: str) -> dict[str, str]:
+    """This environment without MLFLOW_TRACKING_URI (the study starts its own embedded server over its workdir) or
+    RAY_ADDRESS (it starts a local Ray in `ray_tmp`, whose workers inherit this environment: a TrialHold reaches
+    them)."""
+    env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "RAY_ADDRESS")}
+    return {**env, "RAY_TMPDIR": ray_tmp, **more}
+
+
 def server_pids(db: Path) -> list[int]:
     """The processes serving the MLflow store `db` (python -m pipeline.tracking serve <db> ...)."""
     pids = []
@@ -258,51 +309,217 @@ def server_pids(db: Path) -> list[int]:
     return pids
 
 
+def server_port(pid: int) -> int:
+    """The port an embedded server was told to serve on (serve DB ARTIFACTS PORT OWNER_PID)."""
+    return int(Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[-3])
+
+
+def in_session(sid: int) -> list[int]:
+    """The processes of the session `sid` (a process started with start_new_session, and what it started)."""
+    pids = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            if int(stat.read_text().rsplit(")", 1)[1].split()[3]) == sid:
+                pids.append(int(stat.parent.name))
+        except (OSError, IndexError, ValueError):
+            continue
+    return pids
+
+
+def answers(port: int) -> bool:
+    """Whether anything accepts a connection on 127.0.0.1:`port`."""
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=5).close()
+    except OSError:
+        return False
+    return True
+
+
 def logged_steps(db: Path, key: str) -> list[tuple[int, int]]:
     """(step, how many points) of one metric in the SQLite store, read directly."""
+    return [(step, count) for k, step, count in stored_points(db) if k == key]
+
+
+def stored_points(db: Path) -> list[tuple[str, int, int]]:
+    """(metric, step, how many points) of every metric in the SQLite store, read directly."""
     if not db.exists():
         return []
     with sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=30) as con:
         try:
-            rows = con.execute("SELECT step, COUNT(*) FROM metrics WHERE key = ? GROUP BY step ORDER BY step", (key,))
+            rows = con.execute("SELECT key, step, COUNT(*) FROM metrics GROUP BY key, step ORDER BY key, step")
             return [tuple(r) for r in rows]
         except sqlite3.OperationalError:  # the tables are not there yet
             return []
 
 
-def test_the_mlflow_server_killed_mid_sweep_comes_back_and_no_point_is_lost(smoke_workdir, tmp_path):
+def run_statuses(db: Path, sweep: str) -> dict[str, list[str]]:
+    """The status of each run of a sweep in the SQLite store, by role: {"sweep": [...], "trial": [...]}."""
+    statuses: dict[str, list[str]] = {}
+    with sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=30) as con:
+        rows = con.execute(
+            "SELECT role.value, runs.status FROM runs "
+            "JOIN tags AS role ON role.run_uuid = runs.run_uuid AND role.key = ? "
+            "JOIN tags AS sweep ON sweep.run_uuid = runs.run_uuid AND sweep.key = ? AND sweep.value = ?",
+            (schema.ROLE, schema.SWEEP, sweep),
+        )
+        for role, status in rows:
+            statuses.setdefault(role, []).append(status)
+    return statuses
+
+
+def spilled_points(path: str) -> set[tuple[str, int]]:
+    """(metric, step) of every point in a trial's unsent-metrics file, read as its next logger would."""
+    return {(m.key, m.step) for m in SpillFile(path).read(0, 1_000_000)[0]}
+
+
+OUTAGE = [
+    "name=faults-mlflow",
+    "grid.presets=[DiT-d2w64/8]",
+    "train.steps=12",
+    "train.log_every_steps=3",
+    "train.ckpt_every_steps=6",  # the first log after the hold at 3 is a checkpoint: its barrier spills
+    "train.milestone_steps=[12]",
+    "train.val_every_steps=6",
+]
+
+
+def test_the_mlflow_server_killed_mid_sweep_comes_back_and_no_point_is_lost(smoke_workdir, tmp_path, ray_tmp):
+    """`ditscale sweep` with its own embedded server. Rank 0 is held after step 3 until that step's points are
+    stored; the sweep process (whose supervisor would start the server again) is stopped, and the server SIGKILLed:
+    nothing serves its port. Released, the trial logs step 6 into the outage: its send fails, and the checkpoint
+    barrier at step 6 spills those points. The sweep process goes on, its supervisor starts the server again on the
+    same port, and every point of every step is stored exactly once."""
     workdir = tmp_path / "work"
-    steps, every = 120, 10
     overrides = [
-        "name=faults-mlflow",
+        *OUTAGE,
         f"data.shards={smoke_workdir}/shards/smoke",
         f"data.val_shards={smoke_workdir}/shards/smoke-val",
-        "grid.presets=[DiT-d4w128/4]",
-        f"train.steps={steps}",
-        "train.ckpt_every_steps=40",
-        f"train.log_every_steps={every}",
-        f"train.milestone_steps=[{steps}]",
-        "train.val_every_steps=40",
-        "train.global_batch_size=32",
     ]
-    env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "RAY_ADDRESS")}
-    proc = start_sweep(str(workdir), overrides, env)  # no MLFLOW_TRACKING_URI: its own embedded server over workdir
-    db = workdir / "mlflow.db"
-    wait_for(lambda: len(logged_steps(db, "loss")) >= 1, "a first loss point", proc, watch=workdir)
-    (first,) = server_pids(db)
-    os.kill(first, signal.SIGKILL)
-    killed_after = logged_steps(db, "loss")[-1][0]
-    out, err = proc.communicate(timeout=900)  # (a guard against a hang, not a speed requirement)
-    assert proc.returncode == 0, out[-2000:] + err[-3000:]
-    assert f"the embedded server (pid {first}) exited" in err and "serving again" in err
-    assert killed_after < steps  # the server died while the trial was still training
+    experiment = load_experiment("smoke", overrides)
+    plan = plan_sweep(experiment, str(workdir))
+    (trial,) = plan.trials
+    spill, db, hold = plan.layout(trial).unsent_metrics, workdir / "mlflow.db", TrialHold(tmp_path, 3)
+    env = own_study_env(
+        ray_tmp,
+        **hold.env(),
+        # MLflow's client retries a refused connection by itself for minutes (7 times, doubling); without that, the
+        # first send into the outage fails at once, and the retries under test are the MetricLogger's own
+        MLFLOW_HTTP_REQUEST_MAX_RETRIES="0",
+        DITSCALE_RAY_LOGS="1",  # the worker's warnings reach the sweep's stderr
+        RAY_DEDUP_LOGS="0",
+    )
+    proc = start_ditscale("sweep", workdir, overrides, env, tmp_path / "logs")
+    try:
+        held = lambda: hold.reached() and logged_steps(db, schema.LOSS) == [(3, 1)]  # noqa: E731
+        wait_for(held, "rank 0 held after step 3, its points stored", proc, watch=workdir)
+        (first,) = server_pids(db)
+        port = server_port(first)
+        os.kill(proc.pid, signal.SIGSTOP)  # the sweep process alone (its trial trains in Ray's workers)
+        try:
+            wait_for(lambda: process_state(proc.pid) == "T", "the sweep process to stop", stall_s=60)
+            os.kill(first, signal.SIGKILL)
+            gone = lambda: process_state(first) in ("Z", None) and not answers(port)  # noqa: E731
+            wait_for(gone, "the server to die and its port to refuse connections", stall_s=60)
+            assert server_pids(db) == []
+            hold.release()
+            step_6 = {(schema.LOSS, 6), (schema.VAL_LOSS, 6)}
+            outage = lambda: spilled_points(spill) >= step_6  # noqa: E731
+            wait_for(outage, "the points of step 6 spilled at its checkpoint", proc, watch=workdir)
+            # (the trial may go on to spill steps 9 and 12 too: only the sweep process is stopped)
+            assert min(step for _, step in spilled_points(spill)) == 6 and logged_steps(db, schema.LOSS) == [(3, 1)]
+            assert not answers(port) and server_pids(db) == []  # the outage lasted until then
+        finally:
+            os.kill(proc.pid, signal.SIGCONT)
+        proc.wait(timeout=900)  # (a guard against a hang, not a speed requirement)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    err = (tmp_path / "logs" / "err.txt").read_text()
+    assert proc.returncode == 0, err[-5000:]
+    # the send failed (the warning carries the error), and the supervisor started another server
+    failed = re.search(rf"metric points not taken yet \((.+)\) are kept in {re.escape(spill)}", err)
+    assert failed and "failed with exception" in failed.group(1), err[-5000:]
+    assert f"the embedded server (pid {first}) exited with code -9" in err
+    (second,) = re.findall(r"serving again \(pid (\d+)\)", err)
+    assert int(second) != first and server_pids(db) == []  # and it went with the sweep
 
-    # Every point, once: the steps logged while the server was down waited and arrived.
-    wanted = list(range(every, steps + 1, every))
-    for key in ("loss", "mse", "grad_norm", "lr", "img_per_s"):
-        assert logged_steps(db, key) == [(s, 1) for s in wanted], key
-    assert logged_steps(db, "val_loss") == [(s, 1) for s in range(40, steps + 1, 40)]
-    assert not list(Path(workdir, "runs", "faults-mlflow").glob("*/unsent_metrics.jsonl"))  # nothing left behind
+    # Every point, once: the steps logged into the outage were kept and arrived.
+    points = stored_points(db)
+    assert points and all(count == 1 for _, _, count in points), points
+    steps = {}
+    for key, step, _ in points:
+        steps.setdefault(key, []).append(step)
+    for key in (schema.LOSS, schema.MSE, schema.GRAD_NORM, schema.LR, schema.IMG_PER_S, schema.IMAGES_SEEN):
+        assert steps[key] == [3, 6, 9, 12], key
+    assert steps[schema.VAL_LOSS] == steps[schema.VAL_LOSS_EMA] == [6, 12]
+    assert all(s in ([3, 6, 9, 12], [6, 12]) for s in steps.values()), steps
+    assert not Path(spill).exists()  # nothing left behind
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Ctrl-C on `ditscale run`: its embedded server and its scoring thread
+# ---------------------------------------------------------------------------------------------------------------
+
+RUN_INTERRUPTED = [
+    "name=faults-run-sigint",
+    "grid.presets=[DiT-d2w64/8]",
+    "train.steps=10",
+    "train.log_every_steps=5",
+    "train.ckpt_every_steps=5",
+    "train.milestone_steps=[5, 10]",
+    "train.val_every_steps=5",
+    "fid.schedule=spare",  # a thread scores each milestone as it lands, on a sampling actor beside the trial
+    "fid.workers=1",
+    "fid.cpus_per_worker=0.5",
+    "fid.gpus_per_worker=0",
+    *FAST_FID,
+]
+
+
+def test_ctrl_c_stops_ditscale_run_with_its_server_and_scoring_thread(
+    smoke_workdir, tmp_path, ray_tmp, monkeypatch, capsys
+):
+    """`ditscale run` with its own embedded server and fid.schedule=spare, one trial. Ctrl-C (SIGINT to the process
+    group) while rank 0 is held after step 5 and the scoring thread has scored that step's milestone: the command
+    says to run it again and exits 130, its processes end, its server with them, the lock is released, and the
+    trial's run and the sweep's run are KILLED. The same command again finishes the study."""
+    workdir = tmp_path / "work"
+    shards = [f"data.shards={smoke_workdir}/shards/smoke", f"data.val_shards={smoke_workdir}/shards/smoke-val"]
+    overrides = [*RUN_INTERRUPTED, *shards]
+    experiment = load_experiment("smoke", overrides)
+    plan = plan_sweep(experiment, str(workdir))
+    (trial,) = plan.trials
+    db, hold = workdir / "mlflow.db", TrialHold(tmp_path, 5)
+    proc = start_ditscale("run", workdir, overrides, own_study_env(ray_tmp, **hold.env()), tmp_path / "stopped")
+    try:
+        scored = lambda: hold.reached() and logged_steps(db, schema.FID) == [(5, 1)]  # noqa: E731
+        wait_for(scored, "rank 0 held after step 5, and that milestone scored", proc, watch=workdir)
+        (server,) = server_pids(db)
+        os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C: a terminal signals the whole foreground process group
+        proc.wait(timeout=900)  # (a guard against a hang, not a speed requirement)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    err = (tmp_path / "stopped" / "err.txt").read_text()
+    assert proc.returncode == 130, err[-5000:]
+    assert "ditscale run: sweep faults-run-sigint interrupted" in err and "run the same command again" in err
+    # every process it started ends: Ray's, its actors (each in a process group of its own, in its session) included,
+    # and its server (in a session of its own): no orphan holds the store
+    wait_for(lambda: not in_session(proc.pid), "the run's processes to end", stall_s=120)
+    assert process_state(server) is None and server_pids(db) == []
+    assert not Path(plan.workspace.lock(experiment.name)).exists()
+    assert plan.state(trial).state is State.STOPPED
+    assert run_statuses(db, experiment.name) == {schema.ROLE_SWEEP: ["KILLED"], schema.ROLE_TRIAL: ["KILLED"]}
+
+    # The same command again (run_all, what it calls, in this process, whose Ray is up): the trial resumes from step
+    # 5, the milestone scored before the stop is not scored again, and the study ends.
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)  # the study's own server over its store, as before
+    summary = run_all(experiment, str(workdir))
+    assert "0 done, 1 to resume, 0 new" in capsys.readouterr().out
+    assert not summary["failed_trials"] and "fid_errors" not in summary
+    assert plan.layout(trial).done_step() == 10 and plan.layout(trial).worker(0)["start_step"] == 5
+    assert logged_steps(db, schema.FID) == [(5, 1), (10, 1)]
+    assert run_statuses(db, experiment.name) == {schema.ROLE_SWEEP: ["FINISHED"], schema.ROLE_TRIAL: ["FINISHED"]}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -378,4 +595,6 @@ def test_a_lost_node_moves_the_trial_to_the_nodes_left_from_its_checkpoint(smoke
     for (step, mean), (_, a), (_, b) in zip(loss, r0, r1):
         if step in once:
             assert mean == pytest.approx((a + b) / 2, rel=1e-6)  # the mean over ranks, not divided by the world size
-    assert any(a != pytest.approx(b) for (_, a), (_, b) in zip(r0, r1))  # the ranks saw different data
+    # the ranks read different parts of the data (their noise differs anyway: that alone would not show it)
+    assert sorted((w["data_rank"], w["data_world"]) for w in before) == [(0, 2), (1, 2)]
+    assert any(a != pytest.approx(b) for (_, a), (_, b) in zip(r0, r1))
