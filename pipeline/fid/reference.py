@@ -212,7 +212,7 @@ def statistics(feats) -> dict[str, np.ndarray]:
     """mu and sigma of (N, dim) features at once (torch-fidelity's own function; `Moments` streams the same)."""
     from torch_fidelity.metric_fid import fid_features_to_statistics
 
-    return fid_features_to_statistics(torch.from_numpy(np.array(feats, dtype=np.float64)))
+    return fid_features_to_statistics(torch.tensor(np.asarray(feats), dtype=torch.float64))  # a copy, writable
 
 
 # ---------------------------------------------------------------------------------------------------------------
