@@ -31,8 +31,9 @@ toy-variants: setup
 demo: setup
 	$(PY) -m dit_core.demo
 
+# Two test processes (pytest-xdist): one fills the other's waits on Ray's process start-ups (tests/conftest.py).
 test: setup
-	$(PY) -m pytest -q $(PYTEST_ARGS)
+	$(PY) -m pytest -q -n 2 --dist loadgroup $(PYTEST_ARGS)
 
 lint: setup
 	$(VENV)/bin/ruff check .

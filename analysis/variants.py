@@ -138,8 +138,9 @@ def describe_variants(summary: dict[str, Any]) -> list[str]:
         loss_text = (
             "" if "skipped" in loss else f"; loss ~ C^{loss['b']:.3f} [{loss['b_ci'][0]:.3f}, {loss['b_ci'][1]:.3f}]"
         )
+        trials = f"{entry['trials']} trial{'' if entry['trials'] == 1 else 's'}"
         lines.append(
-            f"  variant {variant} ({entry['trials']} trials): {fit}{loss_text}; FID {largest['fid']:.4g} at "
+            f"  variant {variant} ({trials}): {fit}{loss_text}; FID {largest['fid']:.4g} at "
             f"{largest['label']} ({largest['gflops']:.3g} Gflops)"
         )
     for c in summary["crossovers"]:

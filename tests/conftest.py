@@ -1,6 +1,28 @@
-"""Shared fixtures: one local Ray instance per test session (starting Ray costs seconds)."""
+"""Shared fixtures: one local Ray instance per test session (starting Ray costs seconds), one MLflow server, the
+smoke shards and the smoke sweep.
+
+`make test` runs the suite in two pytest-xdist processes (`-n 2 --dist loadgroup`): much of a Ray trial's life is
+spent waiting on process start-ups, and the other process fills that time. Each process is a session of its own
+(its own Ray, MLflow server and workspace), so the tests that share a session's smoke sweep, and the tests of a
+module that share a module-scoped fixture, are sent to one process together: nothing is computed twice."""
+
+import os
+import tempfile
 
 import pytest
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist reads the groups
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        fixtures = item._fixtureinfo.name2fixturedefs
+        if "smoke_sweep" in item.fixturenames:
+            group = "smoke-sweep"
+        elif any(d.scope == "module" for defs in fixtures.values() for d in defs):
+            group = item.module.__name__
+        else:
+            continue  # alone: any process may take it
+        item.add_marker(pytest.mark.xdist_group(group))
 
 
 @pytest.fixture(scope="session")
@@ -8,6 +30,9 @@ def ray_session():
     import ray
 
     if not ray.is_initialized():
+        # A temp dir of its own: ray.init joins the cluster that <RAY_TMPDIR>/ray_current_cluster names (one a
+        # cluster test started with `ray start`, in the other test process, say); subprocesses inherit it.
+        os.environ["RAY_TMPDIR"] = tempfile.mkdtemp(prefix="ray-", dir="/tmp")  # short: Ray's socket paths
         ray.init(num_cpus=2, include_dashboard=False, dashboard_host="127.0.0.1", log_to_driver=False)
     yield ray
     ray.shutdown()

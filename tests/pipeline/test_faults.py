@@ -199,13 +199,12 @@ def test_more_steps_continue_a_finished_sweep_and_a_corrupt_checkpoint_falls_bac
 
 INTERRUPTED = [
     "name=faults-sigint",
-    "grid.presets=[DiT-d4w128/4]",
-    "train.steps=120",
-    "train.ckpt_every_steps=20",
-    "train.log_every_steps=10",
-    "train.milestone_steps=[120]",
-    "train.val_every_steps=60",
-    "train.global_batch_size=32",
+    "grid.presets=[DiT-d2w64/8]",
+    "train.steps=16",
+    "train.ckpt_every_steps=6",
+    "train.log_every_steps=2",  # steps 7-8 are logged before the stop and, resumed from step 6, again after it
+    "train.milestone_steps=[16]",
+    "train.val_every_steps=8",
 ]
 
 
@@ -217,7 +216,7 @@ def group_alive(pgid: int) -> bool:
     return True
 
 
-def test_ctrl_c_stops_cleanly_and_the_rerun_continues_as_if_never_stopped(smoke_workdir, mlflow_uri):
+def test_ctrl_c_stops_cleanly_and_the_rerun_continues_as_if_never_stopped(smoke_workdir, mlflow_uri, tmp_path, ray_tmp):
     # The reference: the same trial trained without a stop (another experiment name: a folder of its own).
     reference = load_experiment("smoke", [*INTERRUPTED, "name=faults-straight"])
     (straight,) = run_sweep(reference, smoke_workdir)
@@ -227,10 +226,18 @@ def test_ctrl_c_stops_cleanly_and_the_rerun_continues_as_if_never_stopped(smoke_
     plan = plan_sweep(experiment, smoke_workdir)
     (trial,) = plan.trials
     layout = plan.layout(trial)
-    env = {**os.environ, "MLFLOW_TRACKING_URI": mlflow_uri}
-    env.pop("RAY_ADDRESS", None)
+    # rank 0 held after step 8: steps 2-8 logged, the checkpoint of step 6 registered, mid-trial
+    hold = TrialHold(tmp_path, 8)
+    env = {**own_study_env(ray_tmp, **hold.env()), "MLFLOW_TRACKING_URI": mlflow_uri}
     proc = start_sweep(smoke_workdir, INTERRUPTED, env)
-    wait_for(lambda: registered_checkpoint(Path(layout.root)), "a first checkpoint", proc, watch=plan.storage)
+
+    def logged_8() -> bool:
+        runs = tracking.trial_runs_by_name(mlflow_uri, experiment.mlflow_experiment, experiment.name)
+        run = runs.get(trial.run_name)
+        return run is not None and 8 in dict(tracking.metric_history(mlflow_uri, run.info.run_id, "loss"))
+
+    wait_for(lambda: hold.reached() and logged_8(), "rank 0 held after step 8, logged", proc, watch=plan.storage)
+    assert registered_checkpoint(Path(layout.root))
     status = gather(experiment, smoke_workdir)  # while it trains
     assert status.live is not None and status.live.pid == proc.pid and status.trials[0].state == "running"
 
@@ -250,13 +257,14 @@ def test_ctrl_c_stops_cleanly_and_the_rerun_continues_as_if_never_stopped(smoke_
     assert tracking.client(mlflow_uri).get_run(parent.info.run_id).info.status == "KILLED"
 
     (outcome,) = run_sweep(experiment, smoke_workdir)  # the same command again
-    assert outcome.status == "done" and outcome.step == 120
-    assert layout.worker(0)["start_step"] >= 20  # resumed, not restarted
+    assert outcome.status == "done" and outcome.step == 16
+    assert layout.worker(0)["start_step"] == 6  # resumed, not restarted
     # The same losses at every logged step (a window logged before the stop and again after it, twice) and the same
     # final weights as the run that never stopped: same step count, data order and randomness.
     expected = dict(tracking.metric_history(mlflow_uri, straight.mlflow_run_id, "loss"))
     history = tracking.metric_history(mlflow_uri, outcome.mlflow_run_id, "loss")
-    assert sorted({s for s, _ in history}) == sorted(expected) == list(range(10, 121, 10))
+    assert sorted({s for s, _ in history}) == sorted(expected) == list(range(2, 17, 2))
+    assert [s for s, _ in history].count(8) == 2  # logged before the stop and again after the resume
     assert all(value == expected[step] for step, value in history)
     ours, theirs = final_weights(layout), final_weights(straight_layout)
     assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
