@@ -50,6 +50,20 @@ def _npy_bytes(array: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
+def sample_record(
+    listing_index: int, latent: np.ndarray, latent_flip: np.ndarray, label: int, meta: dict[str, Any]
+) -> dict[str, Any]:
+    """One sample of a shard, as webdataset's TarWriter takes it: the stored encoding of the image and of its mirror
+    (fp16), the class index and the source's facts, under the key of the image's place in the sorted listing."""
+    return {
+        "__key__": f"{listing_index:09d}",
+        "latent.npy": _npy_bytes(latent),
+        "latent_flip.npy": _npy_bytes(latent_flip),
+        "cls": str(label).encode("ascii"),
+        "json": json.dumps(meta).encode("utf-8"),
+    }
+
+
 class ShardEncoder:
     """Holds one codec (the VAE loaded once) and encodes whole shards. Used as a Ray actor."""
 
@@ -149,14 +163,6 @@ class ShardEncoder:
                         latents = self.codec.encode(both).numpy().astype(np.float16)  # (2B, stored C, h, w)
                     for k, ((listing_index, rel, label), _, (w, h)) in enumerate(good):
                         meta = {"source": rel, "width": w, "height": h, "label": label}
-                        writer.write(
-                            {
-                                "__key__": f"{listing_index:09d}",
-                                "latent.npy": _npy_bytes(latents[k]),
-                                "latent_flip.npy": _npy_bytes(latents[len(good) + k]),
-                                "cls": str(label).encode("ascii"),
-                                "json": json.dumps(meta).encode("utf-8"),
-                            }
-                        )
+                        writer.write(sample_record(listing_index, latents[k], latents[len(good) + k], label, meta))
                         count += 1
         return count, skipped, stream
