@@ -3,6 +3,52 @@
 from __future__ import annotations
 
 import os
+import signal
+from pathlib import Path
+
+# Ray 2.60 gives a new local node 30 s (a constant in ray._private.node) to register its raylet with the GCS; on a
+# machine with a load of 15 or more on 2 cores that has been seen to run out (2026-12-08, a test beside the
+# quickstart). Such a start is retried, after stopping what the failed attempt started.
+START_TIMEOUT_MESSAGE = "timed out during startup"
+START_ATTEMPTS = 3
+
+
+def _ray_children() -> list[int]:
+    """This process's child processes that run Ray's own programs (GCS, raylet, log monitor...)."""
+    me, found = os.getpid(), []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            if int(stat.read_text().rsplit(")", 1)[1].split()[1]) != me:
+                continue
+            if b"/ray/" in (stat.parent / "cmdline").read_bytes():
+                found.append(int(stat.parent.name))
+        except (OSError, IndexError, ValueError):
+            continue
+    return found
+
+
+def start_local_ray(**options) -> None:
+    """ray.init(**options) for a new local instance, retried when the node times out during its start (above)."""
+    import ray
+
+    for attempt in range(1, START_ATTEMPTS + 1):
+        try:
+            ray.init(**options)
+            return
+        except Exception as exc:
+            if START_TIMEOUT_MESSAGE not in str(exc) or attempt == START_ATTEMPTS:
+                raise
+            ray.shutdown()
+            for pid in _ray_children():  # the failed attempt's GCS and raylet
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+            print(
+                f"ray: the local node did not register within Ray's 30 s (a loaded machine?); starting it again "
+                f"({attempt + 1} of {START_ATTEMPTS})",
+                flush=True,
+            )
 
 
 def ensure_ray(num_cpus: int | None = None) -> None:
@@ -19,7 +65,9 @@ def ensure_ray(num_cpus: int | None = None) -> None:
     if address:
         ray.init(address=address, log_to_driver=log_to_driver)
     else:
-        ray.init(num_cpus=num_cpus, include_dashboard=False, dashboard_host="127.0.0.1", log_to_driver=log_to_driver)
+        start_local_ray(
+            num_cpus=num_cpus, include_dashboard=False, dashboard_host="127.0.0.1", log_to_driver=log_to_driver
+        )
 
 
 def cluster_gpus() -> int:

@@ -33,7 +33,9 @@ def ray_session():
         # A temp dir of its own: ray.init joins the cluster that <RAY_TMPDIR>/ray_current_cluster names (one a
         # cluster test started with `ray start`, in the other test process, say); subprocesses inherit it.
         os.environ["RAY_TMPDIR"] = tempfile.mkdtemp(prefix="ray-", dir="/tmp")  # short: Ray's socket paths
-        ray.init(num_cpus=2, include_dashboard=False, dashboard_host="127.0.0.1", log_to_driver=False)
+        from pipeline.ray_utils import start_local_ray
+
+        start_local_ray(num_cpus=2, include_dashboard=False, dashboard_host="127.0.0.1", log_to_driver=False)
     yield ray
     ray.shutdown()
 

@@ -87,7 +87,7 @@ def space_limit_method() -> str:
 
 
 def run_with_space_limit(
-    code: str, folder: str | os.PathLike, limit_bytes: int, timeout_s: float = 300, method: str | None = None
+    code: str, folder: str | os.PathLike, limit_bytes: int, timeout_s: float = 900, method: str | None = None
 ) -> LimitedRun:
     """Run `code` with `python -c` (cwd: the repository) while `folder` can hold `limit_bytes` (namespace: in all;
     rlimit: per file); returns the method used, the exit code and the output. `folder` must exist; `method` None
@@ -142,16 +142,17 @@ def apply_file_size_limit() -> None:
 def init_ray(num_cpus: int = 1) -> None:
     """ray.init for a snippet of run_with_space_limit (a local instance of `num_cpus` CPUs, logs kept out of the
     output). Under rlimit, Ray's own processes start without the cap and each worker applies it."""
-    import ray
+
+    from pipeline.ray_utils import start_local_ray
 
     options = dict(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False)
     limit = os.environ.get(LIMIT_ENV)
     if not limit:
-        ray.init(**options)
+        start_local_ray(**options)
         return
     soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
     resource.setrlimit(resource.RLIMIT_FSIZE, (hard, hard))
     try:
-        ray.init(**options, runtime_env={"worker_process_setup_hook": "tests.faults.apply_file_size_limit"})
+        start_local_ray(**options, runtime_env={"worker_process_setup_hook": "tests.faults.apply_file_size_limit"})
     finally:
         resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))

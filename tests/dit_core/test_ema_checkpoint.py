@@ -180,7 +180,7 @@ except Exception as exc:
     print(f"{{type(exc).__name__}} errno={{getattr(exc, 'errno', None)}}: {{exc}}")
     sys.exit(3)
 """
-    run = faults.run_with_space_limit(code, folder, 2 * 1024 * 1024, timeout_s=120, method=method)
+    run = faults.run_with_space_limit(code, folder, 2 * 1024 * 1024, timeout_s=900, method=method)
     print(f"fault method: {run.method}")
     assert run.returncode == 3, run.output[-3000:]
     code_seen = errno.ENOSPC if method == "namespace" else errno.EFBIG

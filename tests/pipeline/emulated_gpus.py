@@ -36,11 +36,12 @@ def main(workdir: str, checkpoint: str, out: str) -> None:
     from pipeline.fid.sampling import SamplerPool
     from pipeline.fid.score import score_checkpoint
     from pipeline.manifest import Manifest
+    from pipeline.ray_utils import start_local_ray
     from pipeline.slots import sampling_reservation
     from pipeline.sweep import check_cluster, max_concurrent
     from tests.helpers import FAST_FID
 
-    ray.init(num_cpus=64, num_gpus=8, include_dashboard=False, log_to_driver=False)
+    start_local_ray(num_cpus=64, num_gpus=8, include_dashboard=False, log_to_driver=False)
     forbid_cuda()
     found = {}
     try:

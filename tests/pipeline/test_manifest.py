@@ -99,7 +99,7 @@ except Exception as exc:
     print(f"{{type(exc).__name__}} ValueError={{isinstance(exc, ValueError)}}: {{exc}}")
     sys.exit(3)
 """
-    run = faults.run_with_space_limit(code, folder, 64 * 1024, timeout_s=120, method=method)
+    run = faults.run_with_space_limit(code, folder, 64 * 1024, timeout_s=900, method=method)
     print(f"fault method: {run.method}")
     assert run.returncode == 3, run.output[-3000:]
     assert f"OutOfSpaceError ValueError=True: {run.reason} while writing {folder}/manifest.json: " in run.output

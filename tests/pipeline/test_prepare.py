@@ -248,8 +248,8 @@ def test_killed_run_resumes_without_duplicates(ray_session, toy_src, tiny_vae, t
     """SIGKILL a prepare process (and its local Ray) after its first shard; the re-run completes the set."""
     out = tmp_path / "shards"
     script = (
-        "import ray, sys\n"
-        "ray.init(num_cpus=1, include_dashboard=False, log_to_driver=False)\n"
+        "from pipeline.ray_utils import start_local_ray\n"
+        "start_local_ray(num_cpus=1, include_dashboard=False, log_to_driver=False)\n"
         "from pipeline.codecs import CodecConfig\n"
         "from pipeline.prepare import PrepareConfig, prepare\n"
         f"prepare({str(toy_src)!r}, {str(out)!r}, PrepareConfig(resolution=16, samples_per_shard=2, num_workers=1,"
@@ -303,7 +303,7 @@ from pipeline.cli import main
 sys.exit(main({args!r}))
 """
     limit = 160 * 1024 if faults.space_limit_method() == "namespace" else 40 * 1024
-    run = faults.run_with_space_limit(code, out, limit, timeout_s=300)
+    run = faults.run_with_space_limit(code, out, limit, timeout_s=900)
     print(f"fault method: {run.method}")
     assert run.returncode == 2, run.output[-4000:]
     assert "Traceback" not in run.output and "RayTaskError" not in run.output, run.output[-4000:]
