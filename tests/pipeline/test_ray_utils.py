@@ -26,22 +26,21 @@ def test_a_start_that_times_out_is_retried_and_other_errors_are_not(monkeypatch,
     assert calls == [{"num_cpus": 1}] * 2 and shutdowns == [1]  # the first start failed, the second one is used
     assert "starting it again (2 of 3)" in capsys.readouterr().out
 
-    def broken(**options):
-        calls.append(options)
-        raise ValueError("num_cpus must be a number")
+    def raising(error):
+        def init(**options):
+            calls.append(options)
+            raise error
+
+        return init
 
     calls.clear()
-    monkeypatch.setattr(ray, "init", broken)
+    monkeypatch.setattr(ray, "init", raising(ValueError("num_cpus must be a number")))
     with pytest.raises(ValueError, match="num_cpus"):
         ray_utils.start_local_ray(num_cpus="x")
     assert len(calls) == 1
 
-    def always(**options):
-        calls.append(options)
-        raise Exception("The current node timed out during startup.")
-
     calls.clear()
-    monkeypatch.setattr(ray, "init", always)
+    monkeypatch.setattr(ray, "init", raising(Exception("The current node timed out during startup.")))
     with pytest.raises(Exception, match="timed out during startup"):
         ray_utils.start_local_ray(num_cpus=1)
     assert len(calls) == ray_utils.START_ATTEMPTS
